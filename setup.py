@@ -1,0 +1,45 @@
+"""Build the compiled core: every pyx/NAME.pyx becomes the extension paycore.core.NAME."""
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = Path(__file__).parent
+
+
+def cython_include_dir() -> str:
+    """A tree where `cimport paycore.core.NAME` finds pyx/NAME.pxd: the sources
+    keep the flat pyx/ layout while the modules live in the paycore.core package."""
+    root = HERE / "build" / "cython-include"
+    link = root / "paycore" / "core"
+    if not link.is_symlink():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(HERE.resolve() / "pyx", target_is_directory=True)
+    return str(root)
+
+
+extensions = [
+    Extension(
+        f"paycore.core.{source.stem}",
+        [str(source.relative_to(HERE))],
+        extra_compile_args=["-O2"],
+    )
+    for source in sorted((HERE / "pyx").glob("*.pyx"))
+]
+
+setup(
+    packages=["paycore", "paycore.core", "paycore.emulator", "paycore.service"],
+    package_dir={"paycore.service": "service"},
+    package_data={"paycore.core": ["*.pyi"], "paycore": ["py.typed"]},
+    ext_modules=cythonize(
+        extensions,
+        include_path=[cython_include_dir()],
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    ),
+)
