@@ -15,7 +15,7 @@ _MESSAGES = {
     AMOUNT_TOO_LARGE: "amount is too large",
 }
 
-MAX_CENTS = 10 ** MAX_CENTS_DIGITS - 1
+MAX_CENTS = 10 ** <object>MAX_CENTS_DIGITS - 1
 
 
 def parse_amount(text) -> int:
