@@ -1,0 +1,200 @@
+"""The whole local topology as child processes: two emulated processors (unless
+PROCESSOR_DEFAULT_URL and PROCESSOR_FALLBACK_URL name real ones), the service
+instances on unix sockets, and haproxy in front with deploy/haproxy.cfg.
+
+`python -m paycore.stack` runs it in the foreground until Ctrl-C or SIGTERM;
+tests and benchmarks use the Stack class.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HAPROXY_CONFIG = Path(os.environ.get("PAYCORE_HAPROXY_CONFIG", REPO / "deploy" / "haproxy.cfg"))
+INSTANCES = 2  # deploy/haproxy.cfg names two servers, as docker-compose.yml runs two
+STARTUP_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0
+
+
+def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port}") from None
+            time.sleep(0.05)
+
+
+def wait_for_unix(path: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(path)
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {path}") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class StackSettings:
+    port: int = 9999
+    default_port: int = 8001
+    fallback_port: int = 8002
+    default_url: str | None = None
+    fallback_url: str | None = None
+    run_dir: Path | None = None
+    # Extra environment for the service instances (e.g. shorter timeouts in tests).
+    instance_env: dict[str, str] = field(default_factory=dict)
+    emulator_args: tuple[str, ...] = ()
+    quiet: bool = False
+
+
+class Stack:
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.settings = settings or StackSettings()
+        self._own_run_dir = self.settings.run_dir is None
+        self.run_dir = Path(self.settings.run_dir or tempfile.mkdtemp(prefix="paycore-"))
+        self.shared_dir = self.run_dir / "shared"
+        self.socket_dir = self.run_dir / "sockets"
+        self.emulated = not (self.settings.default_url and self.settings.fallback_url)
+        if self.emulated:
+            self.default_url = f"http://127.0.0.1:{self.settings.default_port}"
+            self.fallback_url = f"http://127.0.0.1:{self.settings.fallback_port}"
+        else:
+            self.default_url = self.settings.default_url
+            self.fallback_url = self.settings.fallback_url
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.processors: list[subprocess.Popen] = []
+        self.instances: dict[int, subprocess.Popen] = {}
+        self.balancer: subprocess.Popen | None = None
+
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        output = subprocess.DEVNULL if self.settings.quiet else None
+        return subprocess.Popen(command, env={**os.environ, **(env or {})},
+                                stdout=output, stderr=output, start_new_session=True)
+
+    def start(self) -> Stack:
+        for directory in (self.shared_dir, self.socket_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.emulated:
+                self._start_processors()
+            for index in range(1, INSTANCES + 1):
+                self.start_instance(index)
+            self._start_balancer()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_processors(self) -> None:
+        for port, fee in ((self.settings.default_port, "0.07"), (self.settings.fallback_port, "0.10")):
+            self.processors.append(self._spawn(
+                [sys.executable, "-m", "paycore.emulator", "--host", "127.0.0.1",
+                 "--port", str(port), "--fee", fee, *self.settings.emulator_args]))
+        for port in (self.settings.default_port, self.settings.fallback_port):
+            wait_for_tcp("127.0.0.1", port)
+
+    def socket_path(self, index: int) -> str:
+        return str(self.socket_dir / f"api-{index}.sock")
+
+    def start_instance(self, index: int) -> None:
+        env = {
+            "PAYCORE_INSTANCE": str(index),
+            "PAYCORE_LISTEN": f"unix:{self.socket_path(index)}",
+            "PAYCORE_SHARED_DIR": str(self.shared_dir),
+            "PROCESSOR_DEFAULT_URL": self.default_url,
+            "PROCESSOR_FALLBACK_URL": self.fallback_url,
+            **self.settings.instance_env,
+        }
+        if os.path.exists(self.socket_path(index)):
+            os.unlink(self.socket_path(index))
+        self.instances[index] = self._spawn([sys.executable, "-m", "paycore.service"], env)
+        wait_for_unix(self.socket_path(index))
+
+    def stop_instance(self, index: int, signum: int = signal.SIGTERM) -> int:
+        process = self.instances.pop(index)
+        return _stop(process, signum)
+
+    def _start_balancer(self) -> None:
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            raise RuntimeError("haproxy is not installed (make run / make test install it)")
+        self.balancer = self._spawn(
+            [haproxy, "-db", "-f", str(HAPROXY_CONFIG)],
+            {"PAYCORE_LB_BIND": f"127.0.0.1:{self.settings.port}",
+             "PAYCORE_SOCKET_DIR": str(self.socket_dir)})
+        wait_for_tcp("127.0.0.1", self.settings.port)
+
+    def stop(self) -> None:
+        if self.balancer is not None:
+            _stop(self.balancer, signal.SIGTERM)
+            self.balancer = None
+        for index in list(self.instances):
+            self.stop_instance(index)
+        for process in self.processors:
+            _stop(process, signal.SIGTERM)
+        self.processors.clear()
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _stop(process: subprocess.Popen, signum: int) -> int:
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def main() -> None:
+    run_dir = Path(os.environ.get("PAYCORE_RUN_DIR", REPO / "run"))
+    shutil.rmtree(run_dir / "shared", ignore_errors=True)
+    stack = Stack(StackSettings(
+        port=int(os.environ.get("PAYCORE_PORT", "9999")),
+        default_url=os.environ.get("PROCESSOR_DEFAULT_URL"),
+        fallback_url=os.environ.get("PROCESSOR_FALLBACK_URL"),
+        run_dir=run_dir,
+    ))
+    stopping = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    stack.start()
+    processors = "emulated on 8001/8002" if stack.emulated else f"{stack.default_url}, {stack.fallback_url}"
+    print(f"paycore: {stack.url} (processors {processors}); Ctrl-C stops everything", flush=True)
+    while not stopping:
+        time.sleep(0.2)
+    stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""One service instance: build the core, listen, dispatch, stop cleanly."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import uvloop
+
+from paycore.core.accepted_ids import AcceptedIds
+from paycore.core.ledger import Ledger
+from paycore.core.ring_queue import RingQueue
+
+from .accept import PaymentIntake
+from .config import Settings
+from .delivery import Dispatcher
+from .health import HealthMonitor
+from .http_server import HttpProtocol
+from .processor_client import ProcessorClient
+from .router import PROCESSOR_NAMES, Router
+from .routes import Routes
+from .summary import Summary
+
+log = logging.getLogger("paycore.service")
+
+DRAIN_TIMEOUT_S = 10.0
+
+
+async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if os.path.exists(path):
+            os.unlink(path)
+        server = await loop.create_unix_server(protocol_factory, path, backlog=4096)
+        os.chmod(path, 0o666)  # the load balancer may run as another user
+        return server
+    host, _, port = address.rpartition(":")
+    return await loop.create_server(protocol_factory, host or "0.0.0.0", int(port),
+                                    backlog=4096, reuse_address=True)
+
+
+class Instance:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        os.makedirs(settings.shared_dir, exist_ok=True)
+        self.ledger = Ledger(settings.shared_dir, settings.instance, settings.ledger_capacity)
+        self.accepted_ids = AcceptedIds(os.path.join(settings.shared_dir, "accepted-ids.shm"),
+                                        settings.accepted_id_slots)
+        self.queue = RingQueue(settings.queue_capacity)
+        self.clients = tuple(
+            ProcessorClient(name, url, settings.request_timeout_ms)
+            for name, url in zip(PROCESSOR_NAMES, (settings.default_url, settings.fallback_url)))
+        self.router = Router(settings.default_max_latency_ms)
+        self.dispatcher = Dispatcher(
+            self.queue, self.router, self.clients, self.ledger,
+            max_in_flight=settings.max_in_flight, retry_min_ms=settings.retry_min_ms,
+            retry_max_ms=settings.retry_max_ms, pin_release_ms=settings.pin_release_ms)
+        self.health = HealthMonitor(settings.shared_dir, self.clients, self.router,
+                                    settings.health_interval_ms)
+        intake = PaymentIntake(self.accepted_ids, self.queue, self.dispatcher.notify)
+        self.routes = Routes(intake, Summary(self.ledger), self.ledger, self.accepted_ids)
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        self.dispatcher.start()
+        self.health.start()
+        for address in self.settings.listen:
+            self._servers.append(await _listen(
+                address, lambda: HttpProtocol(self.routes, self.settings.max_body_bytes)))
+        log.info("instance %s listening on %s", self.settings.instance, ", ".join(self.settings.listen))
+
+    async def stop(self) -> None:
+        """Stop accepting, give queued and in-flight payments a bounded time, close."""
+        for server in self._servers:
+            server.close()
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        while (len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved) \
+                and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved:
+            log.warning("stopping with %d queued, %d in flight, %d unresolved payments",
+                        len(self.queue), self.dispatcher.in_flight, self.dispatcher.unresolved)
+        await self.dispatcher.stop()
+        await self.health.stop()
+        for client in self.clients:
+            client.close()
+        self.ledger.close()
+        self.accepted_ids.close()
+
+
+async def _serve(settings: Settings) -> None:
+    instance = Instance(settings)
+    await instance.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await instance.stop()
+
+
+def run(settings: Settings | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("PAYCORE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(_serve(settings or Settings()))

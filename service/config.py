@@ -1,0 +1,55 @@
+"""Service settings, read once from environment variables (documented in the README)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    instance: str = field(default_factory=lambda: _env("PAYCORE_INSTANCE", "1"))
+    # Comma-separated: unix:/path/to.sock and/or host:port.
+    listen: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            item.strip() for item in _env("PAYCORE_LISTEN", "0.0.0.0:8080").split(",") if item.strip()
+        )
+    )
+    # Shared by every instance on the host (tmpfs): ledger regions, accepted ids, health board.
+    shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", "/dev/shm/paycore"))
+    default_url: str = field(
+        default_factory=lambda: _env("PROCESSOR_DEFAULT_URL", "http://payment-processor-default:8080")
+    )
+    fallback_url: str = field(
+        default_factory=lambda: _env("PROCESSOR_FALLBACK_URL", "http://payment-processor-fallback:8080")
+    )
+    # 60 s of the final round's peak (~600 payments/s) fits with room to spare.
+    queue_capacity: int = field(default_factory=lambda: _env_int("PAYCORE_QUEUE_CAPACITY", 65536))
+    accepted_id_slots: int = field(default_factory=lambda: _env_int("PAYCORE_ACCEPTED_ID_SLOTS", 1 << 19))
+    ledger_capacity: int = field(default_factory=lambda: _env_int("PAYCORE_LEDGER_CAPACITY", 1 << 16))
+    max_in_flight: int = field(default_factory=lambda: _env_int("PAYCORE_MAX_IN_FLIGHT", 600))
+    request_timeout_ms: int = field(default_factory=lambda: _env_int("PAYCORE_REQUEST_TIMEOUT_MS", 6000))
+    # Above this expected latency the default loses to a faster fallback (see README: routing).
+    default_max_latency_ms: int = field(
+        default_factory=lambda: _env_int("PAYCORE_DEFAULT_MAX_LATENCY_MS", 1500)
+    )
+    health_interval_ms: int = field(default_factory=lambda: _env_int("PAYCORE_HEALTH_INTERVAL_MS", 5100))
+    retry_min_ms: int = field(default_factory=lambda: _env_int("PAYCORE_RETRY_MIN_MS", 50))
+    retry_max_ms: int = field(default_factory=lambda: _env_int("PAYCORE_RETRY_MAX_MS", 2000))
+    # An unknown outcome (timeout) pins a payment to its processor; after this long
+    # with no answer the processor is asked whether it holds it before going elsewhere.
+    pin_release_ms: int = field(default_factory=lambda: _env_int("PAYCORE_PIN_RELEASE_MS", 15000))
+    max_body_bytes: int = 16 * 1024

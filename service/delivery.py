@@ -1,0 +1,188 @@
+"""The worker side: take payments from the queue, route, send, settle in the ledger.
+
+A payment leaves the queue only when a processor is usable and an in-flight
+slot is free, so while both processors fail the payments wait in the ring
+(C memory), not in tasks. Each attempt ends one of three ways:
+
+- recorded (200, or 422: the processor already holds it): into the ledger at
+  once, under that processor, with the requestedAt it holds;
+- stored nothing (5xx, 429, no connection): back to the front of the queue;
+- unknown (timeout, connection lost): the payment is pinned to that processor.
+  It is sent there again with the same requestedAt until it gets a definite
+  answer (a processor answers 422 for what it already holds), and may go
+  elsewhere only after that processor, asked with GET /payments/{id} once no
+  attempt can still be running, says it does not hold it. So no payment is
+  ever held by both processors.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from paycore.core.ledger import Ledger
+from paycore.core.ring_queue import RingQueue
+
+from .processor_client import Outcome, ProcessorClient, ProcessorError
+from .router import Router
+
+log = logging.getLogger("paycore.delivery")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Dispatcher:
+    def __init__(self, queue: RingQueue, router: Router,
+                 clients: tuple[ProcessorClient, ProcessorClient], ledger: Ledger, *,
+                 max_in_flight: int, retry_min_ms: int, retry_max_ms: int,
+                 pin_release_ms: int) -> None:
+        self._queue = queue
+        self._router = router
+        self._clients = clients
+        self._ledger = ledger
+        self._max_in_flight = max_in_flight
+        self._retry_min_s = retry_min_ms / 1000
+        self._retry_max_s = retry_max_ms / 1000
+        self._pin_release_ms = pin_release_ms
+        self._in_flight = 0
+        self._probing = False
+        self._wakeup: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._pinned: set[asyncio.Task] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def unresolved(self) -> int:
+        """Payments pinned to a processor after an unknown outcome."""
+        return len(self._pinned)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self._task, *self._pinned) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def notify(self) -> None:
+        """Something changed (a payment queued, a slot freed): let the loop look again."""
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _sleep_until_notified(self) -> None:
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    async def _run(self) -> None:
+        backoff_s = self._retry_min_s
+        while True:
+            if len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing:
+                await self._sleep_until_notified()
+                continue
+            processor = self._router.choose()
+            if processor is None:
+                # Both failing: wait (new payments must not cut the wait short,
+                # or every one of them would become a probe), then let a single
+                # payment test the water.
+                await asyncio.sleep(backoff_s)
+                processor = self._router.choose()
+                if processor is None:
+                    processor = self._router.probe_target()
+                    self._probing = True
+                    backoff_s = min(backoff_s * 2, self._retry_max_s)
+            else:
+                backoff_s = self._retry_min_s
+            payment = self._queue.pop()
+            if payment is None:
+                self._probing = False
+                continue
+            self._in_flight += 1
+            asyncio.ensure_future(self._deliver(payment[0], payment[1], processor, self._probing))
+
+    async def _deliver(self, uuid16: bytes, cents: int, processor: int, probe: bool) -> None:
+        requested_at_ms = wall_clock_ms()
+        try:
+            outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
+        finally:
+            self._in_flight -= 1
+            if probe:
+                self._probing = False
+        if outcome is Outcome.UNKNOWN:
+            task = asyncio.ensure_future(self._settle_unknown(processor, uuid16, cents, requested_at_ms))
+            self._pinned.add(task)
+            task.add_done_callback(self._pinned.discard)
+        elif outcome.stored_nothing:
+            self._requeue(uuid16, cents)
+        self.notify()
+
+    async def _attempt(self, processor: int, uuid16: bytes, cents: int,
+                       requested_at_ms: int) -> Outcome:
+        ticket = self._router.start(processor)
+        outcome = await self._clients[processor].send_payment(uuid16, cents, requested_at_ms)
+        self._router.end(processor, ticket, outcome)
+        if outcome is Outcome.PROCESSED:
+            self._ledger.record(processor, requested_at_ms, cents)
+        elif outcome is Outcome.ALREADY_HELD:
+            await self._record_held(processor, uuid16, cents, requested_at_ms)
+        return outcome
+
+    async def _record_held(self, processor: int, uuid16: bytes, cents: int,
+                           requested_at_ms: int) -> None:
+        """A 422: record it under the requestedAt the processor holds, which is
+        ours unless an attempt given up on long ago landed after all."""
+        try:
+            held = await self._clients[processor].find_payment(uuid16)
+        except ProcessorError:
+            held = None
+        self._ledger.record(processor, held.requested_at_ms if held else requested_at_ms, cents)
+
+    async def _settle_unknown(self, processor: int, uuid16: bytes, cents: int,
+                              requested_at_ms: int) -> None:
+        client = self._clients[processor]
+        last_sent_ms = time.monotonic() * 1000
+        backoff_s = self._retry_min_s
+        while True:
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, self._retry_max_s)
+            if self._router.usable(processor):
+                outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
+                if outcome.recorded:
+                    return
+                if outcome is not Outcome.NOT_SENT:
+                    last_sent_ms = time.monotonic() * 1000
+                continue
+            if time.monotonic() * 1000 - last_sent_ms < self._pin_release_ms:
+                continue
+            try:
+                held = await client.find_payment(uuid16)
+            except ProcessorError:
+                continue
+            if held is not None:
+                self._ledger.record(processor, held.requested_at_ms, cents)
+            else:
+                self._requeue(uuid16, cents)
+                self.notify()
+            return
+
+    def _requeue(self, uuid16: bytes, cents: int) -> None:
+        if not self._queue.push_front(uuid16, cents):
+            # Only possible when new payments filled the ring meanwhile: hold
+            # this one in a task until there is room again; it is never dropped.
+            task = asyncio.ensure_future(self._requeue_when_room(uuid16, cents))
+            self._pinned.add(task)
+            task.add_done_callback(self._pinned.discard)
+
+    async def _requeue_when_room(self, uuid16: bytes, cents: int) -> None:
+        while not self._queue.push_front(uuid16, cents):
+            await asyncio.sleep(self._retry_min_s)
+        self.notify()

@@ -1,0 +1,70 @@
+"""HTTP/1.1 server protocol: one instance per connection, httptools callbacks
+that only collect, and a synchronous handler whose bytes are written at once
+(so pipelined requests are answered in order)."""
+from __future__ import annotations
+
+import asyncio
+
+import httptools
+
+from . import responses
+from .routes import Routes
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = ("_routes", "_max_body", "_parser", "_transport", "_url", "_body", "_body_size")
+
+    def __init__(self, routes: Routes, max_body: int) -> None:
+        self._routes = routes
+        self._max_body = max_body
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(responses.BAD_REQUEST)
+        except httptools.HttpParserError:
+            if self._transport is not None:
+                self._reject(responses.BAD_REQUEST)
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._body.clear()
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._max_body:
+            self._reject(responses.BODY_TOO_LARGE)
+            raise httptools.HttpParserError("body too large")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        transport.write(self._routes.handle(self._parser.get_method(), self._url, body))
+        if not self._parser.should_keep_alive():
+            transport.close()
+
+    def _reject(self, response: bytes) -> None:
+        """Answer and hang up: after a broken request the stream cannot be trusted."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.write(response)
+            transport.close()

@@ -1,0 +1,26 @@
+"""Complete HTTP/1.1 responses as bytes; the fixed ones are built once."""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+
+
+def http_response(status: int, body: bytes = b"", headers: bytes = b"") -> bytes:
+    reason = HTTPStatus(status).phrase.encode()
+    content_type = b"Content-Type: application/json\r\n" if body else b""
+    return (b"HTTP/1.1 %d %s\r\n%s%sContent-Length: %d\r\n\r\n"
+            % (status, reason, content_type, headers, len(body)) + body)
+
+
+def error_response(status: int, message: str, headers: bytes = b"") -> bytes:
+    return http_response(status, orjson.dumps({"error": message}), headers)
+
+
+ACCEPTED = http_response(202)
+ALREADY_ACCEPTED = http_response(200, orjson.dumps({"message": "payment already accepted"}))
+NOT_FOUND = error_response(404, "no such endpoint")
+METHOD_NOT_ALLOWED = error_response(405, "method not allowed")
+BODY_TOO_LARGE = error_response(413, "body too large")
+BAD_REQUEST = error_response(400, "malformed HTTP request")
+PURGED = http_response(200, orjson.dumps({"message": "all payments purged"}))

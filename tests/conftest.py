@@ -1,0 +1,133 @@
+"""Fixtures that run the real topology on loopback: emulated processors,
+two service instances on unix sockets, haproxy in front."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from paycore.stack import Stack, StackSettings
+
+ADMIN_TOKEN = "123"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def call(connection: http.client.HTTPConnection, method: str, path: str,
+         body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    raw = response.read()
+    try:
+        return response.status, json.loads(raw) if raw else None
+    except ValueError:
+        return response.status, raw
+
+
+class Processor:
+    """Admin and lookup calls to one emulated processor."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def admin(self, method: str, path: str, payload: dict | None = None) -> tuple[int, Any]:
+        body = json.dumps(payload).encode() if payload is not None else None
+        return call(self.connection, method, path, body,
+                    {"X-Rinha-Token": ADMIN_TOKEN, "Content-Type": "application/json"})
+
+    def set_delay(self, ms: int) -> None:
+        assert self.admin("PUT", "/admin/configurations/delay", {"delay": ms})[0] == 200
+
+    def set_failure(self, failing: bool) -> None:
+        assert self.admin("PUT", "/admin/configurations/failure", {"failure": failing})[0] == 200
+
+    def summary(self, query: str = "") -> dict:
+        status, body = self.admin("GET", "/admin/payments-summary" + query)
+        assert status == 200
+        return body
+
+    def held(self, correlation_id: str) -> dict | None:
+        status, body = call(self.connection, "GET", f"/payments/{correlation_id}")
+        assert status in (200, 404)
+        return body if status == 200 else None
+
+    def reset(self) -> None:
+        self.set_failure(False)
+        self.set_delay(0)
+        assert self.admin("POST", "/admin/purge-payments")[0] == 200
+
+
+class RunningStack:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.port = stack.settings.port
+        self.default = Processor(stack.default_url)
+        self.fallback = Processor(stack.fallback_url)
+
+    def client(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def instance(self, index: int) -> UnixHTTPConnection:
+        return UnixHTTPConnection(self.stack.socket_path(index))
+
+    def summaries(self, query: str = "") -> list[dict]:
+        """The summary as each instance answers it, asked directly, not through haproxy."""
+        return [call(self.instance(index), "GET", "/payments-summary" + query)[1]
+                for index in sorted(self.stack.instances)]
+
+    def processors_summary(self, query: str = "") -> dict:
+        return {"default": self.default.summary(query), "fallback": self.fallback.summary(query)}
+
+    def reset(self) -> None:
+        self.default.reset()
+        self.fallback.reset()
+        assert call(self.client(), "POST", "/purge-payments")[0] == 200
+
+    def wait_until_processed(self, expected: int, timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            processed = self.processors_summary()
+            total = processed["default"]["totalRequests"] + processed["fallback"]["totalRequests"]
+            if total >= expected or time.monotonic() > deadline:
+                return processed
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def running_stack():
+    settings = StackSettings(
+        port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
+        # A short health window keeps fault tests quick; the schedule logic is the same.
+        emulator_args=("--health-interval", "0.5"),
+        instance_env={"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "500",
+                      "PAYCORE_LOG_LEVEL": "WARNING"},
+    )
+    with Stack(settings) as stack:
+        yield RunningStack(stack)
+
+
+@pytest.fixture
+def live(running_stack: RunningStack) -> RunningStack:
+    running_stack.reset()
+    yield running_stack
+    running_stack.reset()
