@@ -1,0 +1,40 @@
+# make run: the whole local stack in the foreground.  make test: the test suite.
+# Both install what they need on a fresh Debian machine with Python and a C compiler.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.core-built
+CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
+
+.PHONY: run test build system-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "cython>=3.0" "setuptools>=68" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+$(BUILT): $(DEPS) $(CORE_SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+build: $(BUILT)
+
+# haproxy is the load balancer of the real topology; installed once, as root or through sudo.
+system-deps:
+	@command -v haproxy >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq haproxy >/dev/null; }
+
+run: build system-deps
+	$(PY) -m paycore.stack
+
+test: build system-deps
+	$(PY) -m pytest
+
+clean:
+	rm -rf build $(VENV) paycore/core/*.so pyx/*.c *.egg-info
