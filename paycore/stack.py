@@ -7,6 +7,7 @@ tests and benchmarks use the Stack class.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ HAPROXY_CONFIG = Path(os.environ.get("PAYCORE_HAPROXY_CONFIG", REPO / "deploy" /
 INSTANCES = 2  # deploy/haproxy.cfg names two servers, as docker-compose.yml runs two
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
+PR_SET_PDEATHSIG = 1
 
 
 def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -171,7 +173,18 @@ def _stop(process: subprocess.Popen, signum: int) -> int:
     return process.returncode
 
 
+def _stop_with_parent() -> None:
+    """`make run` is our parent: if it is sent SIGTERM it does not pass it on, so
+    ask the kernel to send it to us when the parent goes (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
+    _stop_with_parent()
     run_dir = Path(os.environ.get("PAYCORE_RUN_DIR", REPO / "run"))
     shutil.rmtree(run_dir / "shared", ignore_errors=True)
     stack = Stack(StackSettings(
