@@ -1,0 +1,55 @@
+"""A full queue answers 503 with Retry-After and drops nothing it accepted."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from conftest import RunningStack, free_port
+from paycore.stack import Stack, StackSettings
+from test_service import assert_ledgers_match_processors, payment, post_many
+
+QUEUE_CAPACITY = 40
+
+
+@pytest.fixture(scope="module")
+def small_queue():
+    settings = StackSettings(
+        port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
+        emulator_args=("--health-interval", "0.5"),
+        instance_env={"PAYCORE_QUEUE_CAPACITY": str(QUEUE_CAPACITY), "PAYCORE_HEALTH_INTERVAL_MS": "550",
+                      "PAYCORE_RETRY_MAX_MS": "300", "PAYCORE_LOG_LEVEL": "WARNING"},
+    )
+    with Stack(settings) as stack:
+        running = RunningStack(stack)
+        running.reset()
+        yield running
+
+
+def test_full_queue_refuses_with_retry_after_and_keeps_what_it_accepted(small_queue):
+    live = small_queue
+    live.default.set_failure(True)
+    live.fallback.set_failure(True)
+    time.sleep(1.2)  # both instances learn that nothing can be sent
+    ids = [str(uuid.uuid4()) for _ in range(3 * QUEUE_CAPACITY)]
+    statuses = asyncio.run(post_many(live.port, [payment(i) for i in ids], concurrency=1))
+    accepted = [i for i, status in zip(ids, statuses) if status == 202]
+    refused = [i for i, status in zip(ids, statuses) if status == 503]
+    assert len(accepted) + len(refused) == len(ids)
+    # Two instances, one queue each; a probe may have taken one or two out meanwhile.
+    assert 2 * QUEUE_CAPACITY <= len(accepted) <= 2 * QUEUE_CAPACITY + 4
+    connection = live.client()
+    connection.request("POST", "/payments", body=payment())
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 503 and response.getheader("Retry-After") == "1"
+
+    live.default.set_failure(False)
+    live.fallback.set_failure(False)
+    live.wait_until_processed(len(accepted), timeout_s=30)
+    time.sleep(0.5)
+    summary = assert_ledgers_match_processors(live)
+    assert summary["default"]["totalRequests"] + summary["fallback"]["totalRequests"] == len(accepted)
+    assert all(live.default.held(i) is None and live.fallback.held(i) is None for i in refused[:20])
