@@ -1,0 +1,307 @@
+/*
+ * Calibration target for loadgen: the cheapest HTTP/1.1 keep-alive server that
+ * still reads every request in full (head and Content-Length body, pipelined or
+ * split across reads) and answers each with the same 202. A run against it
+ * measures the generator's own latency floor.
+ *
+ * Build: gcc -O2 -Wall -Wextra -o build/constant_server perf/constant_server.c
+ * Run:   constant_server --listen 127.0.0.1:PORT   (port 0: any free port)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define IN_MAX 16384
+#define OUT_MAX 16384
+#define MAX_EVENTS 256
+
+static const char RESPONSE[] = "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n";
+#define RESPONSE_LEN (sizeof RESPONSE - 1)
+
+struct conn {
+    int fd;
+    uint32_t watching;
+    bool in_body;
+    uint64_t body_left;
+    size_t in_len;
+    size_t out_len;
+    size_t out_sent;
+    char in[IN_MAX];
+    char out[OUT_MAX];
+};
+
+static int epoll_fd;
+/* epoll data tags for the two descriptors that are not connections */
+static char listener_tag, signal_tag;
+
+static bool is_blank(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* The body length a request head announces; false for heads this server cannot frame. */
+static bool body_length(const char *head, size_t len, uint64_t *length)
+{
+    const char *end = head + len;
+    const char *line = (const char *)memchr(head, '\n', len) + 1;
+    *length = 0;
+    for (;;) {
+        const char *eol = memchr(line, '\n', (size_t)(end - line));
+        const char *line_end = eol > line && eol[-1] == '\r' ? eol - 1 : eol;
+        if (line_end == line)
+            return true;
+        const char *colon = memchr(line, ':', (size_t)(line_end - line));
+        if (colon) {
+            size_t name_len = (size_t)(colon - line);
+            if (name_len == 17 && strncasecmp(line, "transfer-encoding", 17) == 0)
+                return false;
+            if (name_len == 14 && strncasecmp(line, "content-length", 14) == 0) {
+                const char *digit = colon + 1;
+                while (digit < line_end && is_blank(*digit))
+                    digit++;
+                uint64_t value = 0;
+                int digits = 0;
+                for (; digit < line_end && *digit >= '0' && *digit <= '9'; digit++, digits++)
+                    value = value * 10 + (uint64_t)(*digit - '0');
+                while (digit < line_end && is_blank(*digit))
+                    digit++;
+                if (digits == 0 || digits > 15 || digit != line_end)
+                    return false;
+                *length = value;
+            }
+        }
+        line = eol + 1;
+    }
+}
+
+enum consumed { CONSUME_ERROR, CONSUME_DONE, CONSUME_OUTPUT_FULL };
+
+/* Consumes the complete requests buffered, queueing one response each, until the
+ * output has no room for another. */
+static enum consumed consume_requests(struct conn *c)
+{
+    enum consumed result = CONSUME_OUTPUT_FULL;
+    size_t pos = 0;
+    while (c->out_len + RESPONSE_LEN <= OUT_MAX) {
+        if (!c->in_body) {
+            const char *blank_line = memmem(c->in + pos, c->in_len - pos, "\r\n\r\n", 4);
+            if (!blank_line) {
+                if (pos == 0 && c->in_len == IN_MAX)
+                    return CONSUME_ERROR;
+                result = CONSUME_DONE;
+                break;
+            }
+            size_t head_end = (size_t)(blank_line + 4 - c->in);
+            if (!body_length(c->in + pos, head_end - pos, &c->body_left))
+                return CONSUME_ERROR;
+            pos = head_end;
+            c->in_body = true;
+        }
+        size_t available = c->in_len - pos;
+        size_t take = c->body_left < available ? (size_t)c->body_left : available;
+        pos += take;
+        c->body_left -= take;
+        if (c->body_left > 0) {
+            result = CONSUME_DONE;
+            break;
+        }
+        c->in_body = false;
+        memcpy(c->out + c->out_len, RESPONSE, RESPONSE_LEN);
+        c->out_len += RESPONSE_LEN;
+    }
+    memmove(c->in, c->in + pos, c->in_len - pos);
+    c->in_len -= pos;
+    return result;
+}
+
+static bool flush(struct conn *c)
+{
+    while (c->out_sent < c->out_len) {
+        ssize_t n = write(c->fd, c->out + c->out_sent, c->out_len - c->out_sent);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN;
+        }
+        c->out_sent += (size_t)n;
+    }
+    c->out_len = 0;
+    c->out_sent = 0;
+    return true;
+}
+
+static void drop(struct conn *c)
+{
+    close(c->fd);
+    free(c);
+}
+
+/* Reads while output can drain; waits for writability only while responses are pending. */
+static void on_connection(struct conn *c)
+{
+    if (c->watching == EPOLLIN) {
+        ssize_t n = read(c->fd, c->in + c->in_len, IN_MAX - c->in_len);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+            drop(c);
+            return;
+        }
+        if (n > 0)
+            c->in_len += (size_t)n;
+    }
+    for (;;) {
+        enum consumed result = consume_requests(c);
+        if (result == CONSUME_ERROR || !flush(c)) {
+            drop(c);
+            return;
+        }
+        if (result == CONSUME_DONE || c->out_len > 0)
+            break;
+    }
+    uint32_t wanted = c->out_len > 0 ? EPOLLOUT : EPOLLIN;
+    if (wanted != c->watching) {
+        struct epoll_event ev = {.events = wanted, .data.ptr = c};
+        epoll_ctl(epoll_fd, EPOLL_CTL_MOD, c->fd, &ev);
+        c->watching = wanted;
+    }
+}
+
+static void accept_all(int listener)
+{
+    for (;;) {
+        int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        struct conn *c = malloc(sizeof *c);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->watching = EPOLLIN;
+        c->in_body = false;
+        c->body_left = 0;
+        c->in_len = c->out_len = c->out_sent = 0;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            drop(c);
+    }
+}
+
+static int open_listener(const char *address)
+{
+    char host[256];
+    const char *colon = strrchr(address, ':');
+    if (!colon || colon == address || (size_t)(colon - address) >= sizeof host || colon[1] == '\0') {
+        fprintf(stderr, "constant_server: --listen must be HOST:PORT, got %s\n", address);
+        return -1;
+    }
+    memcpy(host, address, (size_t)(colon - address));
+    host[colon - address] = '\0';
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *found;
+    int rc = getaddrinfo(host, colon + 1, &hints, &found);
+    if (rc != 0) {
+        fprintf(stderr, "constant_server: cannot resolve %s: %s\n", address, gai_strerror(rc));
+        return -1;
+    }
+    int fd = socket(found->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+        bind(fd, found->ai_addr, found->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
+        perror("constant_server: listen");
+        freeaddrinfo(found);
+        return -1;
+    }
+    freeaddrinfo(found);
+
+    struct sockaddr_storage bound;
+    socklen_t bound_len = sizeof bound;
+    char shown[INET6_ADDRSTRLEN];
+    getsockname(fd, (struct sockaddr *)&bound, &bound_len);
+    int port;
+    if (bound.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&bound;
+        inet_ntop(AF_INET6, &in6->sin6_addr, shown, sizeof shown);
+        port = ntohs(in6->sin6_port);
+    } else {
+        struct sockaddr_in *in4 = (struct sockaddr_in *)&bound;
+        inet_ntop(AF_INET, &in4->sin_addr, shown, sizeof shown);
+        port = ntohs(in4->sin_port);
+    }
+    fprintf(stderr, "listening on %s:%d\n", shown, port);
+    return fd;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option options[] = {{"listen", required_argument, NULL, 'l'}, {NULL, 0, NULL, 0}};
+    const char *address = NULL;
+    int option;
+    while ((option = getopt_long(argc, argv, "", options, NULL)) != -1) {
+        if (option != 'l') {
+            address = NULL;
+            break;
+        }
+        address = optarg;
+    }
+    if (!address || optind < argc) {
+        fputs("usage: constant_server --listen HOST:PORT\n", stderr);
+        return 2;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    sigprocmask(SIG_BLOCK, &stop_signals, NULL);
+    int signal_fd = signalfd(-1, &stop_signals, SFD_CLOEXEC);
+    epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (signal_fd < 0 || epoll_fd < 0) {
+        perror("constant_server: epoll/signalfd");
+        return 1;
+    }
+    int listener = open_listener(address);
+    if (listener < 0)
+        return 1;
+    struct epoll_event listen_event = {.events = EPOLLIN, .data.ptr = &listener_tag};
+    struct epoll_event signal_event = {.events = EPOLLIN, .data.ptr = &signal_tag};
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, listener, &listen_event);
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, signal_fd, &signal_event);
+
+    struct epoll_event events[MAX_EVENTS];
+    for (;;) {
+        int n = epoll_wait(epoll_fd, events, MAX_EVENTS, -1);
+        if (n < 0 && errno != EINTR) {
+            perror("constant_server: epoll_wait");
+            return 1;
+        }
+        for (int i = 0; i < n; i++) {
+            void *tag = events[i].data.ptr;
+            if (tag == &signal_tag)
+                return 0;
+            if (tag == &listener_tag)
+                accept_all(listener);
+            else
+                on_connection(tag);
+        }
+    }
+}

@@ -1,0 +1,956 @@
+/*
+ * Closed-loop HTTP load generator replicating k6's "ramping-vus" executor for
+ * POST /payments: virtual users (VUs) start on a linear ramp, each owns one
+ * keep-alive connection and loops request -> complete response -> think time.
+ *
+ * Single-threaded, epoll, non-blocking sockets, no allocation after start-up:
+ * the generator's own latency floor has to stay far below what it measures.
+ *
+ * Build: gcc -O2 -Wall -Wextra -o build/loadgen perf/loadgen.c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NS_PER_US 1000LL
+#define NS_PER_MS 1000000LL
+#define NS_PER_S 1000000000LL
+#define HEAD_MAX 4096
+#define MAX_EVENTS 256
+#define UUID_LEN 36
+/* Big enough that a full 300 s run (about 2 MB of rows) is written once, at exit. */
+#define CSV_BUFFER_SIZE ((size_t)8 << 20)
+#define CSV_ROW_MAX 64
+#define MASK60 ((UINT64_C(1) << 60) - 1)
+
+enum vu_state { VU_WAITING, VU_CONNECTING, VU_SENDING, VU_RECEIVING, VU_FINISHED };
+
+struct response {
+    size_t head_len;   /* bytes of the head buffered so far */
+    bool head_done;
+    int status;
+    int64_t body_left; /* -1: the body runs until the server closes */
+    bool close_after;
+};
+
+struct vu {
+    int fd;
+    enum vu_state state;
+    uint32_t watching;    /* the epoll interest of fd */
+    int heap_index;       /* -1 when no timer is pending */
+    int64_t due_ns;       /* next iteration start, or the deadline of the one in flight */
+    int64_t iteration_ns; /* iteration start, before any connect */
+    int64_t sent_ns;      /* immediately before the request's first write() */
+    size_t written;
+    char *request;        /* this VU's copy: a partial write must not see another VU's UUID */
+    struct response response;
+    char head[HEAD_MAX];
+};
+
+struct options {
+    const char *target;
+    double duration_s;
+    long max_vus;
+    long start_vus;
+    long timeout_ms;
+    long think_ms;
+    const char *amount;
+    const char *path;
+    const char *out;
+};
+
+static struct options opt = {
+    .start_vus = 1, .timeout_ms = 1500, .think_ms = 1000, .amount = "20.05", .path = "/payments",
+};
+
+static struct vu *vus;
+static struct vu **heap;
+static int heap_len;
+static long finished_vus;
+static int epoll_fd;
+
+static struct sockaddr_storage target_addr;
+static socklen_t target_addrlen;
+static size_t request_len;
+static size_t uuid_offset;
+
+static int64_t origin_ns;
+static int64_t end_ns;
+static int64_t timeout_ns;
+static int64_t think_ns;
+
+static uint64_t requests, ok_2xx, failed, other_status;
+/* Exact latency histogram at 1 us resolution: a 2xx never takes longer than the timeout. */
+static uint32_t *latency_counts;
+static int64_t latency_slots;
+
+static FILE *csv_file;
+static char *csv;
+static size_t csv_len;
+static bool csv_error;
+
+static uint64_t rng[4];
+static uint64_t id_counter, id_offset, id_key;
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+}
+
+/* ---- correlation ids ---- */
+
+static uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += UINT64_C(0x9e3779b97f4a7c15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
+    return z ^ (z >> 31);
+}
+
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t xoshiro256ss(void)
+{
+    uint64_t result = rotl(rng[1] * 5, 7) * 9;
+    uint64_t t = rng[1] << 17;
+    rng[2] ^= rng[0];
+    rng[3] ^= rng[1];
+    rng[1] ^= rng[2];
+    rng[0] ^= rng[3];
+    rng[2] ^= t;
+    rng[3] = rotl(rng[3], 45);
+    return result;
+}
+
+static void seed_ids(void)
+{
+    uint64_t seed;
+    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
+        seed = (uint64_t)now_ns() ^ ((uint64_t)getpid() << 32);
+    for (int i = 0; i < 4; i++)
+        rng[i] = splitmix64(&seed);
+    id_offset = splitmix64(&seed) & MASK60;
+    id_key = splitmix64(&seed) & MASK60;
+}
+
+/* A bijection on 60-bit values (xorshifts and odd multipliers modulo 2^60). */
+static uint64_t permute60(uint64_t x)
+{
+    x ^= x >> 30;
+    x = (x * UINT64_C(0xbf58476d1ce4e5b9)) & MASK60;
+    x ^= x >> 27;
+    x = (x * UINT64_C(0x94d049bb133111eb)) & MASK60;
+    return x ^ (x >> 31);
+}
+
+static void put_hex(char *out, uint64_t value, int digits)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = digits - 1; i >= 0; i--) {
+        out[i] = hex[value & 15];
+        value >>= 4;
+    }
+}
+
+/*
+ * A v4 UUID. Sixty of its random-looking bits are a keyed permutation of a
+ * counter, so no two ids of a run can be equal (not merely improbably so);
+ * the other 62 random bits come from xoshiro256**.
+ */
+static void write_uuid(char *out)
+{
+    uint64_t unique = permute60((id_offset + id_counter++) & MASK60) ^ id_key;
+    uint64_t high = ((unique >> 12) << 16) | 0x4000 | (unique & 0xfff);
+    uint64_t low = (xoshiro256ss() >> 2) | UINT64_C(0x8000000000000000);
+    put_hex(out, high >> 32, 8);
+    out[8] = '-';
+    put_hex(out + 9, (high >> 16) & 0xffff, 4);
+    out[13] = '-';
+    put_hex(out + 14, high & 0xffff, 4);
+    out[18] = '-';
+    put_hex(out + 19, low >> 48, 4);
+    out[23] = '-';
+    put_hex(out + 24, low & UINT64_C(0xffffffffffff), 12);
+}
+
+/* ---- timers: a binary min-heap of VUs keyed by due_ns ---- */
+
+static void heap_place(int index, struct vu *v)
+{
+    heap[index] = v;
+    v->heap_index = index;
+}
+
+static void heap_sift_up(int index)
+{
+    struct vu *v = heap[index];
+    while (index > 0) {
+        int parent = (index - 1) / 2;
+        if (heap[parent]->due_ns <= v->due_ns)
+            break;
+        heap_place(index, heap[parent]);
+        index = parent;
+    }
+    heap_place(index, v);
+}
+
+static void heap_sift_down(int index)
+{
+    struct vu *v = heap[index];
+    for (;;) {
+        int child = 2 * index + 1;
+        if (child >= heap_len)
+            break;
+        if (child + 1 < heap_len && heap[child + 1]->due_ns < heap[child]->due_ns)
+            child++;
+        if (heap[child]->due_ns >= v->due_ns)
+            break;
+        heap_place(index, heap[child]);
+        index = child;
+    }
+    heap_place(index, v);
+}
+
+static void schedule(struct vu *v, int64_t due_ns)
+{
+    v->due_ns = due_ns;
+    if (v->heap_index < 0) {
+        heap_place(heap_len++, v);
+        heap_sift_up(v->heap_index);
+    } else {
+        heap_sift_up(v->heap_index);
+        heap_sift_down(v->heap_index);
+    }
+}
+
+static void unschedule(struct vu *v)
+{
+    int index = v->heap_index;
+    if (index < 0)
+        return;
+    v->heap_index = -1;
+    struct vu *last = heap[--heap_len];
+    if (index < heap_len) {
+        heap_place(index, last);
+        heap_sift_up(index);
+        heap_sift_down(last->heap_index);
+    }
+}
+
+/* ---- results ---- */
+
+static char *put_uint(char *out, uint64_t value)
+{
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value);
+    while (n)
+        *out++ = digits[--n];
+    return out;
+}
+
+static void csv_flush(void)
+{
+    if (csv_len && fwrite(csv, 1, csv_len, csv_file) != csv_len)
+        csv_error = true;
+    csv_len = 0;
+}
+
+static void record(int64_t start_ns, int64_t done_ns, int status)
+{
+    int64_t latency_us = (done_ns - start_ns + NS_PER_US / 2) / NS_PER_US;
+    requests++;
+    if (status == 0) {
+        failed++;
+    } else if (status >= 200 && status < 300) {
+        ok_2xx++;
+        latency_counts[latency_us]++;
+    } else {
+        other_status++;
+    }
+    if (CSV_BUFFER_SIZE - csv_len < CSV_ROW_MAX)
+        csv_flush();
+    char *p = csv + csv_len;
+    p = put_uint(p, (uint64_t)((start_ns - origin_ns + NS_PER_US / 2) / NS_PER_US));
+    *p++ = ',';
+    p = put_uint(p, (uint64_t)latency_us);
+    *p++ = ',';
+    p = put_uint(p, (uint64_t)status);
+    *p++ = '\n';
+    csv_len = (size_t)(p - csv);
+}
+
+/* ---- virtual users ---- */
+
+static void close_connection(struct vu *v)
+{
+    if (v->fd >= 0) {
+        close(v->fd);
+        v->fd = -1;
+    }
+}
+
+static void finish_vu(struct vu *v)
+{
+    unschedule(v);
+    close_connection(v);
+    v->state = VU_FINISHED;
+    finished_vus++;
+}
+
+/* Level-triggered interest: EPOLLOUT alone while connecting or mid-write (an early
+ * answer must not make EPOLLIN spin), EPOLLIN otherwise. */
+static void watch(struct vu *v, uint32_t events)
+{
+    if (v->watching == events)
+        return;
+    struct epoll_event ev = {.events = events, .data.ptr = v};
+    epoll_ctl(epoll_fd, EPOLL_CTL_MOD, v->fd, &ev);
+    v->watching = events;
+}
+
+static void end_request(struct vu *v, int64_t done_ns, int status)
+{
+    /* in flight, due_ns is the deadline: an answer completed after it is a timeout */
+    if (done_ns > v->due_ns)
+        status = 0;
+    /* a failure can happen before anything is written, so it is timed from the iteration start */
+    record(status ? v->sent_ns : v->iteration_ns, done_ns, status);
+    if (status == 0 || v->response.close_after)
+        close_connection(v);
+    int64_t next_ns = done_ns + think_ns;
+    if (next_ns >= end_ns) {
+        finish_vu(v);
+    } else {
+        v->state = VU_WAITING;
+        schedule(v, next_ns);
+    }
+}
+
+static void continue_sending(struct vu *v)
+{
+    ssize_t n = write(v->fd, v->request + v->written, request_len - v->written);
+    if (n < 0 && errno != EAGAIN && errno != EINTR) {
+        end_request(v, now_ns(), 0);
+        return;
+    }
+    if (n > 0)
+        v->written += (size_t)n;
+    if (v->written < request_len) {
+        v->state = VU_SENDING;
+        watch(v, EPOLLOUT);
+        return;
+    }
+    v->state = VU_RECEIVING;
+    watch(v, EPOLLIN);
+}
+
+static void send_request(struct vu *v)
+{
+    write_uuid(v->request + uuid_offset);
+    v->written = 0;
+    v->sent_ns = now_ns();
+    continue_sending(v);
+}
+
+enum connect_result { CONNECT_FAILED, CONNECT_PENDING, CONNECT_DONE };
+
+static enum connect_result open_connection(struct vu *v)
+{
+    int fd = socket(target_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return CONNECT_FAILED;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    bool pending = false;
+    if (connect(fd, (const struct sockaddr *)&target_addr, target_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            close(fd);
+            return CONNECT_FAILED;
+        }
+        pending = true;
+    }
+    struct epoll_event ev = {.events = pending ? EPOLLOUT : EPOLLIN, .data.ptr = v};
+    if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        close(fd);
+        return CONNECT_FAILED;
+    }
+    v->fd = fd;
+    v->watching = ev.events;
+    return pending ? CONNECT_PENDING : CONNECT_DONE;
+}
+
+static void start_iteration(struct vu *v, int64_t now)
+{
+    v->iteration_ns = now;
+    v->response = (struct response){0};
+    schedule(v, now + timeout_ns);
+    if (v->fd < 0) {
+        enum connect_result result = open_connection(v);
+        if (result == CONNECT_FAILED) {
+            end_request(v, now_ns(), 0);
+            return;
+        }
+        if (result == CONNECT_PENDING) {
+            v->state = VU_CONNECTING;
+            return;
+        }
+    }
+    send_request(v);
+}
+
+static void on_connect_ready(struct vu *v)
+{
+    int error = 0;
+    socklen_t len = sizeof error;
+    if (getsockopt(v->fd, SOL_SOCKET, SO_ERROR, &error, &len) < 0 || error != 0) {
+        end_request(v, now_ns(), 0);
+        return;
+    }
+    send_request(v);
+}
+
+/* ---- response parsing ---- */
+
+static bool name_is(const char *name, size_t len, const char *expected)
+{
+    return len == strlen(expected) && strncasecmp(name, expected, len) == 0;
+}
+
+static bool parse_length(const char *text, const char *end, int64_t *length)
+{
+    if (text == end || end - text > 18)
+        return false;
+    int64_t value = 0;
+    for (; text < end; text++) {
+        if (*text < '0' || *text > '9')
+            return false;
+        value = value * 10 + (*text - '0');
+    }
+    *length = value;
+    return true;
+}
+
+static bool is_blank(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+static bool has_close_token(const char *value, const char *end)
+{
+    while (value < end) {
+        const char *comma = memchr(value, ',', (size_t)(end - value));
+        const char *token_end = comma ? comma : end;
+        const char *token = value;
+        while (token < token_end && is_blank(*token))
+            token++;
+        const char *last = token_end;
+        while (last > token && is_blank(last[-1]))
+            last--;
+        if (name_is(token, (size_t)(last - token), "close"))
+            return true;
+        value = token_end + 1;
+    }
+    return false;
+}
+
+/* The status line and the headers that frame the body; head ends with the blank line. */
+static bool parse_head(struct response *r, const char *head, size_t len)
+{
+    if (len < 12 || memcmp(head, "HTTP/1.", 7) != 0 || (head[7] != '0' && head[7] != '1') ||
+        head[8] != ' ')
+        return false;
+    int status = 0;
+    for (int i = 9; i < 12; i++) {
+        if (head[i] < '0' || head[i] > '9')
+            return false;
+        status = status * 10 + (head[i] - '0');
+    }
+    /* 1xx interim answers are never solicited: no request carries Expect */
+    if (status < 200)
+        return false;
+    r->status = status;
+    r->close_after = head[7] == '0';
+    int64_t content_length = -1;
+    const char *end = head + len;
+    const char *line = (const char *)memchr(head, '\n', len) + 1;
+    for (;;) {
+        const char *eol = memchr(line, '\n', (size_t)(end - line));
+        const char *line_end = eol > line && eol[-1] == '\r' ? eol - 1 : eol;
+        if (line_end == line)
+            break;
+        const char *colon = memchr(line, ':', (size_t)(line_end - line));
+        if (!colon)
+            return false;
+        const char *value = colon + 1;
+        const char *value_end = line_end;
+        while (value < value_end && is_blank(*value))
+            value++;
+        while (value_end > value && is_blank(value_end[-1]))
+            value_end--;
+        size_t name_len = (size_t)(colon - line);
+        if (name_is(line, name_len, "content-length")) {
+            if (!parse_length(value, value_end, &content_length))
+                return false;
+        } else if (name_is(line, name_len, "transfer-encoding")) {
+            /* chunked framing is unsupported: the services measured always send Content-Length */
+            return false;
+        } else if (name_is(line, name_len, "connection") && has_close_token(value, value_end)) {
+            r->close_after = true;
+        }
+        line = eol + 1;
+    }
+    if (status == 204 || status == 304) {
+        r->body_left = 0;
+    } else if (content_length >= 0) {
+        r->body_left = content_length;
+    } else {
+        r->body_left = -1;
+        r->close_after = true;
+    }
+    return true;
+}
+
+static void receive(struct vu *v)
+{
+    struct response *r = &v->response;
+    /* once the head is parsed the buffer only counts body bytes, so it is reused from the start */
+    char *into = r->head_done ? v->head : v->head + r->head_len;
+    size_t room = r->head_done ? HEAD_MAX : HEAD_MAX - r->head_len;
+    ssize_t n = read(v->fd, into, room);
+    int64_t done_ns = now_ns();
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            end_request(v, done_ns, 0);
+        return;
+    }
+    if (n == 0) {
+        bool ends_at_close = r->head_done && r->body_left < 0;
+        end_request(v, done_ns, ends_at_close ? r->status : 0);
+        return;
+    }
+    size_t body_bytes = (size_t)n;
+    if (!r->head_done) {
+        size_t scan_from = r->head_len >= 3 ? r->head_len - 3 : 0;
+        r->head_len += (size_t)n;
+        const char *blank_line = memmem(v->head + scan_from, r->head_len - scan_from, "\r\n\r\n", 4);
+        if (!blank_line) {
+            if (r->head_len == HEAD_MAX)
+                end_request(v, done_ns, 0);
+            return;
+        }
+        size_t head_end = (size_t)(blank_line + 4 - v->head);
+        if (!parse_head(r, v->head, head_end)) {
+            end_request(v, done_ns, 0);
+            return;
+        }
+        r->head_done = true;
+        body_bytes = r->head_len - head_end;
+    }
+    if (r->body_left < 0)
+        return;
+    if ((int64_t)body_bytes > r->body_left) {
+        /* bytes beyond the response would be taken for the next one */
+        r->close_after = true;
+        body_bytes = (size_t)r->body_left;
+    }
+    r->body_left -= (int64_t)body_bytes;
+    if (r->body_left == 0)
+        end_request(v, done_ns, r->status);
+}
+
+/* ---- event loop ---- */
+
+static void on_event(struct vu *v)
+{
+    switch (v->state) {
+    case VU_CONNECTING:
+        on_connect_ready(v);
+        break;
+    case VU_SENDING:
+        continue_sending(v);
+        break;
+    case VU_RECEIVING:
+        receive(v);
+        break;
+    case VU_WAITING:
+    case VU_FINISHED:
+        /* an idle keep-alive connection only becomes ready when the server closed or broke it */
+        close_connection(v);
+        break;
+    }
+}
+
+static void on_timer(struct vu *v, int64_t now)
+{
+    if (v->state != VU_WAITING)
+        end_request(v, now, 0);
+    else if (now >= end_ns) /* a wake-up due just before the end can be served just after it */
+        finish_vu(v);
+    else
+        start_iteration(v, now);
+}
+
+static void stop_starting_iterations(int64_t now)
+{
+    end_ns = now;
+    for (long i = 0; i < opt.max_vus; i++)
+        if (vus[i].state == VU_WAITING)
+            finish_vu(&vus[i]);
+}
+
+/* Runs until every VU is done; a second SIGINT/SIGTERM abandons the requests in flight. */
+static bool run(int signal_fd)
+{
+    struct epoll_event events[MAX_EVENTS];
+    int signals = 0;
+    while (finished_vus < opt.max_vus) {
+        /* Nanosecond timeouts: rounding wake-ups to whole milliseconds would fire
+           every VU due within the same millisecond together, bursts that k6's
+           timers do not make and that would inflate the tail being measured. */
+        struct timespec timeout, *wait_for = NULL;
+        if (heap_len > 0) {
+            int64_t wait_ns = heap[0]->due_ns - now_ns();
+            if (wait_ns < 0)
+                wait_ns = 0;
+            timeout.tv_sec = wait_ns / NS_PER_S;
+            timeout.tv_nsec = wait_ns % NS_PER_S;
+            wait_for = &timeout;
+        }
+        int n = epoll_pwait2(epoll_fd, events, MAX_EVENTS, wait_for, NULL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("epoll_wait");
+            return false;
+        }
+        for (int i = 0; i < n; i++) {
+            if (events[i].data.ptr) {
+                on_event(events[i].data.ptr);
+                continue;
+            }
+            struct signalfd_siginfo info;
+            if (read(signal_fd, &info, sizeof info) != (ssize_t)sizeof info)
+                continue;
+            if (++signals > 1)
+                return true;
+            stop_starting_iterations(now_ns());
+        }
+        while (heap_len > 0) {
+            int64_t now = now_ns();
+            if (heap[0]->due_ns > now)
+                break;
+            on_timer(heap[0], now);
+        }
+    }
+    return true;
+}
+
+/* ---- set-up and report ---- */
+
+static void usage(void)
+{
+    fputs("usage: loadgen --target HOST:PORT --duration SECONDS --max-vus N --out FILE.csv\n"
+          "               [--start-vus 1] [--timeout-ms 1500] [--think-ms 1000]\n"
+          "               [--amount 20.05] [--path /payments]\n",
+          stderr);
+}
+
+static bool parse_long(const char *text, long min, long max, long *out)
+{
+    char *end;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (errno || end == text || *end || value < min || value > max)
+        return false;
+    *out = value;
+    return true;
+}
+
+static bool parse_seconds(const char *text, double *out)
+{
+    char *end;
+    errno = 0;
+    double value = strtod(text, &end);
+    if (errno || end == text || *end || !isfinite(value) || value <= 0 || value > 1e6)
+        return false;
+    *out = value;
+    return true;
+}
+
+/* digits, optionally a point and more digits: it goes into the JSON body verbatim */
+static bool is_amount(const char *text)
+{
+    size_t integer = strspn(text, "0123456789");
+    if (integer == 0 || strlen(text) > 32)
+        return false;
+    if (text[integer] == '\0')
+        return true;
+    if (text[integer] != '.')
+        return false;
+    size_t fraction = strspn(text + integer + 1, "0123456789");
+    return fraction > 0 && text[integer + 1 + fraction] == '\0';
+}
+
+static bool is_path(const char *text)
+{
+    if (text[0] != '/' || strlen(text) > 2048)
+        return false;
+    for (; *text; text++)
+        if (*text <= ' ' || *text > '~')
+            return false;
+    return true;
+}
+
+static bool parse_options(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"target", required_argument, NULL, 't'},     {"duration", required_argument, NULL, 'd'},
+        {"max-vus", required_argument, NULL, 'm'},    {"start-vus", required_argument, NULL, 's'},
+        {"timeout-ms", required_argument, NULL, 'T'}, {"think-ms", required_argument, NULL, 'k'},
+        {"amount", required_argument, NULL, 'a'},     {"path", required_argument, NULL, 'p'},
+        {"out", required_argument, NULL, 'o'},        {NULL, 0, NULL, 0},
+    };
+    int option, index = 0;
+    while ((option = getopt_long(argc, argv, "", options, &index)) != -1) {
+        bool valid = true;
+        switch (option) {
+        case 't': opt.target = optarg; break;
+        case 'd': valid = parse_seconds(optarg, &opt.duration_s); break;
+        case 'm': valid = parse_long(optarg, 1, 65535, &opt.max_vus); break;
+        case 's': valid = parse_long(optarg, 0, 65535, &opt.start_vus); break;
+        case 'T': valid = parse_long(optarg, 1, 60000, &opt.timeout_ms); break;
+        case 'k': valid = parse_long(optarg, 0, 3600000, &opt.think_ms); break;
+        case 'a': valid = is_amount(optarg); opt.amount = optarg; break;
+        case 'p': valid = is_path(optarg); opt.path = optarg; break;
+        case 'o': opt.out = optarg; break;
+        default: return false;
+        }
+        if (!valid) {
+            fprintf(stderr, "loadgen: invalid value for --%s: %s\n", options[index].name, optarg);
+            return false;
+        }
+    }
+    if (optind < argc || !opt.target || !opt.out || opt.duration_s == 0 || opt.max_vus == 0) {
+        fputs("loadgen: --target, --duration, --max-vus and --out are required\n", stderr);
+        return false;
+    }
+    if (opt.start_vus > opt.max_vus) {
+        fputs("loadgen: --start-vus exceeds --max-vus\n", stderr);
+        return false;
+    }
+    return true;
+}
+
+static bool resolve_target(void)
+{
+    char host[256];
+    const char *colon = strrchr(opt.target, ':');
+    long port;
+    if (!colon || (size_t)(colon - opt.target) >= sizeof host || !parse_long(colon + 1, 1, 65535, &port)) {
+        fprintf(stderr, "loadgen: --target must be HOST:PORT, got %s\n", opt.target);
+        return false;
+    }
+    memcpy(host, opt.target, (size_t)(colon - opt.target));
+    host[colon - opt.target] = '\0';
+    char *name = host;
+    size_t name_len = strlen(host);
+    if (name_len >= 2 && host[0] == '[' && host[name_len - 1] == ']') {
+        host[name_len - 1] = '\0';
+        name++;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *found;
+    int rc = getaddrinfo(name, colon + 1, &hints, &found);
+    if (rc != 0) {
+        fprintf(stderr, "loadgen: cannot resolve %s: %s\n", name, gai_strerror(rc));
+        return false;
+    }
+    memcpy(&target_addr, found->ai_addr, found->ai_addrlen);
+    target_addrlen = found->ai_addrlen;
+    freeaddrinfo(found);
+    return true;
+}
+
+/* One request text per VU; only the UUID changes between iterations. */
+static char *build_requests(void)
+{
+    static const char body_start[] = "{\"correlationId\":\"";
+    static const char placeholder[] = "00000000-0000-4000-8000-000000000000";
+    size_t body_len = strlen(body_start) + UUID_LEN + strlen("\",\"amount\":") + strlen(opt.amount) + 1;
+    int head_len = snprintf(NULL, 0,
+                            "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                            "Content-Length: %zu\r\n\r\n",
+                            opt.path, opt.target, body_len);
+    request_len = (size_t)head_len + body_len;
+    uuid_offset = (size_t)head_len + strlen(body_start);
+    char *all = malloc(request_len * (size_t)opt.max_vus + 1);
+    if (!all)
+        return NULL;
+    snprintf(all, request_len + 1,
+             "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+             "Content-Length: %zu\r\n\r\n%s%s\",\"amount\":%s}",
+             opt.path, opt.target, body_len, body_start, placeholder, opt.amount);
+    for (long i = 1; i < opt.max_vus; i++)
+        memcpy(all + request_len * (size_t)i, all, request_len);
+    return all;
+}
+
+static void raise_fd_limit(void)
+{
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &limit);
+    }
+}
+
+/* VU i >= start_vus joins when k6's linear ramp reaches i + 1 VUs. */
+static void start_ramp(int64_t duration_ns)
+{
+    for (long i = 0; i < opt.max_vus; i++) {
+        struct vu *v = &vus[i];
+        int64_t offset_ns = 0;
+        if (i >= opt.start_vus)
+            offset_ns = (int64_t)((double)duration_ns * (double)(i - opt.start_vus + 1) /
+                                  (double)(opt.max_vus - opt.start_vus));
+        if (offset_ns >= duration_ns) {
+            v->state = VU_FINISHED;
+            finished_vus++;
+        } else {
+            v->state = VU_WAITING;
+            schedule(v, origin_ns + offset_ns);
+        }
+    }
+}
+
+static double seconds(struct timeval tv)
+{
+    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+}
+
+/* Nearest-rank percentiles over the 2xx latencies. */
+static void print_summary(int64_t elapsed_ns)
+{
+    static const char *const names[] = {"p50_us", "p90_us", "p99_us", "p999_us", "max_us"};
+    static const uint64_t permille[] = {500, 900, 990, 999, 1000};
+    enum { COUNT = sizeof permille / sizeof permille[0] };
+    int64_t values[COUNT];
+    uint64_t seen = 0;
+    int next = 0;
+    for (int64_t us = 0; us < latency_slots && next < COUNT; us++) {
+        seen += latency_counts[us];
+        while (next < COUNT && ok_2xx > 0 && seen >= (ok_2xx * permille[next] + 999) / 1000)
+            values[next++] = us;
+    }
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    printf("{\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
+           ",\"other_status\":%" PRIu64 ",\"duration_s\":%.3f,\"cpu_user_s\":%.3f,"
+           "\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
+           requests, ok_2xx, failed, other_status, (double)elapsed_ns / NS_PER_S,
+           seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
+    for (int k = 0; k < COUNT; k++) {
+        if (ok_2xx > 0)
+            printf(",\"%s\":%" PRId64, names[k], values[k]);
+        else
+            printf(",\"%s\":null", names[k]);
+    }
+    printf("}\n");
+    fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+    if (!parse_options(argc, argv)) {
+        usage();
+        return 2;
+    }
+    if (!resolve_target())
+        return 2;
+    csv_file = fopen(opt.out, "w");
+    if (!csv_file) {
+        perror(opt.out);
+        return 1;
+    }
+    timeout_ns = opt.timeout_ms * NS_PER_MS;
+    think_ns = opt.think_ms * NS_PER_MS;
+    latency_slots = opt.timeout_ms * 1000 + 1;
+    char *request_texts = build_requests();
+    vus = calloc((size_t)opt.max_vus, sizeof *vus);
+    heap = calloc((size_t)opt.max_vus, sizeof *heap);
+    latency_counts = calloc((size_t)latency_slots, sizeof *latency_counts);
+    csv = malloc(CSV_BUFFER_SIZE);
+    if (!request_texts || !vus || !heap || !latency_counts || !csv) {
+        fputs("loadgen: out of memory\n", stderr);
+        return 1;
+    }
+    for (long i = 0; i < opt.max_vus; i++) {
+        vus[i].fd = -1;
+        vus[i].heap_index = -1;
+        vus[i].request = request_texts + request_len * (size_t)i;
+    }
+
+    raise_fd_limit();
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    sigprocmask(SIG_BLOCK, &stop_signals, NULL);
+    int signal_fd = signalfd(-1, &stop_signals, SFD_NONBLOCK | SFD_CLOEXEC);
+    epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event signal_event = {.events = EPOLLIN, .data.ptr = NULL};
+    if (signal_fd < 0 || epoll_fd < 0 || epoll_ctl(epoll_fd, EPOLL_CTL_ADD, signal_fd, &signal_event) < 0) {
+        perror("loadgen: epoll/signalfd");
+        return 1;
+    }
+    seed_ids();
+
+    static const char header[] = "start_us,latency_us,status\n";
+    memcpy(csv, header, sizeof header - 1);
+    csv_len = sizeof header - 1;
+    int64_t duration_ns = (int64_t)(opt.duration_s * NS_PER_S);
+    origin_ns = now_ns();
+    end_ns = origin_ns + duration_ns;
+    start_ramp(duration_ns);
+    bool completed = run(signal_fd);
+    int64_t elapsed_ns = now_ns() - origin_ns;
+
+    csv_flush();
+    if (fclose(csv_file) != 0)
+        csv_error = true;
+    print_summary(elapsed_ns);
+    if (csv_error) {
+        fprintf(stderr, "loadgen: writing %s failed\n", opt.out);
+        return 1;
+    }
+    return completed ? 0 : 1;
+}

@@ -1,0 +1,270 @@
+"""The C load generator (perf/loadgen.c) against its calibration server
+(perf/constant_server.c) and against small Python servers that refuse, stall,
+split their answers or close after each one."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+if shutil.which("gcc") is None:
+    pytest.skip("gcc is needed to build the load generator", allow_module_level=True)
+
+PERF = Path(__file__).resolve().parent.parent / "perf"
+UUID_V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+@pytest.fixture(scope="module")
+def binaries(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("loadgen-bin")
+    built = {}
+    for name in ("loadgen", "constant_server"):
+        built[name] = out / name
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(built[name]),
+                        str(PERF / f"{name}.c")], check=True, timeout=60)
+    return built
+
+
+@pytest.fixture
+def constant_server(binaries):
+    server = subprocess.Popen([str(binaries["constant_server"]), "--listen", "127.0.0.1:0"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        ready = server.stderr.readline()
+        assert ready.startswith("listening on 127.0.0.1:"), ready
+        yield int(ready.rsplit(":", 1)[1])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=5) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def python_server(handle):
+    """A threaded TCP server calling handle(connection, stream) per accepted connection."""
+    accepted = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            accepted.append(self.client_address)
+            handle(self.connection, self.rfile)
+
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+        request_queue_size = 128
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], accepted
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def read_request(stream) -> tuple[bytes, dict[str, str], bytes] | None:
+    request_line = stream.readline()
+    if not request_line:
+        return None
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return request_line, headers, stream.read(int(headers.get("content-length", 0)))
+
+
+class Run:
+    def __init__(self, completed: subprocess.CompletedProcess, out: Path) -> None:
+        self.returncode = completed.returncode
+        lines = completed.stdout.strip().splitlines()
+        assert len(lines) == 1, completed.stdout
+        self.summary = json.loads(lines[0])
+        with out.open(newline="") as handle:
+            reader = csv.reader(handle)
+            assert next(reader) == ["start_us", "latency_us", "status"]
+            self.rows = [tuple(int(field) for field in row) for row in reader]
+
+
+def run_loadgen(binaries, tmp_path: Path, port: int, *args: str, timeout: float = 20) -> Run:
+    out = tmp_path / "results.csv"
+    completed = subprocess.run(
+        [str(binaries["loadgen"]), "--target", f"127.0.0.1:{port}", "--out", str(out), *args],
+        capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stderr
+    return Run(completed, out)
+
+
+def nearest_rank(sorted_values: list[int], permille: int) -> int:
+    return sorted_values[(len(sorted_values) * permille + 999) // 1000 - 1]
+
+
+def test_ramp_against_constant_server(binaries, tmp_path, constant_server):
+    duration_s, max_vus, think_s = 4.0, 50, 0.1
+    run = run_loadgen(binaries, tmp_path, constant_server, "--duration", str(duration_s),
+                      "--max-vus", str(max_vus), "--think-ms", str(int(think_s * 1000)))
+
+    summary, rows = run.summary, run.rows
+    assert summary["requests"] == len(rows) == summary["ok_2xx"]
+    assert summary["failed"] == summary["other_status"] == 0
+    assert {status for _, _, status in rows} == {202}
+
+    # VU i >= 1 joins at duration * i / (max_vus - 1) and loops until the duration is over.
+    active_s = [duration_s * (1 - i / (max_vus - 1)) for i in range(max_vus)]
+    expected = sum(math.ceil(active / think_s) for active in active_s)
+    assert 0.8 * expected <= len(rows) <= expected + max_vus
+
+    latencies = [latency for _, latency, _ in rows]
+    assert 0 < min(latencies) and max(latencies) < 100_000
+    assert summary["p50_us"] < 5_000
+    ordered = sorted(latencies)
+    for name, permille in (("p50_us", 500), ("p90_us", 900), ("p99_us", 990),
+                           ("p999_us", 999), ("max_us", 1000)):
+        assert summary[name] == nearest_rank(ordered, permille), name
+
+    # Rows are in completion order and start within the run.
+    completions = [start + latency for start, latency, _ in rows]
+    assert [pair for pair in zip(completions, completions[1:]) if pair[1] < pair[0] - 2] == []
+    starts = [start for start, _, _ in rows]
+    assert 0 <= min(starts) and max(starts) <= duration_s * 1e6 + 100
+    assert summary["duration_s"] <= duration_s + 1.5
+    assert summary["cpu_user_s"] + summary["cpu_sys_s"] < duration_s
+    assert summary["max_rss_kb"] > 0
+
+
+def test_start_vus_begin_together(binaries, tmp_path, constant_server):
+    run = run_loadgen(binaries, tmp_path, constant_server, "--duration", "1", "--max-vus", "5",
+                      "--start-vus", "5", "--think-ms", "200")
+    assert sum(1 for start, _, _ in run.rows if start < 100_000) == 5
+    assert len(run.rows) == 25
+
+
+def test_refused_connections_fail_and_retry_after_think_time(binaries, tmp_path):
+    run = run_loadgen(binaries, tmp_path, free_port(), "--duration", "1", "--max-vus", "5",
+                      "--think-ms", "50")
+    assert len(run.rows) >= 20
+    assert all(status == 0 for _, _, status in run.rows)
+    assert run.summary["failed"] == run.summary["requests"] == len(run.rows)
+    assert run.summary["ok_2xx"] == 0 and run.summary["p99_us"] is None
+
+
+def test_unanswered_requests_time_out_and_reconnect(binaries, tmp_path):
+    def never_answer(connection, stream) -> None:
+        while stream.read1(4096):
+            pass
+
+    with python_server(never_answer) as (port, accepted):
+        run = run_loadgen(binaries, tmp_path, port, "--duration", "1", "--max-vus", "3",
+                          "--think-ms", "50", "--timeout-ms", "200")
+        connections = len(accepted)
+
+    assert len(run.rows) >= 4
+    assert all(status == 0 and 200_000 <= latency < 400_000 for _, latency, status in run.rows)
+    assert run.summary["failed"] == run.summary["requests"] == len(run.rows)
+    assert connections == len(run.rows)
+    assert run.summary["duration_s"] < 1.5
+
+
+def test_requests_are_well_formed_and_split_answers_are_reassembled(binaries, tmp_path):
+    received = []
+
+    def answer_in_pieces(connection, stream) -> None:
+        while (request := read_request(stream)) is not None:
+            received.append(request)
+            for piece in (b"HTTP/1.1 201 Created\r\ncontent-LENGTH:", b" 5\r\n\r", b"\nab", b"cde"):
+                connection.sendall(piece)
+                time.sleep(0.001)
+
+    with python_server(answer_in_pieces) as (port, accepted):
+        run = run_loadgen(binaries, tmp_path, port, "--duration", "2", "--max-vus", "10",
+                          "--think-ms", "20", "--amount", "19.90", "--path", "/payments")
+        connections = len(accepted)
+
+    assert run.summary["ok_2xx"] == run.summary["requests"] == len(run.rows) == len(received)
+    assert {status for _, _, status in run.rows} == {201}
+    assert all(latency >= 3_000 for _, latency, _ in run.rows)
+    assert connections == 9  # one keep-alive connection per VU that started
+    ids = []
+    for request_line, headers, body in received:
+        assert request_line == b"POST /payments HTTP/1.1\r\n"
+        assert headers["host"] == f"127.0.0.1:{port}"
+        assert headers["content-type"] == "application/json"
+        assert int(headers["content-length"]) == len(body)
+        payload = json.loads(body)
+        assert payload["amount"] == 19.90 and set(payload) == {"correlationId", "amount"}
+        assert UUID_V4.fullmatch(payload["correlationId"].encode())
+        ids.append(payload["correlationId"])
+    assert len(set(ids)) == len(ids)
+
+
+def test_connection_close_answers_reconnect(binaries, tmp_path):
+    def answer_and_close(connection, stream) -> None:
+        if read_request(stream) is not None:
+            connection.sendall(b"HTTP/1.1 202 Accepted\r\nConnection: close\r\n"
+                               b"Content-Length: 2\r\n\r\n{}")
+
+    with python_server(answer_and_close) as (port, accepted):
+        run = run_loadgen(binaries, tmp_path, port, "--duration", "1", "--max-vus", "5",
+                          "--think-ms", "20")
+        connections = len(accepted)
+
+    assert {status for _, _, status in run.rows} == {202}
+    assert len(run.rows) >= 50
+    assert connections == len(run.rows)
+
+
+def test_sigterm_stops_and_reports(binaries, tmp_path, constant_server):
+    out = tmp_path / "results.csv"
+    loadgen = subprocess.Popen(
+        [str(binaries["loadgen"]), "--target", f"127.0.0.1:{constant_server}", "--duration", "60",
+         "--max-vus", "10", "--think-ms", "50", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    started = time.monotonic()
+    loadgen.send_signal(signal.SIGTERM)
+    stdout, stderr = loadgen.communicate(timeout=5)
+    assert loadgen.returncode == 0, stderr
+    assert time.monotonic() - started < 1
+    run = Run(subprocess.CompletedProcess(loadgen.args, 0, stdout, stderr), out)
+    assert run.summary["requests"] == len(run.rows) > 0
+    assert run.summary["ok_2xx"] == len(run.rows)
+
+
+VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out", "x.csv"]
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    VALID[:-2],
+    VALID + ["--max-vus", "0"],
+    VALID + ["--duration", "-1"],
+    VALID + ["--think-ms", "x"],
+    VALID + ["--start-vus", "5"],
+    VALID + ["--target", "127.0.0.1"],
+    VALID + ["--amount", "1e3"],
+    VALID + ["--path", "payments"],
+    VALID + ["--bogus", "1"],
+])
+def test_bad_arguments_exit_2(binaries, tmp_path, args):
+    completed = subprocess.run([str(binaries["loadgen"]), *args], capture_output=True, text=True,
+                               timeout=5, cwd=tmp_path)
+    assert completed.returncode == 2
+    assert completed.stdout == "" and completed.stderr
+    assert not (tmp_path / "x.csv").exists()
