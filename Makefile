@@ -7,7 +7,9 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.core-built
 CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
-.PHONY: run test build system-deps clean
+BENCH_DEPS := $(VENV)/.bench-deps-installed
+
+.PHONY: run test build system-deps clean bench bench-calibrate flamegraph
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,22 @@ run: build system-deps
 
 test: build system-deps
 	$(PY) -m pytest
+
+$(BENCH_DEPS): $(DEPS)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+# The final round of SPEC §4 (BENCH_SECONDS=300 by default) under the compose file's limits.
+bench: build system-deps $(BENCH_DEPS)
+	$(PY) perf/bench.py
+
+# The load generator against a constant-response server: its own latency floor.
+bench-calibrate: $(BENCH_DEPS)
+	$(PY) perf/bench.py --calibrate
+
+# A benchmark run with py-spy flamegraphs of both instances in perf/flamegraphs/.
+flamegraph: build system-deps $(BENCH_DEPS)
+	BENCH_FLAMEGRAPH=1 $(PY) perf/bench.py
 
 clean:
 	rm -rf build $(VENV) paycore/core/*.so pyx/*.c *.egg-info

@@ -64,6 +64,9 @@ class StackSettings:
     instance_env: dict[str, str] = field(default_factory=dict)
     emulator_args: tuple[str, ...] = ()
     quiet: bool = False
+    # docker-compose service name ("load-balancer", "api1", ...) -> cgroup
+    # directories its process joins before it starts, to hold it to the limits.
+    cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Stack:
@@ -85,10 +88,19 @@ class Stack:
         self.instances: dict[int, subprocess.Popen] = {}
         self.balancer: subprocess.Popen | None = None
 
-    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None,
+               service: str | None = None) -> subprocess.Popen:
         output = subprocess.DEVNULL if self.settings.quiet else None
+        cgroups = self.settings.cgroups.get(service, ()) if service else ()
+
+        def join_cgroups() -> None:
+            for cgroup in cgroups:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+                    procs.write(str(os.getpid()))
+
         return subprocess.Popen(command, env={**os.environ, **(env or {})},
-                                stdout=output, stderr=output, start_new_session=True)
+                                stdout=output, stderr=output, start_new_session=True,
+                                preexec_fn=join_cgroups if cgroups else None)
 
     def start(self) -> Stack:
         for directory in (self.shared_dir, self.socket_dir):
@@ -126,7 +138,8 @@ class Stack:
         }
         if os.path.exists(self.socket_path(index)):
             os.unlink(self.socket_path(index))
-        self.instances[index] = self._spawn([sys.executable, "-m", "paycore.service"], env)
+        self.instances[index] = self._spawn([sys.executable, "-m", "paycore.service"], env,
+                                            service=f"api{index}")
         wait_for_unix(self.socket_path(index))
 
     def stop_instance(self, index: int, signum: int = signal.SIGTERM) -> int:
@@ -140,7 +153,8 @@ class Stack:
         self.balancer = self._spawn(
             [haproxy, "-db", "-f", str(HAPROXY_CONFIG)],
             {"PAYCORE_LB_BIND": f"127.0.0.1:{self.settings.port}",
-             "PAYCORE_SOCKET_DIR": str(self.socket_dir)})
+             "PAYCORE_SOCKET_DIR": str(self.socket_dir)},
+            service="load-balancer")
         wait_for_tcp("127.0.0.1", self.settings.port)
 
     def stop(self) -> None:

@@ -1,0 +1,232 @@
+"""make bench: the final round of SPEC §4 against the production topology.
+
+haproxy with deploy/haproxy.cfg in front of two instances, each service held
+by cgroups to the limits docker-compose.yml declares; emulated processors and
+the load generator outside the budget, as in the challenge. Writes
+perf/results/bench-<time>.json and .png, and prints the table.
+
+BENCH_SECONDS=60 shortens a run (the fault schedule scales with it).
+BENCH_FLAMEGRAPH=1 records py-spy flamegraphs of both instances under perf/flamegraphs/.
+`bench.py --calibrate` runs the same load against a constant-response server:
+the generator's own latency floor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "perf"))
+
+from cgroups import CgroupJail, compose_limits  # noqa: E402
+from report import draw_chart, latency_summary_ms, read_requests, score  # noqa: E402
+from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
+
+from paycore.stack import Stack, StackSettings  # noqa: E402
+
+RESULTS = REPO / "perf" / "results"
+FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
+BUILD = REPO / "build"
+MAX_VUS = 603
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def build_tools() -> dict[str, Path]:
+    BUILD.mkdir(exist_ok=True)
+    tools = {}
+    for name in ("loadgen", "constant_server"):
+        source, binary = REPO / "perf" / f"{name}.c", BUILD / name
+        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+            subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)], check=True)
+        tools[name] = binary
+    return tools
+
+
+def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
+    command = [str(loadgen), "--target", f"127.0.0.1:{port}", "--duration", f"{seconds:g}",
+               "--max-vus", str(MAX_VUS), "--out", str(out)]
+    finished = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def process_usage(pid: int) -> tuple[float, int]:
+    """(CPU seconds so far, peak RSS in bytes) of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / TICKS
+    peak_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    return cpu, peak_kb * 1024
+
+
+def calibrate(seconds: float) -> None:
+    tools = build_tools()
+    port = free_port()
+    server = subprocess.Popen([str(tools["constant_server"]), "--listen", f"127.0.0.1:{port}"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        server.stderr.readline()  # "listening on ...": ready
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / "calibration-requests.csv"
+        generator = run_load(tools["loadgen"], port, seconds, out)
+    finally:
+        server.terminate()
+        server.wait()
+    requests = read_requests(out)
+    latencies = [latency for _, latency, status in requests if 200 <= status < 300]
+    summary = {"target": "constant-response server", "seconds": seconds, "requests": len(requests),
+               "rps": round(len(requests) / seconds, 1), "latency_ms": latency_summary_ms(latencies),
+               "generator_cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2)}
+    (RESULTS / "calibration.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def start_flamegraphs(stack: Stack, seconds: float) -> list[subprocess.Popen]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    FLAMEGRAPHS.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([py_spy, "record", "--nonblocking", "--rate", "200",
+                              "--duration", str(int(seconds)), "--pid", str(process.pid),
+                              "--output", str(FLAMEGRAPHS / f"api{index}.svg")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for index, process in stack.instances.items()]
+
+
+def main() -> None:
+    seconds = float(os.environ.get("BENCH_SECONDS", FULL_RUN_S))
+    if "--calibrate" in sys.argv:
+        calibrate(seconds)
+        return
+    tools = build_tools()
+    limits = compose_limits(REPO / "docker-compose.yml")
+    jail = CgroupJail(limits) if CgroupJail.available() else None
+    if jail is None:
+        print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
+    settings = StackSettings(port=free_port(), default_port=free_port(), fallback_port=free_port(),
+                             quiet=True, cgroups=jail.directories if jail else {},
+                             instance_env={"PAYCORE_LOG_LEVEL": "WARNING"})
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    requests_csv = RESULTS / f"bench-{stamp}-requests.csv"
+    try:
+        with Stack(settings) as stack:
+            processors = Processors(stack.default_url, stack.fallback_url)
+            processors.purge()
+            scenario = Scenario(processors, stack.url, seconds)
+            scenario.purge_service()
+            stack_processes = {"load-balancer": stack.balancer,
+                               **{f"api{i}": p for i, p in stack.instances.items()}}
+            cpu_before = {name: process_usage(p.pid)[0] for name, p in stack_processes.items()}
+            profilers = start_flamegraphs(stack, seconds) if os.environ.get("BENCH_FLAMEGRAPH") else []
+            load_started_ms = now_ms()
+            scenario.start(time.monotonic())
+            generator = run_load(tools["loadgen"], stack.settings.port, seconds, requests_csv)
+            load_ended = time.monotonic()
+            scenario.stop()
+            # The challenge reads the processors' totals about 1 s after the load.
+            time.sleep(max(0.0, load_ended + 1 - time.monotonic()))
+            at_teardown = processors.summary()
+            requests = read_requests(requests_csv)
+            successful = sum(1 for _, _, status in requests if 200 <= status < 300)
+            lag_zero_after_s = None
+            while time.monotonic() - load_ended < 5:
+                recorded = sum(r["totalRequests"] for r in processors.summary().values())
+                if recorded >= successful:
+                    lag_zero_after_s = round(time.monotonic() - load_ended, 2)
+                    break
+                time.sleep(0.1)
+            usage = {name: process_usage(p.pid) for name, p in stack_processes.items()}
+            cgroup_usage = jail.usage() if jail else {}
+            for profiler in profilers:
+                profiler.wait()
+            final_service = scenario._service.call("GET", "/payments-summary")[1]
+            final_processors = processors.summary()
+            stage_shares = [{
+                "from_s": round((stage.started_ms - load_started_ms) / 1000, 1),
+                "default": stage.default, "fallback": stage.fallback,
+                "recorded": {name: report["totalRequests"] for name, report in
+                             processors.summary(stage.started_ms, (stage.ended_ms or now_ms()) - 1).items()},
+            } for stage in scenario.log.stages]
+            bucket_s = max(1.0, seconds / 60)
+            shares = []
+            for index in range(int(seconds / bucket_s) + 1):
+                start = load_started_ms + int(index * bucket_s * 1000)
+                window = processors.summary(start, start + int(bucket_s * 1000) - 1)
+                shares.append((index * bucket_s, window["default"]["totalRequests"],
+                               window["fallback"]["totalRequests"]))
+    finally:
+        if jail:
+            jail.close()
+
+    latencies = [latency for _, latency, status in requests if 200 <= status < 300]
+    latency = latency_summary_ms(latencies)
+    inconsistencies = sum(check["inconsistencies"] if check["inconsistencies"] is not None else 1
+                          for check in scenario.log.checks)
+    result = score(latency["p99"], at_teardown, inconsistencies, successful)
+    service_calls = {name: latency_summary_ms([int(s * 1e6) for s in values])
+                     for name, values in scenario.log.service_call_seconds.items() if values}
+    result["paycore"] = {
+        "seconds": seconds, "requests": len(requests), "successful": successful,
+        "failed": len(requests) - successful, "rps": round(len(requests) / seconds, 1),
+        "post_latency_ms": latency, "other_requests_latency_ms": service_calls,
+        "checks": len(scenario.log.checks), "lag_zero_after_s": lag_zero_after_s,
+        "final_summary_matches_processors": all(
+            final_service[name]["totalRequests"] == final_processors[name]["totalRequests"]
+            for name in ("default", "fallback")),
+        "stack": {name: {"cpu_s": round(usage[name][0] - cpu_before[name], 2),
+                         "peak_rss_mb": round(usage[name][1] / 2**20, 1),
+                         **({"throttled_periods": cgroup_usage[name]["throttled_periods"]}
+                            if name in cgroup_usage else {})}
+                  for name in stack_processes},
+        "stack_peak_rss_mb": round(sum(u[1] for u in usage.values()) / 2**20, 1),
+        "limits": {limit.service: {"cpus": limit.cpus, "memory_mb": round(limit.memory_bytes / 2**20)}
+                   for limit in limits},
+        "generator": {"cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2),
+                      "max_rss_kb": generator["max_rss_kb"]},
+        "stages": stage_shares,
+        "checks_detail": scenario.log.checks,
+    }
+    out = RESULTS / f"bench-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2))
+    draw_chart(out.with_suffix(".png"), requests, bucket_s, shares,
+               [stage["from_s"] for stage in stage_shares])
+    print_table(result, out)
+
+
+def print_table(result: dict, out: Path) -> None:
+    run = result["paycore"]
+    latency = run["post_latency_ms"]
+    print(f"results: {out} (+ .png)")
+    print(f"POST /payments  p50 {latency['p50']:.3f}  p90 {latency['p90']:.3f}  p99 {latency['p99']:.3f}  "
+          f"p99.9 {latency['p99.9']:.3f}  max {latency['max']:.3f} ms   {run['rps']} req/s")
+    for name, other in run["other_requests_latency_ms"].items():
+        print(f"{name:>14}  p50 {other['p50']:.3f}  p99 {other['p99']:.3f}  max {other['max']:.3f} ms")
+    print(f"requests {run['requests']}  failed {run['failed']}  inconsistencies "
+          f"{result['multa']['composicao']['total_inconsistencias']} in {run['checks']} checks  "
+          f"lag at teardown {result['lag']['lag']}  lag 0 after {run['lag_zero_after_s']} s")
+    print(f"score {result['total_liquido']:.2f}  (gross {result['total_bruto']:.2f}, fees "
+          f"{result['total_taxas']:.2f}, bonus {result['p99']['bonus']}, fine {result['multa']['porcentagem']})")
+    for name, usage in run["stack"].items():
+        print(f"{name:>14}  cpu {usage['cpu_s']:.2f} s  peak rss {usage['peak_rss_mb']} MB  "
+              f"throttled {usage.get('throttled_periods', '-')}")
+    print(f"stack peak rss {run['stack_peak_rss_mb']} MB; generator cpu {run['generator']['cpu_s']} s")
+    for stage in run["stages"]:
+        recorded = stage["recorded"]
+        total = recorded["default"] + recorded["fallback"]
+        share = recorded["default"] / total if total else 0
+        print(f"  from {stage['from_s']:>6} s  default {stage['default']} fallback {stage['fallback']}: "
+              f"default {recorded['default']} fallback {recorded['fallback']} ({share:.1%} default)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""SPEC §4 around the load: the processors' fault schedule, the consistency
+checker every 10 s, and the processors' admin summaries."""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from paycore.core.timestamp import format_timestamp
+
+ADMIN_TOKEN = "123"
+FULL_RUN_S = 300
+CHECK_INTERVAL_S = 10
+# (second of the full run, (default delay ms, failing), (fallback delay ms, failing))
+FAULT_SCHEDULE = [
+    (1, (0, False), (0, False)),
+    (30, (1000, False), (0, False)),
+    (60, (500, False), (0, False)),
+    (90, (2000, True), (1000, False)),
+    (120, (5000, True), (5, False)),
+    (150, (0, False), (5, True)),
+    (180, (100, False), (5, False)),
+    (210, (50, False), (0, False)),
+    (240, (103, False), (10, False)),
+    (270, (2000, False), (0, False)),
+]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class HttpJson:
+    """One keep-alive connection; each call returns (status, parsed body, seconds taken)."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self._address = (host, int(port))
+        self._headers = headers or {}
+        self._connection = http.client.HTTPConnection(*self._address, timeout=10)
+
+    def call(self, method: str, path: str, payload: dict | None = None) -> tuple[int, object, float]:
+        body = json.dumps(payload).encode() if payload is not None else None
+        headers = {**self._headers, **({"Content-Type": "application/json"} if body else {})}
+        for attempt in (1, 2):
+            try:
+                started = time.perf_counter()
+                self._connection.request(method, path, body=body, headers=headers)
+                response = self._connection.getresponse()
+                raw = response.read()
+                elapsed = time.perf_counter() - started
+                return response.status, (json.loads(raw) if raw else None), elapsed
+            except (OSError, http.client.HTTPException):
+                self._connection.close()
+                self._connection = http.client.HTTPConnection(*self._address, timeout=10)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def range_query(from_ms: int | None, to_ms: int | None) -> str:
+    parts = []
+    if from_ms is not None:
+        parts.append(f"from={format_timestamp(from_ms)}")
+    if to_ms is not None:
+        parts.append(f"to={format_timestamp(to_ms)}")
+    return "?" + "&".join(parts) if parts else ""
+
+
+class Processors:
+    def __init__(self, default_url: str, fallback_url: str) -> None:
+        self.admin = {name: HttpJson(url, {"X-Rinha-Token": ADMIN_TOKEN})
+                      for name, url in (("default", default_url), ("fallback", fallback_url))}
+
+    def configure(self, name: str, delay_ms: int, failing: bool) -> None:
+        self.admin[name].call("PUT", "/admin/configurations/delay", {"delay": delay_ms})
+        self.admin[name].call("PUT", "/admin/configurations/failure", {"failure": failing})
+
+    def summary(self, from_ms: int | None = None, to_ms: int | None = None) -> dict[str, dict]:
+        query = range_query(from_ms, to_ms)
+        return {name: admin.call("GET", "/admin/payments-summary" + query)[1]
+                for name, admin in self.admin.items()}
+
+    def purge(self) -> None:
+        for admin in self.admin.values():
+            admin.call("POST", "/admin/purge-payments")
+
+
+@dataclass
+class Stage:
+    started_ms: int
+    default: tuple[int, bool]
+    fallback: tuple[int, bool]
+    ended_ms: int | None = None
+
+
+@dataclass
+class ScenarioLog:
+    stages: list[Stage] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    service_call_seconds: dict[str, list[float]] = field(default_factory=lambda: {"summary": [], "purge": []})
+
+
+class Scenario:
+    """Runs the fault schedule and the checker in threads while the load runs."""
+
+    def __init__(self, processors: Processors, service_url: str, seconds: float) -> None:
+        self._processors = processors
+        self._service = HttpJson(service_url)
+        self._scale = seconds / FULL_RUN_S
+        self._stop = threading.Event()
+        self.log = ScenarioLog()
+        self._threads = [threading.Thread(target=self._apply_faults, daemon=True),
+                         threading.Thread(target=self._check, daemon=True)]
+
+    def purge_service(self) -> None:
+        status, _, elapsed = self._service.call("POST", "/purge-payments")
+        assert status == 200, status
+        self.log.service_call_seconds["purge"].append(elapsed)
+
+    def start(self, started_at: float) -> None:
+        self._started_at = started_at
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        if self.log.stages:
+            self.log.stages[-1].ended_ms = now_ms()
+
+    def _wait_until(self, second: float) -> bool:
+        return not self._stop.wait(max(0.0, self._started_at + second - time.monotonic()))
+
+    def _apply_faults(self) -> None:
+        for second, default, fallback in FAULT_SCHEDULE:
+            if not self._wait_until(second * self._scale):
+                return
+            self._processors.configure("default", *default)
+            self._processors.configure("fallback", *fallback)
+            stage = Stage(now_ms(), default, fallback)
+            if self.log.stages:
+                self.log.stages[-1].ended_ms = stage.started_ms
+            self.log.stages.append(stage)
+
+    def _check(self) -> None:
+        second = CHECK_INTERVAL_S
+        while self._wait_until(second):
+            second += CHECK_INTERVAL_S
+            at = now_ms()
+            from_ms, to_ms = at - 15_000, at - 2_000
+            status, ours, elapsed = self._service.call("GET", "/payments-summary" + range_query(from_ms, to_ms))
+            self.log.service_call_seconds["summary"].append(elapsed)
+            theirs = self._processors.summary(from_ms, to_ms)
+            difference = sum(abs(ours[name]["totalRequests"] - theirs[name]["totalRequests"])
+                             for name in ("default", "fallback")) if status == 200 else None
+            self.log.checks.append({"at_ms": at, "status": status, "inconsistencies": difference,
+                                    "service": ours, "processors": {
+                                        name: {"totalRequests": report["totalRequests"],
+                                               "totalAmount": report["totalAmount"]}
+                                        for name, report in theirs.items()}})
