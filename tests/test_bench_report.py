@@ -1,0 +1,47 @@
+"""The benchmark's arithmetic: percentiles and the challenge's score (SPEC §5)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+
+from cgroups import memory_bytes  # noqa: E402
+from report import percentile, score  # noqa: E402
+
+
+def test_percentile_interpolates_between_ranks():
+    values = list(range(1, 101))
+    assert percentile(values, 0.5) == pytest.approx(50.5)
+    assert percentile(values, 0.99) == pytest.approx(99.01)
+    assert percentile(values, 1.0) == 100
+    assert percentile([], 0.99) == 0.0
+
+
+def test_score_as_the_challenge_computes_it():
+    processed = {"default": {"totalRequests": 1000, "totalAmount": 20050.0},
+                 "fallback": {"totalRequests": 100, "totalAmount": 2005.0}}
+    result = score(p99_ms=1.004, processed=processed, inconsistencies=0, successful_posts=1100)
+    fees = 20050.0 * 0.07 + 2005.0 * 0.10
+    assert result["p99"]["valor"] == "1.0ms" and result["p99"]["bonus"] == 0.2
+    assert result["total_taxas"] == pytest.approx(fees)
+    assert result["total_liquido"] == pytest.approx((22055.0 - fees) * 1.2, abs=0.01)
+    assert result["lag"]["lag"] == 0 and result["multa"]["porcentagem"] == 0
+
+
+def test_any_inconsistency_costs_35_percent_and_slow_p99_earns_no_bonus():
+    processed = {"default": {"totalRequests": 10, "totalAmount": 200.5},
+                 "fallback": {"totalRequests": 0, "totalAmount": 0}}
+    result = score(p99_ms=12.0, processed=processed, inconsistencies=1, successful_posts=12)
+    assert result["p99"]["bonus"] == 0
+    assert result["multa"]["porcentagem"] == 0.35
+    assert result["total_liquido"] == pytest.approx(200.5 * 0.93 * 0.65, abs=0.01)
+    assert result["lag"]["lag"] == 2
+
+
+@pytest.mark.parametrize("text, size", [("150MB", 150 * 2**20), ("40m", 40 * 2**20), ("1.5G", 3 * 2**29),
+                                        ("512", 512)])
+def test_compose_memory_sizes(text, size):
+    assert memory_bytes(text) == size
