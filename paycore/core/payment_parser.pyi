@@ -1,0 +1,6 @@
+class InvalidPayment(ValueError):
+    http_status: int
+    message: str
+    def __init__(self, http_status: int, message: str) -> None: ...
+
+def parse_payment(body: bytes) -> tuple[bytes, int]: ...
