@@ -149,7 +149,7 @@ def main() -> None:
             cgroup_usage = jail.usage() if jail else {}
             for profiler in profilers:
                 profiler.wait()
-            final_service = scenario._service.call("GET", "/payments-summary")[1]
+            final_service = scenario.service_summary()
             final_processors = processors.summary()
             stage_shares = [{
                 "from_s": round((stage.started_ms - load_started_ms) / 1000, 1),

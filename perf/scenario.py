@@ -149,6 +149,10 @@ class Scenario:
         self._threads = [threading.Thread(target=self._apply_faults, daemon=True),
                          threading.Thread(target=self._check, daemon=True)]
 
+    def service_summary(self) -> dict:
+        """The service's unbounded summary (after stop(): the checker owns the connection till then)."""
+        return self._service.call("GET", "/payments-summary")[1]
+
     def purge_service(self) -> None:
         status, _, elapsed = self._service.call("POST", "/purge-payments")
         assert status == 200, status
