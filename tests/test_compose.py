@@ -1,0 +1,66 @@
+"""docker-compose.yml keeps the deployment rules of SPEC §3."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "perf"))
+
+from cgroups import compose_limits, memory_bytes  # noqa: E402
+
+COMPOSE = REPO / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_budget_within_one_and_a_half_cpu_and_350_mb():
+    limits = compose_limits(COMPOSE)
+    assert len(limits) >= 3
+    assert sum(limit.cpus for limit in limits) <= 1.5
+    assert sum(limit.memory_bytes for limit in limits) <= memory_bytes("350MB")
+
+
+def test_load_balancer_on_9999_in_front_of_two_instances(compose):
+    services = compose["services"]
+    balancer = services["load-balancer"]
+    assert balancer["image"].startswith(("haproxy:", "nginx:"))
+    assert any(str(port).split(":")[0] == "9999" for port in balancer["ports"])
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]
+    instances = [name for name, service in services.items() if service.get("image", "").startswith("paycore")]
+    assert len(instances) >= 2
+    assert set(instances) <= set(balancer["depends_on"])
+
+
+def test_no_host_mode_privileged_or_replicas(compose):
+    for name, service in compose["services"].items():
+        assert service.get("network_mode") in (None, "bridge"), name
+        assert not service.get("privileged", False), name
+        assert "replicas" not in service.get("deploy", {}), name
+        assert "limits" in service["deploy"]["resources"], name
+
+
+def test_bridge_networks_and_the_processors_network_is_external(compose):
+    networks = compose["networks"]
+    assert networks["payment-processor"] == {"external": True}
+    for name, network in networks.items():
+        if name != "payment-processor":
+            assert network.get("driver", "bridge") == "bridge", name
+    for name, service in compose["services"].items():
+        if service.get("image", "").startswith("paycore"):
+            assert "payment-processor" in service["networks"], name
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_docker_compose_accepts_the_file():
+    checked = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
