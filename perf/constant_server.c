@@ -26,6 +26,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "http_head.h"
+
 #define IN_MAX 16384
 #define OUT_MAX 16384
 #define MAX_EVENTS 256
@@ -49,44 +51,20 @@ static int epoll_fd;
 /* epoll data tags for the two descriptors that are not connections */
 static char listener_tag, signal_tag;
 
-static bool is_blank(char c)
-{
-    return c == ' ' || c == '\t';
-}
-
 /* The body length a request head announces; false for heads this server cannot frame. */
 static bool body_length(const char *head, size_t len, uint64_t *length)
 {
-    const char *end = head + len;
-    const char *line = (const char *)memchr(head, '\n', len) + 1;
+    const char *line = http_first_header_line(head, len);
+    struct http_header header;
+    int read;
     *length = 0;
-    for (;;) {
-        const char *eol = memchr(line, '\n', (size_t)(end - line));
-        const char *line_end = eol > line && eol[-1] == '\r' ? eol - 1 : eol;
-        if (line_end == line)
-            return true;
-        const char *colon = memchr(line, ':', (size_t)(line_end - line));
-        if (colon) {
-            size_t name_len = (size_t)(colon - line);
-            if (name_len == 17 && strncasecmp(line, "transfer-encoding", 17) == 0)
-                return false;
-            if (name_len == 14 && strncasecmp(line, "content-length", 14) == 0) {
-                const char *digit = colon + 1;
-                while (digit < line_end && is_blank(*digit))
-                    digit++;
-                uint64_t value = 0;
-                int digits = 0;
-                for (; digit < line_end && *digit >= '0' && *digit <= '9'; digit++, digits++)
-                    value = value * 10 + (uint64_t)(*digit - '0');
-                while (digit < line_end && is_blank(*digit))
-                    digit++;
-                if (digits == 0 || digits > 15 || digit != line_end)
-                    return false;
-                *length = value;
-            }
-        }
-        line = eol + 1;
+    while ((read = http_next_header(&line, head + len, &header)) > 0) {
+        if (http_header_is(&header, "transfer-encoding"))
+            return false;
+        if (http_header_is(&header, "content-length") && !http_parse_length(&header, length))
+            return false;
     }
+    return read == 0;
 }
 
 enum consumed { CONSUME_ERROR, CONSUME_DONE, CONSUME_OUTPUT_FULL };

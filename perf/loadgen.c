@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "http_head.h"
+
 #define NS_PER_US 1000LL
 #define NS_PER_MS 1000000LL
 #define NS_PER_S 1000000000LL
@@ -439,42 +441,18 @@ static void on_connect_ready(struct vu *v)
 
 /* ---- response parsing ---- */
 
-static bool name_is(const char *name, size_t len, const char *expected)
-{
-    return len == strlen(expected) && strncasecmp(name, expected, len) == 0;
-}
-
-static bool parse_length(const char *text, const char *end, int64_t *length)
-{
-    if (text == end || end - text > 18)
-        return false;
-    int64_t value = 0;
-    for (; text < end; text++) {
-        if (*text < '0' || *text > '9')
-            return false;
-        value = value * 10 + (*text - '0');
-    }
-    *length = value;
-    return true;
-}
-
-static bool is_blank(char c)
-{
-    return c == ' ' || c == '\t';
-}
-
 static bool has_close_token(const char *value, const char *end)
 {
     while (value < end) {
         const char *comma = memchr(value, ',', (size_t)(end - value));
         const char *token_end = comma ? comma : end;
         const char *token = value;
-        while (token < token_end && is_blank(*token))
+        while (token < token_end && http_is_blank(*token))
             token++;
         const char *last = token_end;
-        while (last > token && is_blank(last[-1]))
+        while (last > token && http_is_blank(last[-1]))
             last--;
-        if (name_is(token, (size_t)(last - token), "close"))
+        if (last - token == 5 && strncasecmp(token, "close", 5) == 0)
             return true;
         value = token_end + 1;
     }
@@ -499,34 +477,25 @@ static bool parse_head(struct response *r, const char *head, size_t len)
     r->status = status;
     r->close_after = head[7] == '0';
     int64_t content_length = -1;
-    const char *end = head + len;
-    const char *line = (const char *)memchr(head, '\n', len) + 1;
-    for (;;) {
-        const char *eol = memchr(line, '\n', (size_t)(end - line));
-        const char *line_end = eol > line && eol[-1] == '\r' ? eol - 1 : eol;
-        if (line_end == line)
-            break;
-        const char *colon = memchr(line, ':', (size_t)(line_end - line));
-        if (!colon)
-            return false;
-        const char *value = colon + 1;
-        const char *value_end = line_end;
-        while (value < value_end && is_blank(*value))
-            value++;
-        while (value_end > value && is_blank(value_end[-1]))
-            value_end--;
-        size_t name_len = (size_t)(colon - line);
-        if (name_is(line, name_len, "content-length")) {
-            if (!parse_length(value, value_end, &content_length))
+    const char *line = http_first_header_line(head, len);
+    struct http_header header;
+    int read;
+    while ((read = http_next_header(&line, head + len, &header)) > 0) {
+        if (http_header_is(&header, "content-length")) {
+            uint64_t length;
+            if (!http_parse_length(&header, &length))
                 return false;
-        } else if (name_is(line, name_len, "transfer-encoding")) {
+            content_length = (int64_t)length;
+        } else if (http_header_is(&header, "transfer-encoding")) {
             /* chunked framing is unsupported: the services measured always send Content-Length */
             return false;
-        } else if (name_is(line, name_len, "connection") && has_close_token(value, value_end)) {
+        } else if (http_header_is(&header, "connection") &&
+                   has_close_token(header.value, header.value_end)) {
             r->close_after = true;
         }
-        line = eol + 1;
     }
+    if (read < 0)
+        return false;
     if (status == 204 || status == 304) {
         r->body_left = 0;
     } else if (content_length >= 0) {
