@@ -1,0 +1,121 @@
+"""The `paycore` command.
+
+    paycore serve [--listen ...] [--instance N] ...   one service instance
+    paycore processor [--port 8001 --fee 0.07 ...]    the payment-processor emulator
+    paycore stack                                     the local topology (make run)
+    paycore summary [--url URL] [--from ISO] [--to ISO]
+
+Exit codes: 0 success; 1 the service answered with an error; 2 bad usage;
+3 the service could not be reached.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import sys
+from urllib.parse import urlencode, urlsplit
+
+EXIT_OK = 0
+EXIT_SERVICE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+# serve's options and the environment variables they set (README, Configuration).
+SERVE_OPTIONS = {
+    "--instance": "PAYCORE_INSTANCE",
+    "--listen": "PAYCORE_LISTEN",
+    "--shared-dir": "PAYCORE_SHARED_DIR",
+    "--default-url": "PROCESSOR_DEFAULT_URL",
+    "--fallback-url": "PROCESSOR_FALLBACK_URL",
+}
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    for option, variable in SERVE_OPTIONS.items():
+        value = getattr(arguments, option.lstrip("-").replace("-", "_"))
+        if value is not None:
+            os.environ[variable] = value
+    from paycore.service.app import run
+
+    run()
+    return EXIT_OK
+
+
+def _stack(arguments: argparse.Namespace) -> int:
+    from paycore.stack import main
+
+    main()
+    return EXIT_OK
+
+
+def _summary(arguments: argparse.Namespace) -> int:
+    from paycore.core.timestamp import parse_timestamp
+
+    for bound in (arguments.from_, arguments.to):
+        if bound is not None:
+            try:
+                parse_timestamp(bound)
+            except ValueError as error:
+                print(f"paycore summary: {error}", file=sys.stderr)
+                return EXIT_USAGE
+    url = urlsplit(arguments.url)
+    query = urlencode({name: value for name, value in (("from", arguments.from_), ("to", arguments.to))
+                       if value is not None})
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80,
+                                            timeout=arguments.timeout)
+    try:
+        connection.request("GET", "/payments-summary" + (f"?{query}" if query else ""))
+        response = connection.getresponse()
+        body = response.read().decode()
+    except OSError as error:
+        print(f"paycore summary: cannot reach {arguments.url}: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    finally:
+        connection.close()
+    if response.status != 200:
+        print(f"paycore summary: {response.status} {body}", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    print(body)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paycore", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit codes: 0 success, 1 service error, 2 usage, 3 unreachable.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one service instance (configured by environment)")
+    for option, variable in SERVE_OPTIONS.items():
+        serve.add_argument(option, help=f"sets {variable}")
+    serve.set_defaults(handler=_serve)
+
+    # Listed for --help; its arguments go to the emulator untouched (see main).
+    commands.add_parser("processor", add_help=False,
+                        help="run the payment-processor emulator (paycore processor --help)")
+
+    stack = commands.add_parser("stack", help="run the local topology in the foreground (make run)")
+    stack.set_defaults(handler=_stack)
+
+    summary = commands.add_parser("summary", help="print the payments summary of a running service")
+    summary.add_argument("--url", default="http://127.0.0.1:9999", help="the service (load balancer)")
+    summary.add_argument("--from", dest="from_", metavar="ISO", help="inclusive lower bound")
+    summary.add_argument("--to", metavar="ISO", help="inclusive upper bound")
+    summary.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    summary.set_defaults(handler=_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["processor"]:
+        from paycore.emulator.__main__ import main as emulator_main
+
+        return emulator_main(argv[1:])
+    arguments = build_parser().parse_args(argv)
+    return arguments.handler(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The paycore command: help, exit codes, and each subcommand doing its job."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import free_port
+from paycore.stack import wait_for_tcp
+
+PAYCORE = [sys.executable, "-m", "paycore.cli"]
+
+
+def paycore(*arguments: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([*PAYCORE, *arguments], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["processor"], ["stack"], ["summary"]])
+def test_every_command_has_help(command):
+    finished = paycore(*command, "--help")
+    assert finished.returncode == 0
+    assert "usage:" in finished.stdout
+
+
+def test_usage_errors_exit_2():
+    assert paycore().returncode == 2
+    assert paycore("nonsense").returncode == 2
+    assert paycore("summary", "--from", "yesterday").returncode == 2
+    assert paycore("processor", "--fee", "abc").returncode == 2
+
+
+def test_summary_of_the_running_service(live):
+    finished = paycore("summary", "--url", f"http://127.0.0.1:{live.port}",
+                       "--from", "2020-01-01T00:00:00.000Z", "--to", "2030-01-01T00:00:00Z")
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout) == {"default": {"totalRequests": 0, "totalAmount": 0},
+                                           "fallback": {"totalRequests": 0, "totalAmount": 0}}
+
+
+def test_summary_exit_codes_for_errors(live):
+    # A processor has no /payments-summary: the service answered, with an error.
+    assert paycore("summary", "--url", live.stack.default_url).returncode == 1
+    assert paycore("summary", "--url", f"http://127.0.0.1:{free_port()}").returncode == 3
+
+
+def test_serve_runs_an_instance_and_stops_cleanly_on_sigterm(tmp_path, running_stack):
+    port = free_port()
+    instance = subprocess.Popen(
+        [*PAYCORE, "serve", "--instance", "cli", "--listen", f"127.0.0.1:{port}",
+         "--shared-dir", str(tmp_path), "--default-url", running_stack.stack.default_url,
+         "--fallback-url", running_stack.stack.fallback_url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_tcp("127.0.0.1", port)
+        assert paycore("summary", "--url", f"http://127.0.0.1:{port}").returncode == 0
+    finally:
+        instance.send_signal(signal.SIGTERM)
+        assert instance.wait(15) == 0
