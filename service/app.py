@@ -13,6 +13,7 @@ from paycore.core.accepted_ids import AcceptedIds
 from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
+from . import logs
 from .accept import PaymentIntake
 from .config import Settings
 from .delivery import Dispatcher
@@ -107,6 +108,5 @@ async def _serve(settings: Settings) -> None:
 
 
 def run(settings: Settings | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("PAYCORE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(os.environ.get("PAYCORE_LOG_LEVEL", "INFO"))
     uvloop.run(_serve(settings or Settings()))

@@ -23,6 +23,7 @@ the default is back at the next choice.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from itertools import count
@@ -32,6 +33,7 @@ from .processor_client import Outcome, ProcessorHealth
 DEFAULT = 0
 FALLBACK = 1
 PROCESSOR_NAMES = ("default", "fallback")
+log = logging.getLogger("paycore.router")
 # An unanswered request older than max(3 x usual latency, usual + 200 ms) means
 # the processor has slowed down (well beyond jitter on a fast processor).
 SLOWDOWN_FACTOR = 3
@@ -40,6 +42,10 @@ SLOWDOWN_MARGIN_MS = 200
 
 def _now_ms() -> float:
     return time.monotonic() * 1000
+
+
+def _route_name(route: int | None) -> str:
+    return "none" if route is None else PROCESSOR_NAMES[route]
 
 
 class ProcessorState:
@@ -100,18 +106,28 @@ class Router:
                            ProcessorState(PROCESSOR_NAMES[FALLBACK]))
         self._default_max_latency_ms = default_max_latency_ms
         self._tickets = count()
+        self._last_route: int | None = DEFAULT
 
     def choose(self) -> int | None:
+        route, reason = self._decide()
+        if route != self._last_route:
+            # Once per change, never per payment.
+            log.info("routing %s -> %s: %s", _route_name(self._last_route), _route_name(route), reason)
+            self._last_route = route
+        return route
+
+    def _decide(self) -> tuple[int | None, str]:
         default, fallback = self.processors
         if not default.failing:
             if default.fast_enough(self._default_max_latency_ms):
-                return DEFAULT
+                return DEFAULT, "default healthy and fast enough"
+            slow = f"default slow (expected {default.expected_latency_ms():.0f} ms)"
             if not fallback.failing and fallback.expected_latency_ms() < default.expected_latency_ms():
-                return FALLBACK
-            return DEFAULT
+                return FALLBACK, f"{slow}, fallback faster"
+            return DEFAULT, f"{slow}, fallback no better"
         if not fallback.failing:
-            return FALLBACK
-        return None
+            return FALLBACK, "default failing"
+        return None, "both failing: payments wait"
 
     def probe_target(self) -> int:
         """With both failing: the one whose failure was seen longest ago."""

@@ -59,3 +59,23 @@ def test_serve_runs_an_instance_and_stops_cleanly_on_sigterm(tmp_path, running_s
     finally:
         instance.send_signal(signal.SIGTERM)
         assert instance.wait(15) == 0
+
+
+def test_instance_logs_are_json_lines_and_quiet_per_request(tmp_path, running_stack):
+    port = free_port()
+    instance = subprocess.Popen(
+        [*PAYCORE, "serve", "--instance", "logs", "--listen", f"127.0.0.1:{port}",
+         "--shared-dir", str(tmp_path), "--default-url", running_stack.stack.default_url,
+         "--fallback-url", running_stack.stack.fallback_url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_tcp("127.0.0.1", port)
+        for _ in range(20):
+            assert paycore("summary", "--url", f"http://127.0.0.1:{port}").returncode == 0
+    finally:
+        instance.send_signal(signal.SIGTERM)
+        _, stderr = instance.communicate(timeout=15)
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any("listening" in line["message"] for line in lines)
+    assert len(lines) < 10  # 20 requests logged nothing

@@ -87,3 +87,19 @@ def test_timeout_is_not_a_failure_but_a_latency(clock):
     answered(router, DEFAULT, 6000, clock, Outcome.UNKNOWN)
     assert not router.processors[DEFAULT].failing
     assert router.choose() == FALLBACK
+
+
+def test_a_routing_change_is_logged_once_with_its_reason(clock, caplog):
+    router = Router(default_max_latency_ms=1500)
+    with caplog.at_level("INFO", logger="paycore.router"):
+        for _ in range(5):
+            router.choose()
+        answered(router, DEFAULT, 5, clock, Outcome.FAILED)
+        for _ in range(5):
+            router.choose()
+        router.processors[DEFAULT].apply_health(ProcessorHealth(False, 0), clock[0] + 1)
+        for _ in range(5):
+            router.choose()
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["routing default -> fallback: default failing",
+                        "routing fallback -> default: default healthy and fast enough"]
