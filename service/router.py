@@ -111,20 +111,21 @@ class Router:
     def choose(self) -> int | None:
         route, reason = self._decide()
         if route != self._last_route:
-            # Once per change, never per payment.
-            log.info("routing %s -> %s: %s", _route_name(self._last_route), _route_name(route), reason)
+            # Once per change, never per payment: the text is only built here.
+            log.info("routing %s -> %s: %s", _route_name(self._last_route), _route_name(route),
+                     reason.format(self.processors[DEFAULT].expected_latency_ms()))
             self._last_route = route
         return route
 
     def _decide(self) -> tuple[int | None, str]:
+        """The route and the reason, as a template of the default's expected latency."""
         default, fallback = self.processors
         if not default.failing:
             if default.fast_enough(self._default_max_latency_ms):
                 return DEFAULT, "default healthy and fast enough"
-            slow = f"default slow (expected {default.expected_latency_ms():.0f} ms)"
             if not fallback.failing and fallback.expected_latency_ms() < default.expected_latency_ms():
-                return FALLBACK, f"{slow}, fallback faster"
-            return DEFAULT, f"{slow}, fallback no better"
+                return FALLBACK, "default slow (expected {:.0f} ms), fallback faster"
+            return DEFAULT, "default slow (expected {:.0f} ms), fallback no better"
         if not fallback.failing:
             return FALLBACK, "default failing"
         return None, "both failing: payments wait"

@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -113,17 +114,27 @@ class RunningStack:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def running_stack():
+@contextmanager
+def quick_stack(**instance_env: str):
+    """The real topology on free ports, tuned for tests: a short health window keeps
+    fault tests quick (the schedule logic is the same). instance_env adds to or
+    overrides the instances' environment."""
     settings = StackSettings(
         port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
-        # A short health window keeps fault tests quick; the schedule logic is the same.
         emulator_args=("--health-interval", "0.5"),
-        instance_env={"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "500",
-                      "PAYCORE_LOG_LEVEL": "WARNING"},
+        instance_env={"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "300",
+                      "PAYCORE_LOG_LEVEL": "WARNING", **instance_env},
     )
     with Stack(settings) as stack:
-        yield RunningStack(stack)
+        running = RunningStack(stack)
+        running.reset()
+        yield running
+
+
+@pytest.fixture(scope="session")
+def running_stack():
+    with quick_stack(PAYCORE_RETRY_MAX_MS="500") as running:
+        yield running
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import RunningStack, free_port
-from paycore.stack import Stack, StackSettings
+from conftest import quick_stack
 from test_service import assert_ledgers_match_processors, payment, post_many
 
 QUEUE_CAPACITY = 40
@@ -16,15 +15,7 @@ QUEUE_CAPACITY = 40
 
 @pytest.fixture(scope="module")
 def small_queue():
-    settings = StackSettings(
-        port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
-        emulator_args=("--health-interval", "0.5"),
-        instance_env={"PAYCORE_QUEUE_CAPACITY": str(QUEUE_CAPACITY), "PAYCORE_HEALTH_INTERVAL_MS": "550",
-                      "PAYCORE_RETRY_MAX_MS": "300", "PAYCORE_LOG_LEVEL": "WARNING"},
-    )
-    with Stack(settings) as stack:
-        running = RunningStack(stack)
-        running.reset()
+    with quick_stack(PAYCORE_QUEUE_CAPACITY=str(QUEUE_CAPACITY)) as running:
         yield running
 
 

@@ -46,15 +46,21 @@ def test_summary_exit_codes_for_errors(live):
     assert paycore("summary", "--url", f"http://127.0.0.1:{free_port()}").returncode == 3
 
 
-def test_serve_runs_an_instance_and_stops_cleanly_on_sigterm(tmp_path, running_stack):
+def serve(name: str, shared_dir, running_stack, stderr) -> tuple[subprocess.Popen, int]:
+    """`paycore serve` on a free port, using the stack's processors; returns once it listens."""
     port = free_port()
     instance = subprocess.Popen(
-        [*PAYCORE, "serve", "--instance", "cli", "--listen", f"127.0.0.1:{port}",
-         "--shared-dir", str(tmp_path), "--default-url", running_stack.stack.default_url,
+        [*PAYCORE, "serve", "--instance", name, "--listen", f"127.0.0.1:{port}",
+         "--shared-dir", str(shared_dir), "--default-url", running_stack.stack.default_url,
          "--fallback-url", running_stack.stack.fallback_url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    wait_for_tcp("127.0.0.1", port)
+    return instance, port
+
+
+def test_serve_runs_an_instance_and_stops_cleanly_on_sigterm(tmp_path, running_stack):
+    instance, port = serve("cli", tmp_path, running_stack, subprocess.DEVNULL)
     try:
-        wait_for_tcp("127.0.0.1", port)
         assert paycore("summary", "--url", f"http://127.0.0.1:{port}").returncode == 0
     finally:
         instance.send_signal(signal.SIGTERM)
@@ -62,14 +68,8 @@ def test_serve_runs_an_instance_and_stops_cleanly_on_sigterm(tmp_path, running_s
 
 
 def test_instance_logs_are_json_lines_and_quiet_per_request(tmp_path, running_stack):
-    port = free_port()
-    instance = subprocess.Popen(
-        [*PAYCORE, "serve", "--instance", "logs", "--listen", f"127.0.0.1:{port}",
-         "--shared-dir", str(tmp_path), "--default-url", running_stack.stack.default_url,
-         "--fallback-url", running_stack.stack.fallback_url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    instance, port = serve("logs", tmp_path, running_stack, subprocess.PIPE)
     try:
-        wait_for_tcp("127.0.0.1", port)
         for _ in range(20):
             assert paycore("summary", "--url", f"http://127.0.0.1:{port}").returncode == 0
     finally:

@@ -103,3 +103,13 @@ def test_a_routing_change_is_logged_once_with_its_reason(clock, caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert messages == ["routing default -> fallback: default failing",
                         "routing fallback -> default: default healthy and fast enough"]
+
+
+def test_a_slow_default_is_logged_with_its_expected_latency(clock, caplog):
+    router = Router(default_max_latency_ms=1500)
+    router.processors[DEFAULT].apply_health(ProcessorHealth(False, 2000), clock[0])
+    router.processors[FALLBACK].apply_health(ProcessorHealth(False, 0), clock[0])
+    with caplog.at_level("INFO", logger="paycore.router"):
+        router.choose()
+    assert [record.getMessage() for record in caplog.records] == [
+        "routing default -> fallback: default slow (expected 2000 ms), fallback faster"]

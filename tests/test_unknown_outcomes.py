@@ -7,24 +7,14 @@ import uuid
 
 import pytest
 
-from conftest import RunningStack, call, free_port
-from paycore.stack import Stack, StackSettings
+from conftest import RunningStack, call, quick_stack
 from test_service import accept_all, assert_ledgers_match_processors, payment
 
 
 @pytest.fixture(scope="module")
 def impatient():
     """A stack whose instances give up on a processor after 800 ms."""
-    settings = StackSettings(
-        port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
-        emulator_args=("--health-interval", "0.5"),
-        instance_env={"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "300",
-                      "PAYCORE_REQUEST_TIMEOUT_MS": "800", "PAYCORE_PIN_RELEASE_MS": "2000",
-                      "PAYCORE_LOG_LEVEL": "WARNING"},
-    )
-    with Stack(settings) as stack:
-        running = RunningStack(stack)
-        running.reset()
+    with quick_stack(PAYCORE_REQUEST_TIMEOUT_MS="800", PAYCORE_PIN_RELEASE_MS="2000") as running:
         yield running
 
 
