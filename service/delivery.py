@@ -118,9 +118,7 @@ class Dispatcher:
             if probe:
                 self._probing = False
         if outcome is Outcome.UNKNOWN:
-            task = asyncio.ensure_future(self._settle_unknown(processor, uuid16, cents, requested_at_ms))
-            self._pinned.add(task)
-            task.add_done_callback(self._pinned.discard)
+            self._hold(self._settle_unknown(processor, uuid16, cents, requested_at_ms))
         elif outcome.stored_nothing:
             self._requeue(uuid16, cents)
         self.notify()
@@ -178,9 +176,13 @@ class Dispatcher:
         if not self._queue.push_front(uuid16, cents):
             # Only possible when new payments filled the ring meanwhile: hold
             # this one in a task until there is room again; it is never dropped.
-            task = asyncio.ensure_future(self._requeue_when_room(uuid16, cents))
-            self._pinned.add(task)
-            task.add_done_callback(self._pinned.discard)
+            self._hold(self._requeue_when_room(uuid16, cents))
+
+    def _hold(self, work) -> None:
+        """Run a payment's work outside the queue, counted as unresolved until it ends."""
+        task = asyncio.ensure_future(work)
+        self._pinned.add(task)
+        task.add_done_callback(self._pinned.discard)
 
     async def _requeue_when_room(self, uuid16: bytes, cents: int) -> None:
         while not self._queue.push_front(uuid16, cents):
