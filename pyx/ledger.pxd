@@ -102,6 +102,7 @@ cdef class Ledger:
 
     # internal
     cdef str _region_path(self, str instance)
+    cdef tuple _summary(self, object from_ms, object to_ms, bint every_region)
     cdef str _slot_path(self, int slot)
     cdef int _map_control(self, int fd, str path) except -1
     cdef int _open_own_region(self, int64_t initial_capacity) except -1

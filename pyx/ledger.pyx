@@ -708,22 +708,22 @@ cdef class Ledger:
     def summary(self, from_ms=None, to_ms=None):
         """(default_count, default_cents, fallback_count, fallback_cents) over all
         live regions, for requestedAt in [from_ms, to_ms]; None is unbounded."""
-        cdef RangeQuery query
-        cdef Totals totals
-        set_query(&query, from_ms, to_ms)
-        memset(&totals, 0, sizeof(Totals))
-        if query.first_key <= query.last_key:
-            self.add_global_totals(&query, &totals)
-        return totals_tuple(&totals)
+        return self._summary(from_ms, to_ms, True)
 
     def local_summary(self, from_ms=None, to_ms=None):
         """As summary(), over this instance's region only."""
+        return self._summary(from_ms, to_ms, False)
+
+    cdef tuple _summary(self, object from_ms, object to_ms, bint every_region):
         cdef RangeQuery query
         cdef Totals totals
         set_query(&query, from_ms, to_ms)
         memset(&totals, 0, sizeof(Totals))
         if query.first_key <= query.last_key:
-            self.add_local_totals(&query, &totals)
+            if every_region:
+                self.add_global_totals(&query, &totals)
+            else:
+                self.add_local_totals(&query, &totals)
         return totals_tuple(&totals)
 
     def purge(self):
