@@ -83,6 +83,13 @@ cdef struct RegionView:
     int64_t mapped_capacity    # nodes covered by the mapping
 
 
+# One payment handed to Ledger.restore().
+cdef struct RestoredPayment:
+    int64_t requested_at_ms
+    int64_t cents
+    int processor
+
+
 cdef struct RangeQuery:
     int64_t first_key          # inclusive bounds; unbounded ends are INT64_MIN / INT64_MAX
     int64_t last_key

@@ -10,6 +10,7 @@ import re
 
 from libc.errno cimport EACCES, EAGAIN, ENOENT, errno
 from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport F_RDLCK, F_UNLCK, F_WRLCK, O_CLOEXEC, O_CREAT, O_RDONLY, O_RDWR, SEEK_SET
 from posix.fcntl cimport fcntl, flock
@@ -28,6 +29,10 @@ cdef extern from *:
     static inline int32_t ledger_load_i32(const int32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
     static inline void ledger_store_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void ledger_increment(uint64_t *p) { __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }
+    static inline void ledger_raise_to(uint64_t *p, uint64_t v) {
+        uint64_t seen = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+        while (seen < v && !__atomic_compare_exchange_n(p, &seen, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {}
+    }
     static inline void ledger_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void ledger_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
     """
@@ -37,6 +42,7 @@ cdef extern from *:
     int32_t load_i32 "ledger_load_i32"(const int32_t* pointer) nogil
     void store_release "ledger_store_release"(uint64_t* pointer, uint64_t value) nogil
     void atomic_increment "ledger_increment"(uint64_t* pointer) nogil
+    void raise_to "ledger_raise_to"(uint64_t* pointer, uint64_t value) nogil
     void fence_acquire "ledger_fence_acquire"() nogil
     void fence_release "ledger_fence_release"() nogil
 
@@ -295,19 +301,39 @@ cdef bint pending_is_valid(const RegionHeader* header) noexcept nogil:
 cdef void write_record(RegionHeader* header, LedgerNode* nodes, int processor, int64_t key,
                        int64_t cents, bint resets_region, uint64_t generation) noexcept nogil:
     """Add one payment; the region has room for a new node."""
-    cdef PendingRecord* pending = &header.pending
-    cdef Totals delta
     prepare_pending(header, nodes, processor, key, cents, resets_region, generation)
     begin_write(header)
+    apply_pending_and_link(header, nodes, cents)
+    end_write(header)
+
+
+cdef void apply_pending_and_link(RegionHeader* header, LedgerNode* nodes, int64_t cents) noexcept nogil:
+    """Inside a write section: store the pending record and fix the tree's totals."""
+    cdef PendingRecord* pending = &header.pending
+    cdef Totals delta
     apply_pending(header, nodes)
     if pending.new_node:
         link_node(header, nodes, pending.node_index)
     else:
         memset(&delta, 0, sizeof(Totals))
-        delta.count[processor] = 1
-        delta.cents[processor] = cents
-        descend(header, nodes, key, nodes[pending.node_index].priority, &delta)
+        delta.count[pending.processor] = 1
+        delta.cents[pending.processor] = cents
+        descend(header, nodes, pending.key, nodes[pending.node_index].priority, &delta)
         totals_add(&nodes[pending.node_index].subtree, &delta)
+
+
+cdef void write_records(RegionHeader* header, LedgerNode* nodes, const RestoredPayment* payments,
+                        Py_ssize_t count, uint64_t generation) noexcept nogil:
+    """Replace the region's contents in one write section: readers see the old
+    totals or the new ones, never a part. A writer killed halfway leaves a
+    valid prefix (each payment goes through the pending record)."""
+    cdef Py_ssize_t i
+    begin_write(header)
+    reset_region(header, header.capacity, generation)
+    for i in range(count):
+        prepare_pending(header, nodes, payments[i].processor, payments[i].requested_at_ms,
+                        payments[i].cents, False, generation)
+        apply_pending_and_link(header, nodes, payments[i].cents)
     end_write(header)
 
 
@@ -730,6 +756,42 @@ cdef class Ledger:
         """Clear the ledger of every instance."""
         self._ensure_open()
         atomic_increment(&self.control.generation)
+
+    @property
+    def generation(self):
+        """How many purges the ledger directory has seen."""
+        self._ensure_open()
+        return load_acquire(&self.control.generation)
+
+    def restore(self, uint64_t generation, payments):
+        """Replace this instance's region with `payments`, (processor,
+        requested_at_ms, cents) triples, as one change for readers: an
+        instance rebuilding its share of the ledger from its journal. The
+        purge generation is raised to `generation` if it is behind (a ledger
+        directory lost while the journal survived)."""
+        self._ensure_open()
+        cdef Py_ssize_t count = len(payments)
+        cdef RestoredPayment* copied = <RestoredPayment*>malloc(max(count, 1) * sizeof(RestoredPayment))
+        if copied == NULL:
+            raise MemoryError(f"cannot restore {count} payments")
+        cdef Py_ssize_t i = 0
+        cdef RegionHeader* header
+        try:
+            for processor, requested_at_ms, cents in payments:
+                if processor != 0 and processor != 1:
+                    raise ValueError(f"processor must be 0 (default) or 1 (fallback), not {processor}")
+                copied[i].processor = processor
+                copied[i].requested_at_ms = requested_at_ms
+                copied[i].cents = cents
+                i += 1
+            raise_to(&self.control.generation, generation)
+            while region_header(&self.own).capacity < count:
+                self._grow()
+            header = region_header(&self.own)
+            write_records(header, region_nodes(&self.own), copied, count,
+                          load_acquire(&self.control.generation))
+        finally:
+            free(copied)
 
     def __len__(self):
         """Payments recorded in this instance's region, both processors."""

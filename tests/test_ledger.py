@@ -357,3 +357,45 @@ def test_killed_writer_loses_nothing_it_started(tmp_path):
                 first, last = sorted(rng.randrange(-1, 3001) for _ in range(2))
                 assert ledger.local_summary(first, last) == model.summary(first, last)
             assert ledger.local_summary() == model.summary()
+
+
+def test_restore_replaces_only_this_instances_share(tmp_path):
+    rng = random.Random(7)
+    with Ledger(str(tmp_path), "a", initial_capacity=2) as a, Ledger(str(tmp_path), "b") as b:
+        others = Model()
+        for _ in range(50):
+            record_both(b, others, rng.randrange(2), rng.randrange(1000), rng.randrange(1, 10_000))
+        for _ in range(30):
+            a.record(0, rng.randrange(1000), 1)  # replaced below
+        restored = Model()
+        payments = [(rng.randrange(2), rng.randrange(1000), rng.randrange(1, 10_000)) for _ in range(500)]
+        for payment in payments:
+            restored.record(*payment)
+        a.restore(a.generation, payments)  # more payments than its capacity: it grows
+        assert len(a) == 500
+        assert a.local_summary() == restored.summary()
+        restored.merge(others)
+        assert_matches(a, restored, rng, queries=200, local=False)
+        assert_matches(b, restored, rng, queries=50, local=False)
+
+
+def test_restore_refuses_bad_payments_and_changes_nothing(tmp_path):
+    with Ledger(str(tmp_path), "a") as ledger:
+        ledger.record(1, 10, 500)
+        before = ledger.summary()
+        with pytest.raises(ValueError):
+            ledger.restore(ledger.generation, [(0, 20, 100), (2, 30, 100)])
+        with pytest.raises(ValueError):
+            ledger.restore(ledger.generation, [(0, 20)])
+        assert ledger.summary() == before
+
+
+def test_restore_raises_a_generation_left_behind(tmp_path):
+    with Ledger(str(tmp_path), "a") as a, Ledger(str(tmp_path), "b") as b:
+        b.record(0, 10, 100)
+        assert a.generation == 0
+        a.restore(3, [(1, 20, 700)])
+        assert a.generation == b.generation == 3
+        assert b.summary() == (0, 0, 1, 700)  # b's payments were from before the purges
+        a.restore(1, [(1, 20, 700)])  # never lowered
+        assert a.generation == 3
