@@ -9,7 +9,8 @@ import signal
 
 import uvloop
 
-from paycore.core.accepted_ids import AcceptedIds
+from paycore.core.accepted_ids import FULL, AcceptedIds
+from paycore.core.journal import Journal
 from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
@@ -19,14 +20,14 @@ from .config import Settings
 from .delivery import Dispatcher
 from .health import HealthMonitor
 from .http_server import HttpProtocol
+from .journal import JournalWriter
 from .processor_client import ProcessorClient
+from .recovery import Replay, recover
 from .router import PROCESSOR_NAMES, Router
 from .routes import Routes
 from .summary import Summary
 
 log = logging.getLogger("paycore.service")
-
-DRAIN_TIMEOUT_S = 10.0
 
 
 async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer:
@@ -50,44 +51,64 @@ class Instance:
         self.ledger = Ledger(settings.shared_dir, settings.instance, settings.ledger_capacity)
         self.accepted_ids = AcceptedIds(os.path.join(settings.shared_dir, "accepted-ids.shm"),
                                         settings.accepted_id_slots)
+        os.makedirs(settings.journal_dir, exist_ok=True)
+        journal_path = os.path.join(settings.journal_dir, f"journal-{settings.instance}.log")
+        self.replay = recover(journal_path, self.ledger.generation, settings.journal_sync)
+        self._restore_shared_state(self.replay)
+        self.journal = JournalWriter(Journal(journal_path, settings.journal_sync), self.ledger)
         self.queue = RingQueue(settings.queue_capacity)
         self.clients = tuple(
             ProcessorClient(name, url, settings.request_timeout_ms)
             for name, url in zip(PROCESSOR_NAMES, (settings.default_url, settings.fallback_url)))
         self.router = Router(settings.default_max_latency_ms)
         self.dispatcher = Dispatcher(
-            self.queue, self.router, self.clients, self.ledger,
+            self.queue, self.router, self.clients, self.ledger, self.journal,
             max_in_flight=settings.max_in_flight, retry_min_ms=settings.retry_min_ms,
             retry_max_ms=settings.retry_max_ms, pin_release_ms=settings.pin_release_ms)
         self.health = HealthMonitor(settings.shared_dir, self.clients, self.router,
                                     settings.health_interval_ms)
-        intake = PaymentIntake(self.accepted_ids, self.queue, self.dispatcher.notify)
-        self.routes = Routes(intake, Summary(self.ledger), self.ledger, self.accepted_ids)
+        self.intake = PaymentIntake(self.accepted_ids, self.queue, self.journal, self.dispatcher.notify)
+        self.routes = Routes(self.intake, Summary(self.ledger), self.ledger, self.accepted_ids)
         self._servers: list[asyncio.AbstractServer] = []
 
+    def _restore_shared_state(self, replay: Replay) -> None:
+        """This instance's ledger share and accepted ids, as its journal has them."""
+        self.ledger.restore(replay.generation, replay.settled)
+        refused = sum(self.accepted_ids.claim(uuid16, cents) == FULL for uuid16, cents in replay.accepted)
+        if refused:
+            log.error("%d journaled payment ids did not fit the accepted-id table", refused)
+        if replay.unsent or replay.unresolved:
+            log.warning("resuming %d unsent payments and %d with an unknown outcome from the journal",
+                        len(replay.unsent), len(replay.unresolved))
+
     async def start(self) -> None:
+        self.dispatcher.resume(self.replay.unsent, self.replay.unresolved)
         self.dispatcher.start()
         self.health.start()
         for address in self.settings.listen:
             self._servers.append(await _listen(
-                address, lambda: HttpProtocol(self.routes, self.settings.max_body_bytes)))
+                address, lambda: HttpProtocol(self.routes, self.journal, self.settings.max_body_bytes)))
         log.info("instance %s listening on %s", self.settings.instance, ", ".join(self.settings.listen))
 
     async def stop(self) -> None:
-        """Stop accepting, give queued and in-flight payments a bounded time, close."""
+        """Stop accepting, give queued and in-flight payments a bounded time,
+        flush the journal, close. What is left is in the journal for the next start."""
         for server in self._servers:
             server.close()
-        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        self.intake.stop_accepting()
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_ms / 1000
         while (len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved) \
                 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         if len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved:
-            log.warning("stopping with %d queued, %d in flight, %d unresolved payments",
+            log.warning("stopping with %d queued, %d in flight, %d unresolved payments; "
+                        "the journal keeps them for the next start",
                         len(self.queue), self.dispatcher.in_flight, self.dispatcher.unresolved)
         await self.dispatcher.stop()
         await self.health.stop()
         for client in self.clients:
             client.close()
+        self.journal.close()
         self.ledger.close()
         self.accepted_ids.close()
 

@@ -30,6 +30,12 @@ class Settings:
     )
     # Shared by every instance on the host (tmpfs): ledger regions, accepted ids, health board.
     shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", "/dev/shm/paycore"))
+    # Each instance's journal (journal-<instance>.log). On the shared tmpfs it
+    # survives the process (SIGKILL, OOM kill); on a disk volume, with
+    # journal_sync, it survives the machine too.
+    journal_dir: str = field(
+        default_factory=lambda: _env("PAYCORE_JOURNAL_DIR", _env("PAYCORE_SHARED_DIR", "/dev/shm/paycore")))
+    journal_sync: bool = field(default_factory=lambda: _env_int("PAYCORE_JOURNAL_SYNC", 0) != 0)
     default_url: str = field(
         default_factory=lambda: _env("PROCESSOR_DEFAULT_URL", "http://payment-processor-default:8080")
     )
@@ -52,4 +58,6 @@ class Settings:
     # An unknown outcome (timeout) pins a payment to its processor; after this long
     # with no answer the processor is asked whether it holds it before going elsewhere.
     pin_release_ms: int = field(default_factory=lambda: _env_int("PAYCORE_PIN_RELEASE_MS", 15000))
+    # On SIGTERM: how long queued and in-flight payments get to finish.
+    drain_timeout_ms: int = field(default_factory=lambda: _env_int("PAYCORE_DRAIN_TIMEOUT_MS", 10000))
     max_body_bytes: int = 16 * 1024

@@ -13,6 +13,10 @@ slot is free, so while both processors fail the payments wait in the ring
   elsewhere only after that processor, asked with GET /payments/{id} once no
   attempt can still be running, says it does not hold it. So no payment is
   ever held by both processors.
+
+Every send is journaled (and the record written) before the request leaves,
+and every outcome before the ledger has it, so a restarted instance knows
+which payments to ask the processors about (resolve_after_restart).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import time
 from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
+from .journal import JournalWriter
 from .processor_client import Outcome, ProcessorClient, ProcessorError
 from .router import Router
 
@@ -35,13 +40,14 @@ def wall_clock_ms() -> int:
 
 class Dispatcher:
     def __init__(self, queue: RingQueue, router: Router,
-                 clients: tuple[ProcessorClient, ProcessorClient], ledger: Ledger, *,
-                 max_in_flight: int, retry_min_ms: int, retry_max_ms: int,
+                 clients: tuple[ProcessorClient, ProcessorClient], ledger: Ledger,
+                 journal: JournalWriter, *, max_in_flight: int, retry_min_ms: int, retry_max_ms: int,
                  pin_release_ms: int) -> None:
         self._queue = queue
         self._router = router
         self._clients = clients
         self._ledger = ledger
+        self._journal = journal
         self._max_in_flight = max_in_flight
         self._retry_min_s = retry_min_ms / 1000
         self._retry_max_s = retry_max_ms / 1000
@@ -112,6 +118,8 @@ class Dispatcher:
     async def _deliver(self, uuid16: bytes, cents: int, processor: int, probe: bool) -> None:
         requested_at_ms = wall_clock_ms()
         try:
+            self._journal.sending(uuid16, processor, requested_at_ms)
+            await self._journal.durable()
             outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
         finally:
             self._in_flight -= 1
@@ -129,7 +137,7 @@ class Dispatcher:
         outcome = await self._clients[processor].send_payment(uuid16, cents, requested_at_ms)
         self._router.end(processor, ticket, outcome)
         if outcome is Outcome.PROCESSED:
-            self._ledger.record(processor, requested_at_ms, cents)
+            self._settle(processor, uuid16, requested_at_ms, cents)
         elif outcome is Outcome.ALREADY_HELD:
             await self._record_held(processor, uuid16, cents, requested_at_ms)
         return outcome
@@ -142,7 +150,12 @@ class Dispatcher:
             held = await self._clients[processor].find_payment(uuid16)
         except ProcessorError:
             held = None
-        self._ledger.record(processor, held.requested_at_ms if held else requested_at_ms, cents)
+        self._settle(processor, uuid16, held.requested_at_ms if held else requested_at_ms, cents)
+
+    def _settle(self, processor: int, uuid16: bytes, requested_at_ms: int, cents: int) -> None:
+        """The processor holds the payment: journal it, then count it."""
+        self._journal.settled(uuid16, processor, requested_at_ms, cents)
+        self._ledger.record(processor, requested_at_ms, cents)
 
     async def _settle_unknown(self, processor: int, uuid16: bytes, cents: int,
                               requested_at_ms: int) -> None:
@@ -166,11 +179,41 @@ class Dispatcher:
             except ProcessorError:
                 continue
             if held is not None:
-                self._ledger.record(processor, held.requested_at_ms, cents)
+                self._settle(processor, uuid16, held.requested_at_ms, cents)
             else:
                 self._requeue(uuid16, cents)
                 self.notify()
             return
+
+    def resume(self, unsent: list[tuple[bytes, int]],
+               unresolved: list[tuple[bytes, int, int, int]]) -> None:
+        """Take over what a previous run of this instance left (service.recovery)."""
+        for uuid16, cents in unsent:
+            if not self._queue.push(uuid16, cents):
+                self._hold(self._requeue_when_room(uuid16, cents))
+        for uuid16, cents, processor, requested_at_ms in unresolved:
+            self._hold(self._resolve_after_restart(uuid16, cents, processor, requested_at_ms))
+        self.notify()
+
+    async def _resolve_after_restart(self, uuid16: bytes, cents: int, processor: int,
+                                     requested_at_ms: int) -> None:
+        """A send whose outcome died with the previous process: ask both
+        processors first. Not held anywhere yet, it may still be on its way
+        to where it was last sent, so it stays pinned there (same requestedAt,
+        which that processor will not take twice)."""
+        backoff_s = self._retry_min_s
+        while True:
+            try:
+                held = [await client.find_payment(uuid16) for client in self._clients]
+                break
+            except ProcessorError:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self._retry_max_s)
+        for holder, payment in enumerate(held):
+            if payment is not None:
+                self._settle(holder, uuid16, payment.requested_at_ms, cents)
+                return
+        await self._settle_unknown(processor, uuid16, cents, requested_at_ms)
 
     def _requeue(self, uuid16: bytes, cents: int) -> None:
         if not self._queue.push_front(uuid16, cents):

@@ -1,6 +1,6 @@
 """HTTP/1.1 server protocol: one instance per connection, httptools callbacks
-that only collect, and a synchronous handler whose bytes are written at once
-(so pipelined requests are answered in order)."""
+that only collect, and a synchronous handler whose answer is written as soon
+as the journal holds what it promised (pipelined requests keep their order)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,14 +8,25 @@ import asyncio
 import httptools
 
 from . import responses
+from .journal import JournalWriter
 from .routes import Routes
 
 
 class HttpProtocol(asyncio.Protocol):
-    __slots__ = ("_routes", "_max_body", "_parser", "_transport", "_url", "_body", "_body_size")
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_journal",
+        "_max_body",
+        "_parser",
+        "_routes",
+        "_transport",
+        "_url",
+    )
 
-    def __init__(self, routes: Routes, max_body: int) -> None:
+    def __init__(self, routes: Routes, journal: JournalWriter, max_body: int) -> None:
         self._routes = routes
+        self._journal = journal
         self._max_body = max_body
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -58,13 +69,19 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        transport.write(self._routes.handle(self._parser.get_method(), self._url, body))
-        if not self._parser.should_keep_alive():
-            transport.close()
+        response = self._routes.handle(self._parser.get_method(), self._url, body)
+        self._journal.after_durable(_answer, transport, response, not self._parser.should_keep_alive())
 
     def _reject(self, response: bytes) -> None:
         """Answer and hang up: after a broken request the stream cannot be trusted."""
         transport, self._transport = self._transport, None
         if transport is not None:
-            transport.write(response)
-            transport.close()
+            self._journal.after_durable(_answer, transport, response, True)
+
+
+def _answer(transport: asyncio.Transport, response: bytes, hang_up: bool) -> None:
+    if transport.is_closing():
+        return
+    transport.write(response)
+    if hang_up:
+        transport.close()

@@ -1,0 +1,99 @@
+"""Group commit: what the service promises or attempts is journaled before it
+leaves the process.
+
+Records appended during one pass of the event loop are written together, with
+one write (and one fdatasync when PAYCORE_JOURNAL_SYNC=1), in a callback that
+runs before the loop next waits for I/O. Only then do the answers that promised
+those payments go out (`after_durable`) and the sends that were recorded start
+(`durable`). If the write fails, the batch is kept and retried: nothing is
+promised or sent that the journal does not hold.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from paycore.core.journal import Journal
+from paycore.core.ledger import Ledger
+
+log = logging.getLogger("paycore.journal")
+
+RETRY_AFTER_ERROR_S = 0.05
+
+
+class JournalWriter:
+    def __init__(self, journal: Journal, ledger: Ledger) -> None:
+        self._journal = journal
+        self._ledger = ledger  # its purge generation stamps every record
+        self._loop = asyncio.get_running_loop()
+        self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._batch_written: asyncio.Future | None = None
+        self._flush_scheduled = False
+        self.batches = 0
+        self.records = 0
+
+    @property
+    def backlog(self) -> int:
+        """Records appended and not yet written."""
+        return self._journal.pending
+
+    def accepted(self, uuid16: bytes, cents: int) -> None:
+        self._journal.accepted(uuid16, cents, self._ledger.generation)
+        self._schedule_flush()
+
+    def sending(self, uuid16: bytes, processor: int, requested_at_ms: int) -> None:
+        self._journal.sending(uuid16, processor, requested_at_ms, self._ledger.generation)
+        self._schedule_flush()
+
+    def settled(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
+        self._journal.settled(uuid16, processor, requested_at_ms, cents, self._ledger.generation)
+        self._schedule_flush()
+
+    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run callback(*args) once every record appended so far is written:
+        at once when none is waiting. Callbacks run in the order given."""
+        if self._journal.pending or self._waiting:
+            self._waiting.append((callback, args))
+        else:
+            callback(*args)
+
+    def durable(self) -> asyncio.Future:
+        """A future done once every record appended so far is written."""
+        if not self._journal.pending:
+            done = self._loop.create_future()
+            done.set_result(None)
+            return done
+        if self._batch_written is None:
+            self._batch_written = self._loop.create_future()
+        return self._batch_written
+
+    def flush(self) -> None:
+        """Write the batch now and release what waited on it (also used at shutdown)."""
+        self._flush_scheduled = False
+        try:
+            written = self._journal.flush()
+        except OSError as error:
+            log.error("journal write failed, retrying: %s", error)
+            self._flush_scheduled = True
+            self._loop.call_later(RETRY_AFTER_ERROR_S, self.flush)
+            return
+        if written:
+            self.batches += 1
+            self.records += written
+        batch_written, self._batch_written = self._batch_written, None
+        if batch_written is not None and not batch_written.done():
+            batch_written.set_result(None)
+        waiting, self._waiting = self._waiting, []
+        for callback, args in waiting:
+            callback(*args)
+
+    def close(self) -> None:
+        self.flush()
+        self._journal.close()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
