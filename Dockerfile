@@ -14,12 +14,13 @@ RUN pip install --no-cache-dir "cython>=3.0" "setuptools>=68" wheel \
 # Runtime stage: no compiler, a non-root user, the wheels only.
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home paycore \
- && mkdir -p /run/paycore/sockets /run/paycore/shared \
- && chown -R paycore:paycore /run/paycore
+ && mkdir -p /run/paycore/sockets /run/paycore/shared /var/lib/paycore/journal \
+ && chown -R paycore:paycore /run/paycore /var/lib/paycore
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER paycore
 ENV PYTHONUNBUFFERED=1 \
     PAYCORE_LISTEN=unix:/run/paycore/sockets/api.sock \
-    PAYCORE_SHARED_DIR=/run/paycore/shared
+    PAYCORE_SHARED_DIR=/run/paycore/shared \
+    PAYCORE_JOURNAL_DIR=/var/lib/paycore/journal
 CMD ["python", "-m", "paycore.service"]
