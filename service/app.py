@@ -17,6 +17,7 @@ from paycore.core.ring_queue import RingQueue
 from . import logs
 from .accept import PaymentIntake
 from .config import Settings
+from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
 from .health import HealthMonitor
 from .http_server import HttpProtocol
@@ -69,6 +70,9 @@ class Instance:
                                     settings.health_interval_ms)
         self.intake = PaymentIntake(self.accepted_ids, self.queue, self.journal, self.dispatcher.notify)
         self.routes = Routes(self.intake, Summary(self.ledger), self.ledger, self.accepted_ids)
+        self.connections = ConnectionGuard(ConnectionLimits(
+            settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
+            settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
         self._servers: list[asyncio.AbstractServer] = []
 
     def _restore_shared_state(self, replay: Replay) -> None:
@@ -87,7 +91,8 @@ class Instance:
         self.health.start()
         for address in self.settings.listen:
             self._servers.append(await _listen(
-                address, lambda: HttpProtocol(self.routes, self.journal, self.settings.max_body_bytes)))
+                address, lambda: HttpProtocol(self.routes, self.journal, self.connections)))
+        self.connections.start()
         log.info("instance %s listening on %s", self.settings.instance, ", ".join(self.settings.listen))
 
     async def stop(self) -> None:
@@ -104,6 +109,7 @@ class Instance:
             log.warning("stopping with %d queued, %d in flight, %d unresolved payments; "
                         "the journal keeps them for the next start",
                         len(self.queue), self.dispatcher.in_flight, self.dispatcher.unresolved)
+        self.connections.stop()
         await self.dispatcher.stop()
         await self.health.stop()
         for client in self.clients:

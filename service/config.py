@@ -60,4 +60,11 @@ class Settings:
     pin_release_ms: int = field(default_factory=lambda: _env_int("PAYCORE_PIN_RELEASE_MS", 15000))
     # On SIGTERM: how long queued and in-flight payments get to finish.
     drain_timeout_ms: int = field(default_factory=lambda: _env_int("PAYCORE_DRAIN_TIMEOUT_MS", 10000))
-    max_body_bytes: int = 16 * 1024
+    max_connections: int = field(default_factory=lambda: _env_int("PAYCORE_MAX_CONNECTIONS", 4096))
+    max_head_bytes: int = field(default_factory=lambda: _env_int("PAYCORE_MAX_HEAD_BYTES", 8192))
+    max_body_bytes: int = field(default_factory=lambda: _env_int("PAYCORE_MAX_BODY_BYTES", 16384))
+    # A request must arrive whole within this; a keep-alive connection may idle this long.
+    client_request_timeout_ms: int = field(
+        default_factory=lambda: _env_int("PAYCORE_CLIENT_REQUEST_TIMEOUT_MS", 5000))
+    client_idle_timeout_ms: int = field(
+        default_factory=lambda: _env_int("PAYCORE_CLIENT_IDLE_TIMEOUT_MS", 75000))

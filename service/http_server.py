@@ -8,39 +8,65 @@ import asyncio
 import httptools
 
 from . import responses
+from .connections import ConnectionGuard
 from .journal import JournalWriter
 from .routes import Routes
+
+NOT_IN_A_REQUEST = -1
 
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_size",
+        "_guard",
+        "_head_size",
+        "_idle_sweeps",
         "_journal",
-        "_max_body",
+        "_limits",
         "_parser",
+        "_request_sweeps",
         "_routes",
         "_transport",
         "_url",
     )
 
-    def __init__(self, routes: Routes, journal: JournalWriter, max_body: int) -> None:
+    def __init__(self, routes: Routes, journal: JournalWriter, guard: ConnectionGuard) -> None:
         self._routes = routes
         self._journal = journal
-        self._max_body = max_body
+        self._guard = guard
+        self._limits = guard.limits
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
         self._body: list[bytes] = []
         self._body_size = 0
+        self._head_size = 0
+        # Counted by the guard's timer; reset by the request path, which keeps no clock.
+        self._request_sweeps = NOT_IN_A_REQUEST
+        self._idle_sweeps = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        if not self._guard.admit(self):
+            self._reject(responses.TOO_MANY_CONNECTIONS)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._guard.release(self)
+
+    def sweep(self, request_timeout_sweeps: int, idle_timeout_sweeps: int) -> None:
+        if self._request_sweeps != NOT_IN_A_REQUEST:
+            self._request_sweeps += 1
+            if self._request_sweeps > request_timeout_sweeps:
+                self._reject(responses.REQUEST_TIMEOUT)
+        else:
+            self._idle_sweeps += 1
+            if self._idle_sweeps > idle_timeout_sweeps and self._transport is not None:
+                self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._idle_sweeps = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -53,18 +79,31 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._body.clear()
         self._body_size = 0
+        self._head_size = 0
+        self._request_sweeps = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self._limits.max_head_bytes:
+            self._reject(responses.HEAD_TOO_LARGE)
+            raise httptools.HttpParserError("request head too large")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > self._max_body:
+        if self._body_size > self._limits.max_body_bytes:
             self._reject(responses.BODY_TOO_LARGE)
             raise httptools.HttpParserError("body too large")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._request_sweeps = NOT_IN_A_REQUEST
         transport = self._transport
         if transport is None:
             return
