@@ -4,6 +4,7 @@
     paycore processor [--port 8001 --fee 0.07 ...]    the payment-processor emulator
     paycore stack                                     the local topology (make run)
     paycore summary [--url URL] [--from ISO] [--to ISO]
+    paycore bench [--seconds S] [--calibrate] ...     the benchmark (from a source checkout)
 
 Exit codes: 0 success; 1 the service answered with an error; 2 bad usage;
 3 the service could not be reached.
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 EXIT_OK = 0
@@ -80,6 +83,31 @@ def _summary(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def benchmark_script() -> Path:
+    """perf/bench.py next to this package: the benchmark needs the source tree
+    (the load generator's C source, the compose file, the haproxy config)."""
+    return Path(__file__).resolve().parents[1] / "perf" / "bench.py"
+
+
+def _bench(arguments: argparse.Namespace) -> int:
+    script = benchmark_script()
+    if not script.is_file():
+        print(f"paycore bench: needs a source checkout ({script} not found)", file=sys.stderr)
+        return EXIT_USAGE
+    if arguments.seconds is not None and arguments.seconds <= 0:
+        print("paycore bench: --seconds must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    env = dict(os.environ)
+    if arguments.seconds is not None:
+        env["BENCH_SECONDS"] = f"{arguments.seconds:g}"
+    if arguments.flamegraph:
+        env["BENCH_FLAMEGRAPH"] = "1"
+    if arguments.low_latency_host:
+        env["BENCH_LOW_LATENCY_HOST"] = "1"
+    command = [sys.executable, str(script), *(["--calibrate"] if arguments.calibrate else [])]
+    return EXIT_OK if subprocess.run(command, env=env).returncode == 0 else EXIT_SERVICE_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paycore", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--to", metavar="ISO", help="inclusive upper bound")
     summary.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     summary.set_defaults(handler=_summary)
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmark of SPEC §4 against the local topology (make bench)",
+        description="Exit 0 when no request failed, no check found an inconsistency and no payment "
+                    "was left behind; 1 otherwise.")
+    bench.add_argument("--seconds", type=float, help="length of the run (default 300; the fault "
+                                                     "schedule scales with it)")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="run the load against a constant-response server instead: the generator's floor")
+    bench.add_argument("--flamegraph", action="store_true", help="record py-spy flamegraphs of both instances")
+    bench.add_argument("--low-latency-host", action="store_true",
+                       help="keep idle CPUs polling during the run (root; see perf/host.py)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

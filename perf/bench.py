@@ -7,11 +7,16 @@ perf/results/bench-<time>.json and .png, and prints the table.
 
 BENCH_SECONDS=60 shortens a run (the fault schedule scales with it).
 BENCH_FLAMEGRAPH=1 records py-spy flamegraphs of both instances under perf/flamegraphs/.
+BENCH_LOW_LATENCY_HOST=1 keeps idle CPUs polling during the run (perf/host.py; root).
 `bench.py --calibrate` runs the same load against a constant-response server:
 the generator's own latency floor.
+
+Exit status: 0 when no request failed, no check found an inconsistency and
+nothing was left behind at teardown; 1 otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "perf"))
 
 from cgroups import CgroupJail, compose_limits  # noqa: E402
+from host import LowLatencyHost  # noqa: E402
 from report import draw_chart, latency_summary_ms, read_requests, score  # noqa: E402
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
 
@@ -70,7 +76,7 @@ def process_usage(pid: int) -> tuple[float, int]:
     return cpu, peak_kb * 1024
 
 
-def calibrate(seconds: float) -> None:
+def calibrate(seconds: float, low_latency_host: bool) -> None:
     tools = build_tools()
     port = free_port()
     server = subprocess.Popen([str(tools["constant_server"]), "--listen", f"127.0.0.1:{port}"],
@@ -87,7 +93,8 @@ def calibrate(seconds: float) -> None:
     latencies = [latency for _, latency, status in requests if 200 <= status < 300]
     summary = {"target": "constant-response server", "seconds": seconds, "requests": len(requests),
                "rps": round(len(requests) / seconds, 1), "latency_ms": latency_summary_ms(latencies),
-               "generator_cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2)}
+               "generator_cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2),
+               "low_latency_host": low_latency_host}
     (RESULTS / "calibration.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
@@ -102,11 +109,17 @@ def start_flamegraphs(stack: Stack, seconds: float) -> list[subprocess.Popen]:
             for index, process in stack.instances.items()]
 
 
-def main() -> None:
+def main() -> int:
     seconds = float(os.environ.get("BENCH_SECONDS", FULL_RUN_S))
-    if "--calibrate" in sys.argv:
-        calibrate(seconds)
-        return
+    low_latency_host = os.environ.get("BENCH_LOW_LATENCY_HOST") == "1"
+    with LowLatencyHost() if low_latency_host else contextlib.nullcontext():
+        if "--calibrate" in sys.argv:
+            calibrate(seconds, low_latency_host)
+            return 0
+        return benchmark(seconds, low_latency_host)
+
+
+def benchmark(seconds: float, low_latency_host: bool) -> int:
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
     jail = CgroupJail(limits) if CgroupJail.available() else None
@@ -176,7 +189,8 @@ def main() -> None:
     service_calls = {name: latency_summary_ms([int(s * 1e6) for s in values])
                      for name, values in scenario.log.service_call_seconds.items() if values}
     result["paycore"] = {
-        "seconds": seconds, "requests": len(requests), "successful": successful,
+        "seconds": seconds, "low_latency_host": low_latency_host,
+        "requests": len(requests), "successful": successful,
         "failed": len(requests) - successful, "rps": round(len(requests) / seconds, 1),
         "post_latency_ms": latency, "other_requests_latency_ms": service_calls,
         "checks": len(scenario.log.checks), "lag_zero_after_s": lag_zero_after_s,
@@ -201,6 +215,8 @@ def main() -> None:
     draw_chart(out.with_suffix(".png"), requests, bucket_s, shares,
                [stage["from_s"] for stage in stage_shares])
     print_table(result, out)
+    clean = successful == len(requests) and inconsistencies == 0 and result["lag"]["lag"] == 0
+    return 0 if clean else 1
 
 
 def print_table(result: dict, out: Path) -> None:
@@ -229,4 +245,4 @@ def print_table(result: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

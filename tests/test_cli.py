@@ -18,7 +18,7 @@ def paycore(*arguments: str, timeout: float = 20) -> subprocess.CompletedProcess
     return subprocess.run([*PAYCORE, *arguments], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["processor"], ["stack"], ["summary"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["processor"], ["stack"], ["summary"], ["bench"]])
 def test_every_command_has_help(command):
     finished = paycore(*command, "--help")
     assert finished.returncode == 0
@@ -30,6 +30,21 @@ def test_usage_errors_exit_2():
     assert paycore("nonsense").returncode == 2
     assert paycore("summary", "--from", "yesterday").returncode == 2
     assert paycore("processor", "--fee", "abc").returncode == 2
+    assert paycore("bench", "--seconds", "0").returncode == 2
+
+
+def test_bench_calibration_runs_and_reports():
+    finished = paycore("bench", "--calibrate", "--seconds", "2", timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads(finished.stdout)
+    assert report["target"] == "constant-response server" and report["requests"] > 0
+
+
+def test_bench_outside_a_source_checkout_is_a_usage_error(tmp_path, monkeypatch):
+    from paycore import cli
+
+    monkeypatch.setattr(cli, "benchmark_script", lambda: tmp_path / "perf" / "bench.py")
+    assert cli.main(["bench", "--seconds", "5"]) == 2
 
 
 def test_summary_of_the_running_service(live):
