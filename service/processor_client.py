@@ -210,8 +210,11 @@ class ProcessorClient:
             connection = self._idle.pop()
             if not connection.closed:
                 return connection
-        _, connection = await self.loop.create_connection(
-            lambda: _Connection(self), self._host, self._port)
+        # An unreachable host drops the handshake and the kernel would retry it for
+        # minutes; TimeoutError is an OSError: nothing was sent.
+        async with asyncio.timeout(self._timeout_s):
+            _, connection = await self.loop.create_connection(
+                lambda: _Connection(self), self._host, self._port)
         self._open.add(connection)
         return connection
 
