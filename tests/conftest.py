@@ -79,11 +79,14 @@ class Processor:
 
 
 class RunningStack:
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, admin_urls: tuple[str, str] | None = None) -> None:
+        """admin_urls: where the processors' admin and lookup calls go, when the
+        instances reach the processors some other way (through a fault proxy)."""
         self.stack = stack
         self.port = stack.settings.port
-        self.default = Processor(stack.default_url)
-        self.fallback = Processor(stack.fallback_url)
+        default_url, fallback_url = admin_urls or (stack.default_url, stack.fallback_url)
+        self.default = Processor(default_url)
+        self.fallback = Processor(fallback_url)
 
     def client(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -114,19 +117,26 @@ class RunningStack:
             time.sleep(0.1)
 
 
+# A short health window keeps fault tests quick; the schedule logic is the same.
+TEST_EMULATOR_ARGS = ("--health-interval", "0.5")
+TEST_INSTANCE_ENV = {"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "300",
+                     "PAYCORE_LOG_LEVEL": "WARNING"}
+
+
 @contextmanager
-def quick_stack(**instance_env: str):
-    """The real topology on free ports, tuned for tests: a short health window keeps
-    fault tests quick (the schedule logic is the same). instance_env adds to or
-    overrides the instances' environment."""
+def quick_stack(processor_urls: tuple[str, str] | None = None,
+                admin_urls: tuple[str, str] | None = None, **instance_env: str):
+    """The real topology on free ports, tuned for tests. instance_env adds to or
+    overrides the instances' environment. processor_urls: processors the caller
+    runs (emulators are started otherwise), with admin_urls to reach them directly."""
+    default_url, fallback_url = processor_urls or (None, None)
     settings = StackSettings(
         port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
-        emulator_args=("--health-interval", "0.5"),
-        instance_env={"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "300",
-                      "PAYCORE_LOG_LEVEL": "WARNING", **instance_env},
+        default_url=default_url, fallback_url=fallback_url, emulator_args=TEST_EMULATOR_ARGS,
+        instance_env={**TEST_INSTANCE_ENV, **instance_env},
     )
     with Stack(settings) as stack:
-        running = RunningStack(stack)
+        running = RunningStack(stack, admin_urls)
         running.reset()
         yield running
 

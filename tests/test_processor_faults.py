@@ -9,21 +9,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import Processor, RunningStack, free_port
+from conftest import TEST_EMULATOR_ARGS, RunningStack, quick_stack
 from fault_proxy import Fault, FaultProxy
 from test_service import accept_all, as_summary, assert_ledgers_match_processors
 from test_unknown_outcomes import held_by
 
 from paycore.emulator import EmulatorProcess
-from paycore.stack import Stack, StackSettings
 
 REQUEST_TIMEOUT_MS = 400
 INSTANCE_ENV = {
     "PAYCORE_REQUEST_TIMEOUT_MS": str(REQUEST_TIMEOUT_MS),
     # Short enough that a pinned payment's release (ask, then go elsewhere) happens here.
     "PAYCORE_PIN_RELEASE_MS": "1000",
-    "PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS": "300",
-    "PAYCORE_LOG_LEVEL": "WARNING",
 }
 FAULT_S = 1.5
 SETTLE_S = 8.0
@@ -39,16 +36,12 @@ class FaultyStack:
 @pytest.fixture
 def faulty() -> Iterator[FaultyStack]:
     """The real topology with a fault proxy in front of each emulated processor."""
-    emulator_args = ("--health-interval", "0.5")
-    with (EmulatorProcess("--fee", "0.07", *emulator_args) as default,
-          EmulatorProcess("--fee", "0.10", *emulator_args) as fallback,
+    with (EmulatorProcess("--fee", "0.07", *TEST_EMULATOR_ARGS) as default,
+          EmulatorProcess("--fee", "0.10", *TEST_EMULATOR_ARGS) as fallback,
           FaultProxy(default.url) as default_proxy, FaultProxy(fallback.url) as fallback_proxy,
-          Stack(StackSettings(port=free_port(), default_url=default_proxy.url,
-                              fallback_url=fallback_proxy.url, quiet=True,
-                              instance_env=INSTANCE_ENV)) as stack):
-        live = RunningStack(stack)
-        # The checks ask the emulators themselves, never through a fault.
-        live.default, live.fallback = Processor(default.url), Processor(fallback.url)
+          # The checks ask the emulators themselves, never through a fault.
+          quick_stack((default_proxy.url, fallback_proxy.url), (default.url, fallback.url),
+                      **INSTANCE_ENV) as live):
         yield FaultyStack(live, default_proxy, fallback_proxy)
 
 
