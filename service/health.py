@@ -125,7 +125,9 @@ class HealthMonitor:
                 await asyncio.sleep(wait_ms / 1000)
             board["polledAt"] = time.monotonic() * 1000
             results = await asyncio.gather(*(self._poll(client) for client in self._clients))
-            observed_at = time.monotonic() * 1000
+            # Dated from when the check was sent: what a payment saw while a slow
+            # check was out is newer and must not be overruled by it.
+            observed_at = board["polledAt"]
             for name, health in zip(PROCESSOR_NAMES, results):
                 # A check that got no verdict (429, timeout) leaves the last one standing.
                 if health is not None:
