@@ -27,12 +27,14 @@ $(BUILT): $(DEPS) $(CORE_SOURCES)
 build: $(BUILT)
 
 # haproxy is the load balancer of the real topology; docker-compose checks the
-# compose file in the tests. Installed once, as root or through sudo.
+# compose file in the tests; clang, with its libFuzzer and AddressSanitizer
+# runtimes, builds the body parser for fuzzing. Installed once, as root or
+# through sudo.
 system-deps:
-	@command -v haproxy >/dev/null && command -v docker-compose >/dev/null || { \
+	@command -v haproxy >/dev/null && command -v docker-compose >/dev/null && command -v clang >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    $$SUDO apt-get install -y -qq haproxy docker-compose >/dev/null; }
+	    $$SUDO apt-get install -y -qq haproxy docker-compose clang libclang-rt-dev >/dev/null; }
 
 run: build system-deps
 	$(PY) -m paycore.stack
