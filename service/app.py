@@ -22,6 +22,7 @@ from .delivery import Dispatcher
 from .health import HealthMonitor
 from .http_server import HttpProtocol
 from .journal import JournalWriter
+from .metrics import GaugeSources, Metrics, MetricsEndpoint
 from .processor_client import ProcessorClient
 from .recovery import Replay, recover
 from .router import PROCESSOR_NAMES, Router
@@ -61,19 +62,23 @@ class Instance:
         self.clients = tuple(
             ProcessorClient(name, url, settings.request_timeout_ms)
             for name, url in zip(PROCESSOR_NAMES, (settings.default_url, settings.fallback_url)))
-        self.router = Router(settings.default_max_latency_ms)
+        self.metrics = Metrics()
+        self.router = Router(settings.default_max_latency_ms, self.metrics)
         self.dispatcher = Dispatcher(
-            self.queue, self.router, self.clients, self.ledger, self.journal,
+            self.queue, self.router, self.clients, self.ledger, self.journal, self.metrics,
             max_in_flight=settings.max_in_flight, retry_min_ms=settings.retry_min_ms,
             retry_max_ms=settings.retry_max_ms, pin_release_ms=settings.pin_release_ms)
         self.health = HealthMonitor(settings.shared_dir, self.clients, self.router,
                                     settings.health_interval_ms)
         self.intake = PaymentIntake(self.accepted_ids, self.queue, self.journal, self.dispatcher.notify)
-        self.routes = Routes(self.intake, Summary(self.ledger), self.ledger, self.accepted_ids)
+        self.routes = Routes(self.intake, Summary(self.ledger), self.ledger, self.accepted_ids, self.metrics)
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
+        self.metrics_endpoint = MetricsEndpoint(self.metrics, GaugeSources(
+            self.queue, self.dispatcher, self.router, self.journal, self.connections))
         self._servers: list[asyncio.AbstractServer] = []
+        self._metrics_server: asyncio.AbstractServer | None = None
 
     def _restore_shared_state(self, replay: Replay) -> None:
         """This instance's ledger share and accepted ids, as its journal has them."""
@@ -91,9 +96,14 @@ class Instance:
         self.health.start()
         for address in self.settings.listen:
             self._servers.append(await _listen(
-                address, lambda: HttpProtocol(self.routes, self.journal, self.connections)))
+                address, lambda: HttpProtocol(self.routes, self.journal, self.connections, self.metrics)))
+        if self.settings.metrics_listen:
+            self._metrics_server = await _listen(
+                self.settings.metrics_listen,
+                lambda: HttpProtocol(self.metrics_endpoint, self.journal, self.connections, self.metrics))
         self.connections.start()
-        log.info("instance %s listening on %s", self.settings.instance, ", ".join(self.settings.listen))
+        log.info("instance %s listening on %s, metrics on %s", self.settings.instance,
+                 ", ".join(self.settings.listen), self.settings.metrics_listen or "none")
 
     async def stop(self) -> None:
         """Stop accepting, give queued and in-flight payments a bounded time,
@@ -109,6 +119,9 @@ class Instance:
             log.warning("stopping with %d queued, %d in flight, %d unresolved payments; "
                         "the journal keeps them for the next start",
                         len(self.queue), self.dispatcher.in_flight, self.dispatcher.unresolved)
+        # Closed only now: scrapes go on while the instance drains.
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         self.connections.stop()
         await self.dispatcher.stop()
         await self.health.stop()

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+DEFAULT_INSTANCE = "1"
+DEFAULT_SHARED_DIR = "/dev/shm/paycore"
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -21,7 +24,7 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    instance: str = field(default_factory=lambda: _env("PAYCORE_INSTANCE", "1"))
+    instance: str = field(default_factory=lambda: _env("PAYCORE_INSTANCE", DEFAULT_INSTANCE))
     # Comma-separated: unix:/path/to.sock and/or host:port.
     listen: tuple[str, ...] = field(
         default_factory=lambda: tuple(
@@ -29,13 +32,23 @@ class Settings:
         )
     )
     # Shared by every instance on the host (tmpfs): ledger regions, accepted ids, health board.
-    shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", "/dev/shm/paycore"))
+    shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR))
     # Each instance's journal (journal-<instance>.log). On the shared tmpfs it
     # survives the process (SIGKILL, OOM kill); on a disk volume, with
     # journal_sync, it survives the machine too.
     journal_dir: str = field(
-        default_factory=lambda: _env("PAYCORE_JOURNAL_DIR", _env("PAYCORE_SHARED_DIR", "/dev/shm/paycore")))
+        default_factory=lambda: _env("PAYCORE_JOURNAL_DIR", _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR)))
     journal_sync: bool = field(default_factory=lambda: _env_int("PAYCORE_JOURNAL_SYNC", 0) != 0)
+    # Prometheus metrics (GET /metrics), unix:/path or host:port; empty: none.
+    # By default a socket next to the shared state: unique per instance even when
+    # all instances share one network namespace (the local stack, concurrent test
+    # stacks), and never one the load balancer forwards to (it knows only the API
+    # sockets). Prometheus scrapes TCP only, so docker-compose.yml gives each
+    # container a port on the backend network instead, which nothing publishes.
+    metrics_listen: str = field(default_factory=lambda: _env(
+        "PAYCORE_METRICS_LISTEN",
+        f"unix:{_env('PAYCORE_SHARED_DIR', DEFAULT_SHARED_DIR)}"
+        f"/metrics-{_env('PAYCORE_INSTANCE', DEFAULT_INSTANCE)}.sock"))
     default_url: str = field(
         default_factory=lambda: _env("PROCESSOR_DEFAULT_URL", "http://payment-processor-default:8080")
     )
@@ -68,3 +81,8 @@ class Settings:
         default_factory=lambda: _env_int("PAYCORE_CLIENT_REQUEST_TIMEOUT_MS", 5000))
     client_idle_timeout_ms: int = field(
         default_factory=lambda: _env_int("PAYCORE_CLIENT_IDLE_TIMEOUT_MS", 75000))
+
+    def __post_init__(self) -> None:
+        # A unix socket path is taken over at start: the API's socket would serve metrics.
+        if self.metrics_listen in self.listen:
+            raise SystemExit(f"PAYCORE_METRICS_LISTEN must not be one of PAYCORE_LISTEN: {self.metrics_listen}")

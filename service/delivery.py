@@ -28,6 +28,13 @@ from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
 from .journal import JournalWriter
+from .metrics import (
+    PINNED_RESEND,
+    REQUEUED,
+    RESUMED_UNRESOLVED,
+    RESUMED_UNSENT,
+    Metrics,
+)
 from .processor_client import Outcome, ProcessorClient, ProcessorError
 from .router import Router
 
@@ -41,13 +48,15 @@ def wall_clock_ms() -> int:
 class Dispatcher:
     def __init__(self, queue: RingQueue, router: Router,
                  clients: tuple[ProcessorClient, ProcessorClient], ledger: Ledger,
-                 journal: JournalWriter, *, max_in_flight: int, retry_min_ms: int, retry_max_ms: int,
-                 pin_release_ms: int) -> None:
+                 journal: JournalWriter, metrics: Metrics, *, max_in_flight: int, retry_min_ms: int,
+                 retry_max_ms: int, pin_release_ms: int) -> None:
         self._queue = queue
         self._router = router
         self._clients = clients
         self._ledger = ledger
         self._journal = journal
+        self._outcomes = metrics.outcomes
+        self._retries = metrics.retries
         self._max_in_flight = max_in_flight
         self._retry_min_s = retry_min_ms / 1000
         self._retry_max_s = retry_max_ms / 1000
@@ -136,6 +145,7 @@ class Dispatcher:
         ticket = self._router.start(processor)
         outcome = await self._clients[processor].send_payment(uuid16, cents, requested_at_ms)
         self._router.end(processor, ticket, outcome)
+        self._outcomes[processor][outcome] += 1
         if outcome is Outcome.PROCESSED:
             self._settle(processor, uuid16, requested_at_ms, cents)
         elif outcome is Outcome.ALREADY_HELD:
@@ -166,6 +176,7 @@ class Dispatcher:
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self._retry_max_s)
             if self._router.usable(processor):
+                self._retries[PINNED_RESEND] += 1
                 outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
                 if outcome.recorded:
                     return
@@ -188,6 +199,8 @@ class Dispatcher:
     def resume(self, unsent: list[tuple[bytes, int]],
                unresolved: list[tuple[bytes, int, int, int]]) -> None:
         """Take over what a previous run of this instance left (service.recovery)."""
+        self._retries[RESUMED_UNSENT] += len(unsent)
+        self._retries[RESUMED_UNRESOLVED] += len(unresolved)
         for uuid16, cents in unsent:
             if not self._queue.push(uuid16, cents):
                 self._hold(self._requeue_when_room(uuid16, cents))
@@ -216,6 +229,7 @@ class Dispatcher:
         await self._settle_unknown(processor, uuid16, cents, requested_at_ms)
 
     def _requeue(self, uuid16: bytes, cents: int) -> None:
+        self._retries[REQUEUED] += 1
         if not self._queue.push_front(uuid16, cents):
             # Only possible when new payments filled the ring meanwhile: hold
             # this one in a task until there is room again; it is never dropped.

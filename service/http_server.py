@@ -4,15 +4,23 @@ as the journal holds what it promised (pipelined requests keep their order)."""
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
+from typing import Protocol
 
 import httptools
 
 from . import responses
 from .connections import ConnectionGuard
 from .journal import JournalWriter
-from .routes import Routes
+from .metrics import UNROUTED, LatencyHistogram, Metrics
 
 NOT_IN_A_REQUEST = -1
+
+
+class RequestHandler(Protocol):
+    """Answers one request (routes.Routes on the public listeners, metrics.MetricsEndpoint)."""
+
+    def handle(self, method: bytes, url: bytes, body: bytes) -> bytes: ...
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -23,26 +31,35 @@ class HttpProtocol(asyncio.Protocol):
         "_head_size",
         "_idle_sweeps",
         "_journal",
+        "_latency",
         "_limits",
+        "_metrics",
         "_parser",
         "_request_sweeps",
         "_routes",
+        "_started_at",
         "_transport",
         "_url",
     )
 
-    def __init__(self, routes: Routes, journal: JournalWriter, guard: ConnectionGuard) -> None:
+    def __init__(self, routes: RequestHandler, journal: JournalWriter, guard: ConnectionGuard,
+                 metrics: Metrics | None = None) -> None:
+        """Without metrics (a protocol on its own, as in tests) it counts into its own."""
         self._routes = routes
         self._journal = journal
         self._guard = guard
         self._limits = guard.limits
+        self._metrics = metrics or Metrics()
+        self._latency = self._metrics.latency
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
         self._body: list[bytes] = []
         self._body_size = 0
         self._head_size = 0
-        # Counted by the guard's timer; reset by the request path, which keeps no clock.
+        self._started_at = 0.0
+        # Counted by the guard's timer; reset by the request path, which keeps no clock
+        # for timeouts (only the start, for the latency histogram).
         self._request_sweeps = NOT_IN_A_REQUEST
         self._idle_sweeps = 0
 
@@ -76,6 +93,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._reject(responses.BAD_REQUEST)
 
     def on_message_begin(self) -> None:
+        self._started_at = perf_counter()
         self._url = b""
         self._body.clear()
         self._body_size = 0
@@ -109,12 +127,14 @@ class HttpProtocol(asyncio.Protocol):
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         response = self._routes.handle(self._parser.get_method(), self._url, body)
-        self._journal.after_durable(_answer, transport, response, not self._parser.should_keep_alive())
+        self._journal.after_durable(_answer_timed, transport, response, not self._parser.should_keep_alive(),
+                                    self._latency, self._started_at)
 
     def _reject(self, response: bytes) -> None:
         """Answer and hang up: after a broken request the stream cannot be trusted."""
         transport, self._transport = self._transport, None
         if transport is not None:
+            self._metrics.responded(UNROUTED, response)
             self._journal.after_durable(_answer, transport, response, True)
 
 
@@ -124,3 +144,9 @@ def _answer(transport: asyncio.Transport, response: bytes, hang_up: bool) -> Non
     transport.write(response)
     if hang_up:
         transport.close()
+
+
+def _answer_timed(transport: asyncio.Transport, response: bytes, hang_up: bool,
+                  latency: LatencyHistogram, started_at: float) -> None:
+    _answer(transport, response, hang_up)
+    latency.observe_since(started_at)

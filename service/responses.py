@@ -6,11 +6,12 @@ from http import HTTPStatus
 import orjson
 
 
-def http_response(status: int, body: bytes = b"", headers: bytes = b"") -> bytes:
+def http_response(status: int, body: bytes = b"", headers: bytes = b"",
+                  content_type: bytes = b"application/json") -> bytes:
     reason = HTTPStatus(status).phrase.encode()
-    content_type = b"Content-Type: application/json\r\n" if body else b""
+    content_type_header = b"Content-Type: %s\r\n" % content_type if body else b""
     return (b"HTTP/1.1 %d %s\r\n%s%sContent-Length: %d\r\n\r\n"
-            % (status, reason, content_type, headers, len(body)) + body)
+            % (status, reason, content_type_header, headers, len(body)) + body)
 
 
 def error_response(status: int, message: str, headers: bytes = b"") -> bytes:

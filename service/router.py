@@ -27,12 +27,19 @@ import logging
 import time
 from collections import OrderedDict
 from itertools import count
+from typing import TYPE_CHECKING
 
 from .processor_client import Outcome, ProcessorHealth
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 DEFAULT = 0
 FALLBACK = 1
 PROCESSOR_NAMES = ("default", "fallback")
+# Route None (both unusable: payments wait) where routes index a list.
+NOBODY = 2
+ROUTE_NAMES = (*PROCESSOR_NAMES, "none")
 log = logging.getLogger("paycore.router")
 # An unanswered request older than max(3 x usual latency, usual + 200 ms) means
 # the processor has slowed down (well beyond jitter on a fast processor).
@@ -44,14 +51,14 @@ def _now_ms() -> float:
     return time.monotonic() * 1000
 
 
-def _route_name(route: int | None) -> str:
-    return "none" if route is None else PROCESSOR_NAMES[route]
+def _route_index(route: int | None) -> int:
+    return NOBODY if route is None else route
 
 
 class ProcessorState:
     """What this instance believes about one processor right now."""
 
-    __slots__ = ("name", "failing", "latency_ms", "signal_at_ms", "_in_flight")
+    __slots__ = ("_in_flight", "failing", "latency_ms", "name", "signal_at_ms")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -101,19 +108,24 @@ class ProcessorState:
 
 
 class Router:
-    def __init__(self, default_max_latency_ms: int) -> None:
+    def __init__(self, default_max_latency_ms: int, metrics: Metrics) -> None:
         self.processors = (ProcessorState(PROCESSOR_NAMES[DEFAULT]),
                            ProcessorState(PROCESSOR_NAMES[FALLBACK]))
         self._default_max_latency_ms = default_max_latency_ms
         self._tickets = count()
         self._last_route: int | None = DEFAULT
+        self._decisions = metrics.routing_decisions
+        self._changes = metrics.route_changes
 
     def choose(self) -> int | None:
         route, reason = self._decide()
+        index = _route_index(route)
+        self._decisions[index] += 1
         if route != self._last_route:
             # Once per change, never per payment: the text is only built here.
-            log.info("routing %s -> %s: %s", _route_name(self._last_route), _route_name(route),
-                     reason.format(self.processors[DEFAULT].expected_latency_ms()))
+            log.info("routing %s -> %s: %s", ROUTE_NAMES[_route_index(self._last_route)],
+                     ROUTE_NAMES[index], reason.format(self.processors[DEFAULT].expected_latency_ms()))
+            self._changes[index] += 1
             self._last_route = route
         return route
 

@@ -10,6 +10,7 @@ import uvloop
 
 from paycore.emulator import PaymentProcessor, ProcessorConfig
 from paycore.service.health import HealthMonitor
+from paycore.service.metrics import Metrics
 from paycore.service.processor_client import ProcessorClient
 from paycore.service.router import DEFAULT, FALLBACK, Router
 
@@ -38,7 +39,7 @@ async def scenario(shared_dir: str) -> None:
     instances = []
     for _ in range(3):
         clients = (CountingClient("default", urls[0], 2000), CountingClient("fallback", urls[1], 2000))
-        router = Router(default_max_latency_ms=1500)
+        router = Router(default_max_latency_ms=1500, metrics=Metrics())
         monitor = HealthMonitor(shared_dir, clients, router, INTERVAL_MS)
         monitor.start()
         instances.append((monitor, router, clients))

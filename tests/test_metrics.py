@@ -1,0 +1,451 @@
+"""Prometheus metrics: the exposition format, what the components count, the
+numbers of a real stack adding up, and nothing internal reachable through the
+load balancer's public port."""
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import UnixHTTPConnection, call, quick_stack
+from paycore.service.config import Settings
+from paycore.service.connections import ConnectionGuard, ConnectionLimits
+from paycore.service.delivery import Dispatcher
+from paycore.service.http_server import HttpProtocol
+from paycore.service.journal import JournalWriter
+from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
+from paycore.service.processor_client import Outcome
+from paycore.service.router import Router
+from test_service import payment, post_many
+
+from paycore.core.journal import Journal
+from paycore.core.ledger import Ledger
+from paycore.core.ring_queue import RingQueue
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --- the exposition format (0.0.4), strictly -------------------------------
+
+NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+COMMENT = re.compile(rf"# (HELP|TYPE) ({NAME}) (.+)")
+SAMPLE = re.compile(rf'({NAME})(?:\{{((?:[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*",?)*)\}})? (\S+)')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+Series = tuple[str, frozenset[tuple[str, str]]]
+
+
+def parse_exposition(text: str) -> dict[Series, float]:
+    """Every line a HELP, a TYPE or a sample of a family typed before it;
+    counters end in _total; histogram buckets are cumulative up to +Inf, which
+    equals _count; no series twice."""
+    assert text.endswith("\n")
+    types: dict[str, str] = {}
+    helped: set[str] = set()
+    samples: dict[Series, float] = {}
+    for line in text.splitlines():
+        comment = COMMENT.fullmatch(line)
+        if comment:
+            kind, name, rest = comment.groups()
+            if kind == "HELP":
+                assert name not in helped, f"HELP twice for {name}"
+                helped.add(name)
+            else:
+                assert name not in types, f"TYPE twice for {name}"
+                assert rest in ("counter", "gauge", "histogram"), line
+                assert rest != "counter" or name.endswith("_total"), f"counter without _total: {name}"
+                types[name] = rest
+            continue
+        sample = SAMPLE.fullmatch(line)
+        assert sample, f"not a sample line: {line!r}"
+        name, labels, value = sample.groups()
+        family = name if name in types else next(
+            (name.removesuffix(suffix) for suffix in HISTOGRAM_SUFFIXES
+             if name.endswith(suffix) and types.get(name.removesuffix(suffix)) == "histogram"), None)
+        assert family is not None, f"sample before its TYPE: {line!r}"
+        series = (name, frozenset(LABEL.findall(labels or "")))
+        assert series not in samples, f"series twice: {line!r}"
+        samples[series] = float(value)
+    assert helped == set(types), "every family has HELP and TYPE"
+    for family, kind in types.items():
+        if kind == "histogram":
+            buckets = sorted((float(dict(labels)["le"]), value)
+                             for (name, labels), value in samples.items() if name == family + "_bucket")
+            counts = [value for _, value in buckets]
+            assert counts == sorted(counts), f"{family} buckets not cumulative"
+            assert buckets[-1][0] == float("inf")
+            assert buckets[-1][1] == samples[(family + "_count", frozenset())]
+    return samples
+
+
+def value(samples: dict[Series, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples: dict[Series, float], name: str, **labels: str) -> float:
+    """The sum over every series of name whose labels include these."""
+    wanted = set(labels.items())
+    return sum(sample for (series_name, series_labels), sample in samples.items()
+               if series_name == name and wanted <= series_labels)
+
+
+# --- components counting, in one process -----------------------------------
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class ScriptedClient:
+    """A processor that answers the outcomes given, in order, and holds nothing."""
+
+    def __init__(self, *outcomes: Outcome) -> None:
+        self.outcomes = list(outcomes)
+
+    async def send_payment(self, uuid16: bytes, cents: int, requested_at_ms: int) -> Outcome:
+        return self.outcomes.pop(0)
+
+    async def find_payment(self, uuid16: bytes) -> None:
+        return None
+
+
+class Parts:
+    """What an instance counts with, around the given processor clients."""
+
+    def __init__(self, directory: Path, clients: tuple[ScriptedClient, ScriptedClient]) -> None:
+        self.metrics = Metrics()
+        self.ledger = Ledger(str(directory), "1", 1024)
+        self.journal = JournalWriter(Journal(str(directory / "journal.log")), self.ledger)
+        self.queue = RingQueue(16)
+        self.router = Router(1500, self.metrics)
+        self.dispatcher = Dispatcher(self.queue, self.router, clients, self.ledger, self.journal, self.metrics,
+                                     max_in_flight=4, retry_min_ms=5, retry_max_ms=20, pin_release_ms=1000)
+        self.connections = ConnectionGuard(ConnectionLimits(16, 1024, 1024, 1000, 1000))
+        self.endpoint = MetricsEndpoint(self.metrics, GaugeSources(
+            self.queue, self.dispatcher, self.router, self.journal, self.connections))
+
+    def connect(self) -> tuple[HttpProtocol, RecordingTransport]:
+        protocol = HttpProtocol(self.endpoint, self.journal, self.connections, self.metrics)
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        return protocol, transport
+
+    def scrape(self) -> dict[Series, float]:
+        head, _, body = self.endpoint.handle(b"GET", b"/metrics", b"").partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
+        return parse_exposition(body.decode())
+
+    def close(self) -> None:
+        self.journal.close()
+        self.ledger.close()
+
+
+def run_with_parts(tmp_path: Path, scenario,
+                   clients: tuple[ScriptedClient, ScriptedClient] | None = None) -> None:
+    async def main() -> None:
+        parts = Parts(tmp_path, clients or (ScriptedClient(), ScriptedClient()))
+        try:
+            await scenario(parts)
+        finally:
+            await parts.dispatcher.stop()
+            parts.close()
+    asyncio.run(main())
+
+
+def test_requests_are_counted_by_route_and_status_with_their_latency(tmp_path):
+    async def scenario(parts: Parts) -> None:
+        protocol, transport = parts.connect()
+        protocol.data_received(b"GET /metrics HTTP/1.1\r\n\r\nGET /nope HTTP/1.1\r\n\r\n"
+                               b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        assert transport.written.count(b"HTTP/1.1 200 OK\r\n") == 1
+        assert transport.written.count(b"HTTP/1.1 404 Not Found\r\n") == 2
+        broken, _ = parts.connect()
+        broken.data_received(b"NOT HTTP\r\n\r\n")
+
+        samples = parts.scrape()
+        requests = "paycore_http_requests_total"
+        assert value(samples, requests, route="/metrics", status="200") == 1
+        assert value(samples, requests, route="other", status="404") == 2
+        assert value(samples, requests, route="unrouted", status="400") == 1
+        assert total(samples, requests) == 4
+        # Routed requests only; each was answered at once, well within a second.
+        assert value(samples, "paycore_http_request_duration_seconds_count") == 3
+        assert value(samples, "paycore_http_request_duration_seconds_bucket", le="0.1") == 3
+        assert 0 < value(samples, "paycore_http_request_duration_seconds_sum") < 1
+        assert value(samples, "paycore_open_connections") == 2
+    run_with_parts(tmp_path, scenario)
+
+
+def test_latency_runs_until_the_answer_is_written_after_the_journal(tmp_path):
+    async def scenario(parts: Parts) -> None:
+        parts.journal.accepted(uuid.uuid4().bytes, 100)  # a batch not written yet holds answers back
+        protocol, transport = parts.connect()
+        protocol.data_received(b"GET /nope HTTP/1.1\r\n\r\n")
+        assert transport.written == b""
+        assert value(parts.scrape(), "paycore_journal_backlog_records") == 1
+        time.sleep(0.03)  # noqa: ASYNC251 - the loop stalls, as in a slow journal write
+        parts.journal.flush()
+        assert transport.written.startswith(b"HTTP/1.1 404 ")
+        samples = parts.scrape()
+        assert value(samples, "paycore_http_request_duration_seconds_bucket", le="0.025") == 0
+        assert value(samples, "paycore_http_request_duration_seconds_count") == 1
+        assert value(samples, "paycore_http_request_duration_seconds_sum") >= 0.03
+        assert value(samples, "paycore_journal_backlog_records") == 0
+    run_with_parts(tmp_path, scenario)
+
+
+def test_outcomes_routing_and_retries_are_counted(tmp_path):
+    default = ScriptedClient(Outcome.FAILED)
+    fallback = ScriptedClient(Outcome.PROCESSED, Outcome.UNKNOWN, Outcome.PROCESSED, Outcome.PROCESSED)
+
+    async def settled(parts: Parts, count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(parts.ledger) < count or parts.dispatcher.unresolved:
+            assert time.monotonic() < deadline, "payments did not settle"
+            await asyncio.sleep(0.005)
+
+    async def scenario(parts: Parts) -> None:
+        parts.dispatcher.start()
+        # A 5xx from the default: requeued, and the route changes to the fallback.
+        parts.queue.push(uuid.uuid4().bytes, 100)
+        parts.dispatcher.notify()
+        await settled(parts, 1)
+        # A timeout: pinned to the fallback and resent there.
+        parts.queue.push(uuid.uuid4().bytes, 200)
+        parts.dispatcher.notify()
+        await settled(parts, 2)
+        # Left unsent by a previous run.
+        parts.dispatcher.resume([(uuid.uuid4().bytes, 300)], [])
+        await settled(parts, 3)
+
+        samples = parts.scrape()
+        outcomes = "paycore_processor_outcomes_total"
+        assert value(samples, outcomes, processor="default", outcome="5xx") == 1
+        assert value(samples, outcomes, processor="fallback", outcome="timeout") == 1
+        assert value(samples, outcomes, processor="fallback", outcome="ok") == 3
+        assert total(samples, outcomes) == 5
+        decisions = "paycore_routing_decisions_total"
+        assert value(samples, decisions, target="default") == 1
+        assert value(samples, decisions, target="fallback") == 3  # the pinned resend is no decision
+        assert value(samples, decisions, target="none") == 0
+        assert value(samples, "paycore_route_changes_total", to="fallback") == 1
+        assert total(samples, "paycore_route_changes_total") == 1
+        retries = "paycore_payment_retries_total"
+        assert value(samples, retries, kind="requeued") == 1
+        assert value(samples, retries, kind="pinned_resend") == 1
+        assert value(samples, retries, kind="resumed_unsent") == 1
+        assert value(samples, retries, kind="resumed_unresolved") == 0
+        for gauge in ("paycore_queue_depth", "paycore_payments_in_flight", "paycore_payments_unresolved"):
+            assert value(samples, gauge) == 0, gauge
+        assert total(samples, "paycore_processor_requests_in_flight") == 0
+    run_with_parts(tmp_path, scenario, (default, fallback))
+
+
+def test_format_checks_catch_broken_exposition():
+    """The parser above fails what Prometheus would refuse or misread."""
+    for broken in ("# TYPE x_total counter\n# HELP x_total h\nx_total{a=\"1\"} 1\nx_total{a=\"1\"} 2\n",
+                   "# HELP x h\n# TYPE x counter\nx 1\n",
+                   "x_total 1\n",
+                   ("# HELP h s\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\n"
+                    "h_sum 1\nh_count 1\n"),
+                   "# HELP g h\n# TYPE g gauge\ng{a=1} 1\n"):
+        with pytest.raises(AssertionError):
+            parse_exposition(broken)
+
+
+def test_the_metrics_listener_defaults_to_a_socket_per_instance_and_never_an_api_one(monkeypatch):
+    monkeypatch.delenv("PAYCORE_METRICS_LISTEN", raising=False)
+    monkeypatch.setenv("PAYCORE_SHARED_DIR", "/run/shared")
+    monkeypatch.setenv("PAYCORE_INSTANCE", "2")
+    monkeypatch.setenv("PAYCORE_LISTEN", "unix:/run/sockets/api-2.sock")
+    assert Settings().metrics_listen == "unix:/run/shared/metrics-2.sock"
+    monkeypatch.setenv("PAYCORE_METRICS_LISTEN", "unix:/run/sockets/api-2.sock")
+    with pytest.raises(SystemExit, match="PAYCORE_METRICS_LISTEN"):
+        Settings()
+
+
+# --- a real stack (conftest's live: the session's stack, reset) -------------
+
+def metrics_socket(live, index: int) -> str:
+    """Where PAYCORE_METRICS_LISTEN points by default: the shared directory."""
+    return str(live.stack.shared_dir / f"metrics-{index}.sock")
+
+
+def scrape(live, index: int) -> dict[Series, float]:
+    connection = UnixHTTPConnection(metrics_socket(live, index))
+    connection.request("GET", "/metrics")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(response.read().decode())
+
+
+def scrape_when_idle(live, timeout_s: float = 10.0) -> list[dict[Series, float]]:
+    """Once every instance has sent everything and holds no answer back."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        scrapes = [scrape(live, index) for index in sorted(live.stack.instances)]
+        busy = sum(total(samples, name) for samples in scrapes
+                   for name in ("paycore_queue_depth", "paycore_payments_in_flight",
+                                "paycore_processor_requests_in_flight", "paycore_payments_unresolved",
+                                "paycore_journal_backlog_records"))
+        if busy == 0 or time.monotonic() > deadline:
+            return scrapes
+        time.sleep(0.05)
+
+
+def change(before: list[dict], after: list[dict], name: str, **labels: str) -> float:
+    """How much a counter moved, over every instance."""
+    return sum(total(samples, name, **labels) for samples in after) - \
+        sum(total(samples, name, **labels) for samples in before)
+
+
+def post(live, count: int) -> None:
+    statuses = asyncio.run(post_many(live.port, [payment() for _ in range(count)]))
+    assert statuses == [202] * count
+
+
+def test_a_stack_counts_every_payment_once(live):
+    before = scrape_when_idle(live)
+    post(live, 300)
+    processed = live.wait_until_processed(300)
+    after = scrape_when_idle(live)
+
+    assert change(before, after, "paycore_http_requests_total", route="/payments", status="202") == 300
+    assert change(before, after, "paycore_http_requests_total", route="/payments") == 300
+    for name in ("default", "fallback"):
+        assert change(before, after, "paycore_processor_outcomes_total", processor=name, outcome="ok") \
+            == processed[name]["totalRequests"]
+    assert change(before, after, "paycore_routing_decisions_total") == 300
+    assert change(before, after, "paycore_payment_retries_total") == 0
+    assert change(before, after, "paycore_journal_records_total") >= 300 * 3  # accepted, sending, settled
+    for samples in after:
+        routed = total(samples, "paycore_http_requests_total") - \
+            total(samples, "paycore_http_requests_total", route="unrouted")
+        assert value(samples, "paycore_http_request_duration_seconds_count") == routed
+        for gauge in ("paycore_queue_depth", "paycore_payments_in_flight", "paycore_payments_unresolved",
+                      "paycore_journal_backlog_records"):
+            assert value(samples, gauge) == 0, gauge
+        assert total(samples, "paycore_processor_requests_in_flight") == 0
+
+
+def test_a_failing_default_is_counted(live):
+    before = scrape_when_idle(live)
+    live.default.set_failure(True)
+    post(live, 200)
+    processed = live.wait_until_processed(200)
+    after = scrape_when_idle(live)
+
+    assert processed["fallback"]["totalRequests"] == 200
+    ok = "paycore_processor_outcomes_total"
+    assert change(before, after, ok, processor="fallback", outcome="ok") == 200
+    assert change(before, after, ok, processor="default", outcome="ok") == 0
+    assert change(before, after, "paycore_routing_decisions_total", target="fallback") >= 200
+    assert change(before, after, "paycore_route_changes_total", to="fallback") >= 1
+    # Every 5xx of the default put its payment back in the queue.
+    failed = change(before, after, ok, processor="default", outcome="5xx")
+    assert failed == change(before, after, "paycore_payment_retries_total", kind="requeued")
+    assert change(before, after, ok) == 200 + failed
+
+
+# --- nothing internal through the public port ------------------------------
+
+def exchange(port: int, request: bytes) -> bytes:
+    """One request on its own connection, read until the server hangs up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+INTERNAL_TARGETS = [
+    "/metrics", "/metrics/", "/metrics?name[]=paycore_queue_depth", "/METRICS", "//metrics",
+    "/journal", "/journal-1.log", "/shared/health.json", "/health.json",
+    "/admin/payments-summary", "/admin/configurations/failure", "/payments/service-health",
+    "/payments/../metrics", "/../metrics", "/%2e%2e/metrics", "/payments-summary/../../metrics",
+    "/%6Detrics", "/metrics%00", "*",
+]
+
+
+@pytest.mark.parametrize("target", INTERNAL_TARGETS)
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT"])
+def test_internal_paths_are_not_served_through_the_load_balancer(live, method, target):
+    answer = exchange(live.port, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{live.port}\r\n"
+                                 "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith((b"HTTP/1.1 404 ", b"HTTP/1.1 405 ", b"HTTP/1.1 400 ")), answer[:200]
+    assert b"paycore_" not in answer and b"# TYPE" not in answer
+
+
+@pytest.mark.parametrize("request_head", [
+    # Absolute-form targets naming the metrics listener, as a forward proxy would take them.
+    "GET http://127.0.0.1:9464/metrics HTTP/1.1\r\nHost: 127.0.0.1:9464",
+    "GET http://localhost/metrics HTTP/1.1\r\nHost: localhost",
+    "GET unix:{socket}/metrics HTTP/1.1\r\nHost: localhost",
+    # The metrics listener's address as the Host.
+    "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9464",
+    "GET /metrics HTTP/1.1\r\nHost: unix:{socket}",
+    "GET /metrics HTTP/1.1\r\nHost: api1:9464\r\nX-Forwarded-Host: api1:9464",
+    "GET /metrics HTTP/1.0",
+    # Tunnels and protocol switches.
+    "CONNECT 127.0.0.1:9464 HTTP/1.1\r\nHost: 127.0.0.1:9464",
+    "CONNECT {socket} HTTP/1.1\r\nHost: localhost",
+    "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: h2c",
+])
+def test_proxy_style_requests_do_not_reach_the_metrics(live, request_head):
+    request = request_head.format(socket=metrics_socket(live, 1)) + "\r\nConnection: close\r\n\r\n"
+    answer = exchange(live.port, request.encode())
+    assert answer.startswith((b"HTTP/1.1 404 ", b"HTTP/1.1 400 ")), answer[:200]
+    assert b"paycore_" not in answer and b"# TYPE" not in answer
+
+
+def test_the_metrics_listener_is_not_the_public_one(live):
+    for index in sorted(live.stack.instances):
+        api = live.stack.socket_path(index)
+        assert Path(metrics_socket(live, index)).parent != Path(api).parent
+        assert call(live.instance(index), "GET", "/metrics")[0] == 404
+        assert call(UnixHTTPConnection(metrics_socket(live, index)), "GET", "/payments-summary")[0] == 404
+        assert call(UnixHTTPConnection(metrics_socket(live, index)), "POST", "/payments", payment())[0] == 404
+    # The load balancer forwards to the API sockets and nothing else.
+    servers = re.findall(r"^\s*server\s+\S+\s+(\S+)", (REPO / "deploy" / "haproxy.cfg").read_text(), re.MULTILINE)
+    assert servers == [f'"unix@${{PAYCORE_SOCKET_DIR}}/api-{index}.sock"' for index in (1, 2)]
+
+
+def test_an_empty_metrics_listen_serves_no_metrics():
+    with quick_stack(PAYCORE_METRICS_LISTEN="") as running:
+        assert call(running.client(), "GET", "/payments-summary")[0] == 200
+        assert not list(running.stack.shared_dir.glob("metrics-*"))
+
+
+def test_compose_publishes_no_instance_port_and_balances_only_api_sockets():
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    balancer = services["load-balancer"]
+    instances = {name: service for name, service in services.items()
+                 if service.get("image", "").startswith("paycore")}
+    socket_dir = balancer["environment"]["PAYCORE_SOCKET_DIR"]
+    for name, instance in instances.items():
+        environment = instance["environment"]
+        assert "ports" not in instance and "expose" not in instance, name
+        listen = environment["PAYCORE_LISTEN"]
+        metrics = environment["PAYCORE_METRICS_LISTEN"]
+        assert listen.startswith(f"unix:{socket_dir}/api-"), name
+        assert metrics != listen and not metrics.startswith(f"unix:{socket_dir}"), name
+    assert [str(port) for port in balancer["ports"]] == ["9999:9999"]
