@@ -43,13 +43,12 @@ class HttpProtocol(asyncio.Protocol):
     )
 
     def __init__(self, routes: RequestHandler, journal: JournalWriter, guard: ConnectionGuard,
-                 metrics: Metrics | None = None) -> None:
-        """Without metrics (a protocol on its own, as in tests) it counts into its own."""
+                 metrics: Metrics) -> None:
         self._routes = routes
         self._journal = journal
         self._guard = guard
         self._limits = guard.limits
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._latency = self._metrics.latency
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -87,7 +86,13 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject(responses.BAD_REQUEST)
+            # No protocol switch here. A request that asked for one was answered
+            # already when it completed: just hang up after that answer.
+            if self._request_sweeps != NOT_IN_A_REQUEST:
+                self._reject(responses.BAD_REQUEST)
+            elif self._transport is not None:
+                transport, self._transport = self._transport, None
+                self._journal.after_durable(transport.close)
         except httptools.HttpParserError:
             if self._transport is not None:
                 self._reject(responses.BAD_REQUEST)

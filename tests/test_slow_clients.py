@@ -99,3 +99,12 @@ def test_connections_beyond_the_limit_are_refused_and_the_rest_served():
             connection.close()
         time.sleep(0.2)
         assert call(live.instance(1), "GET", "/payments-summary")[0] == 200
+
+
+def test_a_request_asking_for_a_protocol_switch_gets_one_answer_then_a_hang_up(strict):
+    sock = connect(strict.port)
+    sock.sendall(b"GET /payments-summary HTTP/1.1\r\nHost: paycore\r\n"
+                 b"Connection: upgrade\r\nUpgrade: h2c\r\n\r\n")
+    answer = read_until_closed(sock, timeout_s=5)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    sock.close()

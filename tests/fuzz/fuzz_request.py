@@ -30,6 +30,7 @@ from paycore.service import responses
 with atheris.instrument_imports(include=["paycore.service"]):
     from paycore.service.connections import ConnectionGuard, ConnectionLimits
     from paycore.service.http_server import HttpProtocol
+    from paycore.service.metrics import Metrics
 
 # Small, so that the fuzzer reaches them easily.
 LIMITS = ConnectionLimits(max_connections=1, max_head_bytes=256, max_body_bytes=64,
@@ -93,7 +94,7 @@ class BatchingJournal:
 
 
 def make_protocol(routes: RecordingRoutes, journal: BatchingJournal) -> HttpProtocol:
-    return HttpProtocol(routes, journal, ConnectionGuard(LIMITS))
+    return HttpProtocol(routes, journal, ConnectionGuard(LIMITS), Metrics())
 
 
 def test_one_input(data: bytes) -> None:
