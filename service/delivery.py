@@ -15,8 +15,8 @@ slot is free, so while both processors fail the payments wait in the ring
   ever held by both processors.
 
 Every send is journaled (and the record written) before the request leaves,
-and every outcome before the ledger has it, so a restarted instance knows
-which payments to ask the processors about (resolve_after_restart).
+and every outcome appended before the ledger has it, so a restarted instance
+knows which payments to ask the processors about (resolve_after_restart).
 """
 from __future__ import annotations
 

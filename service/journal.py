@@ -48,20 +48,21 @@ class JournalWriter:
         self._schedule_flush()
 
     def settled(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
+        """Rides along with the next batch: nothing waits on it, and if a crash
+        loses it the restart asks the processor instead (service.recovery)."""
         self._journal.settled(uuid16, processor, requested_at_ms, cents, self._ledger.generation)
-        self._schedule_flush()
 
     def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Run callback(*args) once every record appended so far is written:
-        at once when none is waiting. Callbacks run in the order given."""
-        if self._journal.pending or self._waiting:
+        """Run callback(*args) once every promise or send appended so far is
+        written: at once when none is waiting. Callbacks run in the order given."""
+        if self._flush_scheduled:
             self._waiting.append((callback, args))
         else:
             callback(*args)
 
     def durable(self) -> asyncio.Future:
-        """A future done once every record appended so far is written."""
-        if not self._journal.pending:
+        """A future done once every promise or send appended so far is written."""
+        if not self._flush_scheduled:
             done = self._loop.create_future()
             done.set_result(None)
             return done

@@ -335,13 +335,15 @@ def test_a_stack_counts_every_payment_once(live):
             == processed[name]["totalRequests"]
     assert change(before, after, "paycore_routing_decisions_total") == 300
     assert change(before, after, "paycore_payment_retries_total") == 0
-    assert change(before, after, "paycore_journal_records_total") >= 300 * 3  # accepted, sending, settled
+    # Accepted, sending, settled; outcomes ride along with the next batch, so
+    # the last ones may still wait in the backlog.
+    assert change(before, after, "paycore_journal_records_total") \
+        + change(before, after, "paycore_journal_backlog_records") == 300 * 3
     for samples in after:
         routed = total(samples, "paycore_http_requests_total") - \
             total(samples, "paycore_http_requests_total", route="unrouted")
         assert value(samples, "paycore_http_request_duration_seconds_count") == routed
-        for gauge in ("paycore_queue_depth", "paycore_payments_in_flight", "paycore_payments_unresolved",
-                      "paycore_journal_backlog_records"):
+        for gauge in ("paycore_queue_depth", "paycore_payments_in_flight", "paycore_payments_unresolved"):
             assert value(samples, gauge) == 0, gauge
         assert total(samples, "paycore_processor_requests_in_flight") == 0
 
