@@ -102,6 +102,7 @@ class Dispatcher:
         backoff_s = self._retry_min_s
         while True:
             if len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing:
+                self._write_sends()
                 await self._sleep_until_notified()
                 continue
             processor = self._router.choose()
@@ -109,6 +110,7 @@ class Dispatcher:
                 # Both failing: wait (new payments must not cut the wait short,
                 # or every one of them would become a probe), then let a single
                 # payment test the water.
+                self._write_sends()
                 await asyncio.sleep(backoff_s)
                 processor = self._router.choose()
                 if processor is None:
@@ -121,13 +123,21 @@ class Dispatcher:
             if payment is None:
                 self._probing = False
                 continue
+            requested_at_ms = wall_clock_ms()
+            self._journal.sending(payment[0], processor, requested_at_ms)
             self._in_flight += 1
-            asyncio.ensure_future(self._deliver(payment[0], payment[1], processor, self._probing))
+            asyncio.ensure_future(
+                self._deliver(payment[0], payment[1], processor, requested_at_ms, self._probing))
 
-    async def _deliver(self, uuid16: bytes, cents: int, processor: int, probe: bool) -> None:
-        requested_at_ms = wall_clock_ms()
+    def _write_sends(self) -> None:
+        """Before the loop yields: the sends it took write their records here,
+        in one batch, so their tasks find them written and need no later pass."""
+        if self._journal.waiting:
+            self._journal.flush()
+
+    async def _deliver(self, uuid16: bytes, cents: int, processor: int, requested_at_ms: int,
+                       probe: bool) -> None:
         try:
-            self._journal.sending(uuid16, processor, requested_at_ms)
             await self._journal.durable()
             outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
         finally:

@@ -1,12 +1,13 @@
 """Group commit: what the service promises or attempts is journaled before it
 leaves the process.
 
-Records appended during one pass of the event loop are written together, with
-one write (and one fdatasync when PAYCORE_JOURNAL_SYNC=1), in a callback that
-runs before the loop next waits for I/O. Only then do the answers that promised
-those payments go out (`after_durable`) and the sends that were recorded start
-(`durable`). If the write fails, the batch is kept and retried: nothing is
-promised or sent that the journal does not hold.
+Records appended while handling one read (a connection's requests) or one
+pass of the dispatcher are written together with one write (and one fdatasync
+when PAYCORE_JOURNAL_SYNC=1) at its end, by whoever appended them (`flush`); a
+callback scheduled at the first append is the safety net. Only then do the
+answers that promised those payments go out (`after_durable`) and the sends
+that were recorded start (`durable`). If the write fails, the batch is kept
+and retried: nothing is promised or sent that the journal does not hold.
 """
 from __future__ import annotations
 
@@ -30,9 +31,17 @@ class JournalWriter:
         self._loop = asyncio.get_running_loop()
         self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._batch_written: asyncio.Future | None = None
+        self._nothing_to_wait_for = self._loop.create_future()
+        self._nothing_to_wait_for.set_result(None)
         self._flush_scheduled = False
+        self._scheduled_flush: asyncio.Handle | None = None
         self.batches = 0
         self.records = 0
+
+    @property
+    def waiting(self) -> bool:
+        """A promise or a send is appended and not yet written."""
+        return self._flush_scheduled
 
     @property
     def backlog(self) -> int:
@@ -63,22 +72,25 @@ class JournalWriter:
     def durable(self) -> asyncio.Future:
         """A future done once every promise or send appended so far is written."""
         if not self._flush_scheduled:
-            done = self._loop.create_future()
-            done.set_result(None)
-            return done
+            return self._nothing_to_wait_for
         if self._batch_written is None:
             self._batch_written = self._loop.create_future()
         return self._batch_written
 
     def flush(self) -> None:
-        """Write the batch now and release what waited on it (also used at shutdown)."""
+        """Write the batch now and release what waited on it: at the end of a
+        read that appended promises, so answers leave in the same callback,
+        and at shutdown. A flush still scheduled then finds nothing to do."""
+        if self._scheduled_flush is not None:
+            self._scheduled_flush.cancel()
+            self._scheduled_flush = None
         self._flush_scheduled = False
         try:
             written = self._journal.flush()
         except OSError as error:
             log.error("journal write failed, retrying: %s", error)
             self._flush_scheduled = True
-            self._loop.call_later(RETRY_AFTER_ERROR_S, self.flush)
+            self._scheduled_flush = self._loop.call_later(RETRY_AFTER_ERROR_S, self.flush)
             return
         if written:
             self.batches += 1
@@ -97,4 +109,4 @@ class JournalWriter:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+            self._scheduled_flush = self._loop.call_soon(self.flush)

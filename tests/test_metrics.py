@@ -21,6 +21,7 @@ from paycore.service.journal import JournalWriter
 from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
 from paycore.service.processor_client import Outcome
 from paycore.service.router import Router
+from test_journal_writer import FailingFirstWrites
 from test_service import payment, post_many
 
 from paycore.core.journal import Journal
@@ -128,10 +129,12 @@ class ScriptedClient:
 class Parts:
     """What an instance counts with, around the given processor clients."""
 
-    def __init__(self, directory: Path, clients: tuple[ScriptedClient, ScriptedClient]) -> None:
+    def __init__(self, directory: Path, clients: tuple[ScriptedClient, ScriptedClient],
+                 failing_writes: int = 0) -> None:
         self.metrics = Metrics()
         self.ledger = Ledger(str(directory), "1", 1024)
-        self.journal = JournalWriter(Journal(str(directory / "journal.log")), self.ledger)
+        self.journal = JournalWriter(
+            FailingFirstWrites(Journal(str(directory / "journal.log")), failing_writes), self.ledger)
         self.queue = RingQueue(16)
         self.router = Router(1500, self.metrics)
         self.dispatcher = Dispatcher(self.queue, self.router, clients, self.ledger, self.journal, self.metrics,
@@ -158,9 +161,10 @@ class Parts:
 
 
 def run_with_parts(tmp_path: Path, scenario,
-                   clients: tuple[ScriptedClient, ScriptedClient] | None = None) -> None:
+                   clients: tuple[ScriptedClient, ScriptedClient] | None = None,
+                   failing_writes: int = 0) -> None:
     async def main() -> None:
-        parts = Parts(tmp_path, clients or (ScriptedClient(), ScriptedClient()))
+        parts = Parts(tmp_path, clients or (ScriptedClient(), ScriptedClient()), failing_writes)
         try:
             await scenario(parts)
         finally:
@@ -195,9 +199,9 @@ def test_requests_are_counted_by_route_and_status_with_their_latency(tmp_path):
 
 def test_latency_runs_until_the_answer_is_written_after_the_journal(tmp_path):
     async def scenario(parts: Parts) -> None:
-        parts.journal.accepted(uuid.uuid4().bytes, 100)  # a batch not written yet holds answers back
+        parts.journal.accepted(uuid.uuid4().bytes, 100)  # a batch that holds answers back
         protocol, transport = parts.connect()
-        protocol.data_received(b"GET /nope HTTP/1.1\r\n\r\n")
+        protocol.data_received(b"GET /nope HTTP/1.1\r\n\r\n")  # its write fails: the answer waits
         assert transport.written == b""
         assert value(parts.scrape(), "paycore_journal_backlog_records") == 1
         time.sleep(0.03)  # noqa: ASYNC251 - the loop stalls, as in a slow journal write
@@ -208,7 +212,7 @@ def test_latency_runs_until_the_answer_is_written_after_the_journal(tmp_path):
         assert value(samples, "paycore_http_request_duration_seconds_count") == 1
         assert value(samples, "paycore_http_request_duration_seconds_sum") >= 0.03
         assert value(samples, "paycore_journal_backlog_records") == 0
-    run_with_parts(tmp_path, scenario)
+    run_with_parts(tmp_path, scenario, failing_writes=1)
 
 
 def test_outcomes_routing_and_retries_are_counted(tmp_path):

@@ -4,8 +4,8 @@
 An input is a header and the byte stream the client sends:
   byte 0   the stream is cut into 1 + (byte 0 & 7) chunks; bit 7: the client
            hangs up before the last journal batch is written
-  byte 1   bit i: a journal batch is being written while chunk i is read, so
-           the answers wait for it
+  byte 1   bit i: another connection's promise is pending while chunk i is
+           read, and writing it fails, so the answers wait for it
   byte 2   bit i: the connection guard's timer sweeps before chunk i is read
   then     one byte per cut: the length of the chunk before it
   the rest the stream
@@ -74,20 +74,24 @@ class RecordingRoutes:
 
 
 class BatchingJournal:
-    """JournalWriter.after_durable: callbacks wait, in order, while a batch is being written."""
+    """JournalWriter's contract: callbacks wait, in order, while a batch holding
+    a promise is pending; flush() writes it unless the write fails (`failing`)."""
 
     def __init__(self) -> None:
-        self.writing = False
+        self.failing = False
+        self.waiting = False
         self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        if self.writing or self._waiting:
+        if self.waiting:
             self._waiting.append((callback, args))
         else:
             callback(*args)
 
-    def batch_written(self) -> None:
-        self.writing = False
+    def flush(self) -> None:
+        if self.failing:
+            return
+        self.waiting = False
         waiting, self._waiting = self._waiting, []
         for callback, args in waiting:
             callback(*args)
@@ -107,18 +111,21 @@ def test_one_input(data: bytes) -> None:
             protocol.sweep(TIMEOUT_SWEEPS, TIMEOUT_SWEEPS)
         if transport.closing:
             break  # a closing transport reads no more
-        if not writing:
-            journal.batch_written()
-        journal.writing = writing
+        # A batch holding a promise is pending (another connection's), and its
+        # write fails or not.
+        journal.waiting = journal.waiting or writing
+        journal.failing = writing
         if chunk:  # asyncio never delivers an empty read
             protocol.data_received(chunk)
     if not hang_up_early:
-        journal.batch_written()
+        journal.failing = False
+        journal.flush()
     closed_by_server = transport.closing
     if not transport.closing and not protocol.eof_received():
         transport.close()
     protocol.connection_lost(None)
-    journal.batch_written()
+    journal.failing = False
+    journal.flush()
 
     statuses = [status for written in transport.writes for status in response_statuses(written)]
     handled_answers = statuses.count(HANDLED_STATUS)
