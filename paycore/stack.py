@@ -25,6 +25,7 @@ INSTANCES = 2  # deploy/haproxy.cfg names two servers, as docker-compose.yml run
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1
+TMPFS = "/dev/shm"
 
 
 def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -60,6 +61,10 @@ class StackSettings:
     default_url: str | None = None
     fallback_url: str | None = None
     run_dir: Path | None = None
+    # The instances' shared state and journals. None: a fresh directory on
+    # tmpfs (/dev/shm), as docker-compose.yml mounts it, removed at stop; a
+    # journal write on a disk filesystem can stall for a second when the disk does.
+    shared_dir: Path | None = None
     # Extra environment for the service instances (e.g. shorter timeouts in tests).
     instance_env: dict[str, str] = field(default_factory=dict)
     emulator_args: tuple[str, ...] = ()
@@ -74,7 +79,9 @@ class Stack:
         self.settings = settings or StackSettings()
         self._own_run_dir = self.settings.run_dir is None
         self.run_dir = Path(self.settings.run_dir or tempfile.mkdtemp(prefix="paycore-"))
-        self.shared_dir = self.run_dir / "shared"
+        self._own_shared_dir = self.settings.shared_dir is None
+        self.shared_dir = Path(self.settings.shared_dir or tempfile.mkdtemp(
+            prefix="paycore-shared-", dir=TMPFS if os.path.isdir(TMPFS) else None))
         self.socket_dir = self.run_dir / "sockets"
         self.emulated = not (self.settings.default_url and self.settings.fallback_url)
         if self.emulated:
@@ -168,6 +175,8 @@ class Stack:
         self.processors.clear()
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._own_shared_dir:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
 
     def __enter__(self) -> Stack:
         return self.start()
@@ -200,7 +209,6 @@ def _stop_with_parent() -> None:
 def main() -> None:
     _stop_with_parent()
     run_dir = Path(os.environ.get("PAYCORE_RUN_DIR", REPO / "run"))
-    shutil.rmtree(run_dir / "shared", ignore_errors=True)
     stack = Stack(StackSettings(
         port=int(os.environ.get("PAYCORE_PORT", "9999")),
         default_url=os.environ.get("PROCESSOR_DEFAULT_URL"),
@@ -217,7 +225,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     stack.start()
     processors = "emulated on 8001/8002" if stack.emulated else f"{stack.default_url}, {stack.fallback_url}"
-    print(f"paycore: {stack.url} (processors {processors}); Ctrl-C stops everything", flush=True)
+    print(f"paycore: {stack.url} (processors {processors}); shared state, journals and metrics "
+          f"sockets in {stack.shared_dir}; Ctrl-C stops everything", flush=True)
     while not stopping:
         time.sleep(0.2)
     stack.stop()
