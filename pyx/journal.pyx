@@ -13,6 +13,7 @@ from posix.unistd cimport close, fsync, ftruncate, pread, read, write
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from paycore.core.correlation_id cimport UUID_BYTES
+from paycore.core.posix_files cimport open_or_raise, raise_os_error
 
 
 cdef extern from "<sys/file.h>" nogil:
@@ -26,6 +27,7 @@ cdef extern from "<unistd.h>" nogil:
 
 
 cdef enum:
+    FILE_MODE = 0o644
     JOURNAL_VERSION = 1
     READ_CHUNK_RECORDS = 4096
     INITIAL_BUFFER_RECORDS = 256
@@ -65,18 +67,6 @@ cdef void fill_header(FileHeader* header) noexcept nogil:
     header.magic = JOURNAL_MAGIC
     header.version = JOURNAL_VERSION
     header.record_size = sizeof(JournalRecord)
-
-
-cdef int raise_os_error(str path) except -1:
-    cdef int code = errno
-    raise OSError(code, os.strerror(code), path)
-
-
-cdef int open_or_raise(str path, int flags) except -1:
-    cdef int fd = open_file(os.fsencode(path), flags | O_CLOEXEC, 0o644)
-    if fd < 0:
-        raise_os_error(path)
-    return fd
 
 
 cdef int write_all(int fd, const char* data, Py_ssize_t size) noexcept nogil:
@@ -176,7 +166,7 @@ def write_journal(str path, records, bint sync=False):
     cdef Journal writer = Journal.__new__(Journal)
     writer.path = temporary
     writer.sync = sync
-    writer.fd = open_or_raise(temporary, O_WRONLY | O_CREAT | O_TRUNC)
+    writer.fd = open_or_raise(temporary, O_WRONLY | O_CREAT | O_TRUNC, FILE_MODE)
     try:
         writer.start_file()
         for kind, uuid16, processor, cents, requested_at_ms, generation in records:
@@ -210,7 +200,7 @@ cdef class Journal:
     def __init__(self, str path, bint sync=False):
         self.path = path
         self.sync = sync
-        self.fd = open_or_raise(path, O_RDWR | O_APPEND | O_CREAT)
+        self.fd = open_or_raise(path, O_RDWR | O_APPEND | O_CREAT, FILE_MODE)
         if flock(self.fd, LOCK_EX | LOCK_NB) != 0:
             if errno == EAGAIN:
                 self.close()

@@ -19,6 +19,8 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, ftruncate
 
+from paycore.core.posix_files cimport open_or_raise, raise_os_error
+
 
 cdef extern from *:
     """
@@ -60,6 +62,7 @@ cdef extern from "<sched.h>" nogil:
 
 
 cdef enum:
+    FILE_MODE = 0o666          # every instance maps every region, whatever user it runs as
     LEDGER_VERSION = 1
     MAX_CAPACITY = 2147483647  # node indices are int32
     SPIN_ATTEMPTS = 64         # busy retries before yielding the CPU to the writer
@@ -425,18 +428,6 @@ cdef bint owner_alive(int fd) noexcept nogil:
 
 # --- files and mappings ------------------------------------------------------------
 
-cdef int raise_os_error(str path) except -1:
-    cdef int code = errno
-    raise OSError(code, os.strerror(code), path)
-
-
-cdef int open_or_raise(str path, int flags) except -1:
-    cdef int fd = open_file(os.fsencode(path), flags | O_CLOEXEC, 0o666)
-    if fd < 0:
-        raise_os_error(path)
-    return fd
-
-
 cdef int64_t file_size(int fd, str path) except -1:
     cdef struct_stat status
     if fstat(fd, &status) != 0:
@@ -526,7 +517,7 @@ cdef class Ledger:
         self.instance = instance
         control_path = os.path.join(directory, CONTROL_FILE)
         # Held until registered: instances attach one at a time.
-        cdef int control_fd = open_or_raise(control_path, O_RDWR | O_CREAT)
+        cdef int control_fd = open_or_raise(control_path, O_RDWR | O_CREAT, FILE_MODE)
         try:
             if lock_file(control_fd, F_WRLCK, True) != 0:
                 raise_os_error(control_path)
@@ -568,7 +559,7 @@ cdef class Ledger:
 
     cdef int _open_own_region(self, int64_t initial_capacity) except -1:
         path = self._region_path(self.instance)
-        self.own.fd = open_or_raise(path, O_RDWR | O_CREAT)
+        self.own.fd = open_or_raise(path, O_RDWR | O_CREAT, FILE_MODE)
         if lock_file(self.own.fd, F_WRLCK, False) != 0:
             if errno == EAGAIN or errno == EACCES:
                 raise RuntimeError(f"instance {self.instance!r} already has a ledger open in {self.directory}")

@@ -99,6 +99,10 @@ class RunningStack:
         return [call(self.instance(index), "GET", "/payments-summary" + query)[1]
                 for index in sorted(self.stack.instances)]
 
+    def set_both_failing(self, failing: bool) -> None:
+        self.default.set_failure(failing)
+        self.fallback.set_failure(failing)
+
     def processors_summary(self, query: str = "") -> dict:
         return {"default": self.default.summary(query), "fallback": self.fallback.summary(query)}
 

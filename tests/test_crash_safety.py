@@ -144,16 +144,14 @@ def test_payments_in_flight_at_a_kill_are_resolved_by_asking_first(crashy):
 
 def test_a_payment_promised_while_both_processors_fail_is_kept_across_kills(crashy):
     live = crashy
-    live.default.set_failure(True)
-    live.fallback.set_failure(True)
+    live.set_both_failing(True)
     direct = live.instance(1)
     ids = [str(uuid.uuid4()) for _ in range(100)]
     for correlation_id in ids:
         assert call(direct, "POST", "/payments", payment(correlation_id))[0] == 202
     restart(live, 1)
     restart(live, 1)
-    live.default.set_failure(False)
-    live.fallback.set_failure(False)
+    live.set_both_failing(False)
     assert_exactly_once(live, ids)
 
 
@@ -192,30 +190,26 @@ def test_sigterm_drains_what_it_can_and_exits_0(crashy):
 
 def test_sigterm_with_processors_down_keeps_the_rest_for_the_next_start():
     with quick_stack(PAYCORE_DRAIN_TIMEOUT_MS="500") as live:
-        live.default.set_failure(True)
-        live.fallback.set_failure(True)
+        live.set_both_failing(True)
         ids = [str(uuid.uuid4()) for _ in range(50)]
         for correlation_id in ids:
             assert call(live.instance(1), "POST", "/payments", payment(correlation_id))[0] == 202
         started = time.monotonic()
         assert live.stack.stop_instance(1, signal.SIGTERM) == 0
         assert time.monotonic() - started < 5
-        live.default.set_failure(False)
-        live.fallback.set_failure(False)
+        live.set_both_failing(False)
         live.stack.start_instance(1)
         assert_exactly_once(live, ids)
 
 
 def test_a_draining_instance_refuses_new_payments(crashy):
     live = crashy
-    live.default.set_failure(True)
-    live.fallback.set_failure(True)
+    live.set_both_failing(True)
     connection = UnixHTTPConnection(live.stack.socket_path(1))
     assert call(connection, "POST", "/payments", payment())[0] == 202
     live.stack.instances[1].send_signal(signal.SIGTERM)
     time.sleep(0.3)
     status, body = call(connection, "POST", "/payments", payment())
     assert status == 503 and "shutting down" in body["error"]
-    live.default.set_failure(False)
-    live.fallback.set_failure(False)
+    live.set_both_failing(False)
     assert live.stack.stop_instance(1, signal.SIGTERM) == 0
