@@ -255,8 +255,9 @@ def finish_insert_later(path, slot_at, waiting, finished_at):
     with open(path, "r+b") as file, mmap.mmap(file.fileno(), 0) as shared:
         waiting.set()
         time.sleep(0.005)
-        finished_at.value = time.monotonic()
         set_state(shared, slot_at, READY)
+        # After publishing: a claim that gave up on this writer did so before this.
+        finished_at.value = time.monotonic()
 
 
 def test_a_slot_mid_insert_is_waited_for(path):

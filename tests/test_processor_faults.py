@@ -115,8 +115,12 @@ def test_default_unreachable(faulty, fault):
     def waiting_for_the_default() -> list[str]:
         return [i for i in during if live.fallback.held(i) is None]
 
-    wait_until(lambda: not waiting_for_the_default(), 2.0)
-    assert not (waiting := waiting_for_the_default()), f"{len(waiting)} wait for the default"
+    # A payment written to a pooled connection the default was closing at that
+    # instant has an unknown outcome, and rightly waits for the default: a few
+    # may. Without a connect timeout a fifth of them waited for minutes.
+    wait_until(lambda: len(waiting_for_the_default()) <= len(during) // 20, 2.0)
+    waiting = waiting_for_the_default()
+    assert len(waiting) <= len(during) // 20, f"{len(waiting)} wait for the default"
     faulty.default_proxy.set_fault(Fault.NONE)
     summary = assert_each_payment_held_once(live, in_flight + during)
     assert summary["default"]["totalRequests"] > 0  # the outage did catch some in flight
