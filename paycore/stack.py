@@ -100,14 +100,16 @@ class Stack:
         output = subprocess.DEVNULL if self.settings.quiet else None
         cgroups = self.settings.cgroups.get(service, ()) if service else ()
 
-        def join_cgroups() -> None:
+        def prepare_child() -> None:
+            # A killed benchmark or test run must not leave its stack running.
+            _stop_with_parent()
             for cgroup in cgroups:
                 with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
                     procs.write(str(os.getpid()))
 
         return subprocess.Popen(command, env={**os.environ, **(env or {})},
                                 stdout=output, stderr=output, start_new_session=True,
-                                preexec_fn=join_cgroups if cgroups else None)
+                                preexec_fn=prepare_child)
 
     def start(self) -> Stack:
         for directory in (self.shared_dir, self.socket_dir):
@@ -197,8 +199,9 @@ def _stop(process: subprocess.Popen, signum: int) -> int:
 
 
 def _stop_with_parent() -> None:
-    """`make run` is our parent: if it is sent SIGTERM it does not pass it on, so
-    ask the kernel to send it to us when the parent goes (Linux prctl)."""
+    """Ask the kernel for SIGTERM when the parent goes (Linux prctl): make does
+    not pass its SIGTERM on to `make run`, and a Stack's owner may be killed
+    before it can stop what it started."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
