@@ -33,11 +33,10 @@ class Settings:
     )
     # Shared by every instance on the host (tmpfs): ledger regions, accepted ids, health board.
     shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR))
-    # Each instance's journal (journal-<instance>.log). On the shared tmpfs it
-    # survives the process (SIGKILL, OOM kill); on a disk volume, with
+    # Each instance's journal (journal-<instance>.log); empty: shared_dir. On
+    # tmpfs it survives the process (SIGKILL, OOM kill); on a disk volume, with
     # journal_sync, it survives the machine too.
-    journal_dir: str = field(
-        default_factory=lambda: _env("PAYCORE_JOURNAL_DIR", _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR)))
+    journal_dir: str = field(default_factory=lambda: _env("PAYCORE_JOURNAL_DIR", ""))
     journal_sync: bool = field(default_factory=lambda: _env_int("PAYCORE_JOURNAL_SYNC", 0) != 0)
     # Prometheus metrics (GET /metrics), unix:/path or host:port; empty: none.
     # By default a socket next to the shared state: unique per instance even when
@@ -45,10 +44,8 @@ class Settings:
     # stacks), and never one the load balancer forwards to (it knows only the API
     # sockets). Prometheus scrapes TCP only, so docker-compose.yml gives each
     # container a port on the backend network instead, which nothing publishes.
-    metrics_listen: str = field(default_factory=lambda: _env(
-        "PAYCORE_METRICS_LISTEN",
-        f"unix:{_env('PAYCORE_SHARED_DIR', DEFAULT_SHARED_DIR)}"
-        f"/metrics-{_env('PAYCORE_INSTANCE', DEFAULT_INSTANCE)}.sock"))
+    # None (unset): that default.
+    metrics_listen: str | None = field(default_factory=lambda: os.environ.get("PAYCORE_METRICS_LISTEN"))
     default_url: str = field(
         default_factory=lambda: _env("PROCESSOR_DEFAULT_URL", "http://payment-processor-default:8080")
     )
@@ -83,6 +80,11 @@ class Settings:
         default_factory=lambda: _env_int("PAYCORE_CLIENT_IDLE_TIMEOUT_MS", 75000))
 
     def __post_init__(self) -> None:
+        # Derived from the settings they follow, whether those came from the environment or not.
+        if not self.journal_dir:
+            object.__setattr__(self, "journal_dir", self.shared_dir)
+        if self.metrics_listen is None:
+            object.__setattr__(self, "metrics_listen", f"unix:{self.shared_dir}/metrics-{self.instance}.sock")
         # A unix socket path is taken over at start: the API's socket would serve metrics.
         if self.metrics_listen in self.listen:
             raise SystemExit(f"PAYCORE_METRICS_LISTEN must not be one of PAYCORE_LISTEN: {self.metrics_listen}")
