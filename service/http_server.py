@@ -85,8 +85,7 @@ class HttpProtocol(asyncio.Protocol):
         self._idle_sweeps = 0
         try:
             self._parser.feed_data(data)
-            if self._journal.waiting:
-                self._journal.flush()
+            self._journal.flush_waiting()
         except httptools.HttpParserUpgrade:
             # No protocol switch here. A request that asked for one was answered
             # already when it completed: just hang up after that answer.

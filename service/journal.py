@@ -33,7 +33,8 @@ class JournalWriter:
         self._batch_written: asyncio.Future | None = None
         self._nothing_to_wait_for = self._loop.create_future()
         self._nothing_to_wait_for.set_result(None)
-        self._flush_scheduled = False
+        # The pending write: scheduled at the first promise or send of a batch,
+        # or the retry after a failed write. None: nobody waits.
         self._scheduled_flush: asyncio.Handle | None = None
         self.batches = 0
         self.records = 0
@@ -41,7 +42,7 @@ class JournalWriter:
     @property
     def waiting(self) -> bool:
         """A promise or a send is appended and not yet written."""
-        return self._flush_scheduled
+        return self._scheduled_flush is not None
 
     @property
     def backlog(self) -> int:
@@ -64,14 +65,14 @@ class JournalWriter:
     def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run callback(*args) once every promise or send appended so far is
         written: at once when none is waiting. Callbacks run in the order given."""
-        if self._flush_scheduled:
+        if self.waiting:
             self._waiting.append((callback, args))
         else:
             callback(*args)
 
     def durable(self) -> asyncio.Future:
         """A future done once every promise or send appended so far is written."""
-        if not self._flush_scheduled:
+        if not self.waiting:
             return self._nothing_to_wait_for
         if self._batch_written is None:
             self._batch_written = self._loop.create_future()
@@ -80,16 +81,14 @@ class JournalWriter:
     def flush(self) -> None:
         """Write the batch now and release what waited on it: at the end of a
         read that appended promises, so answers leave in the same callback,
-        and at shutdown. A flush still scheduled then finds nothing to do."""
+        and at shutdown. The flush that was scheduled is then called off."""
         if self._scheduled_flush is not None:
             self._scheduled_flush.cancel()
             self._scheduled_flush = None
-        self._flush_scheduled = False
         try:
             written = self._journal.flush()
         except OSError as error:
             log.error("journal write failed, retrying: %s", error)
-            self._flush_scheduled = True
             self._scheduled_flush = self._loop.call_later(RETRY_AFTER_ERROR_S, self.flush)
             return
         if written:
@@ -106,7 +105,11 @@ class JournalWriter:
         self.flush()
         self._journal.close()
 
+    def flush_waiting(self) -> None:
+        """Write the batch if a promise or a send waits in it."""
+        if self.waiting:
+            self.flush()
+
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if self._scheduled_flush is None:
             self._scheduled_flush = self._loop.call_soon(self.flush)

@@ -96,6 +96,10 @@ class BatchingJournal:
         for callback, args in waiting:
             callback(*args)
 
+    def flush_waiting(self) -> None:
+        if self.waiting:
+            self.flush()
+
 
 def make_protocol(routes: RecordingRoutes, journal: BatchingJournal) -> HttpProtocol:
     return HttpProtocol(routes, journal, ConnectionGuard(LIMITS), Metrics())
