@@ -105,6 +105,9 @@ class Instance:
         log.info("instance %s listening on %s, metrics on %s", self.settings.instance,
                  ", ".join(self.settings.listen), self.settings.metrics_listen or "none")
 
+    def _undelivered(self) -> bool:
+        return bool(len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved)
+
     async def stop(self) -> None:
         """Stop accepting, give queued and in-flight payments a bounded time,
         flush the journal, close. What is left is in the journal for the next start."""
@@ -112,10 +115,9 @@ class Instance:
             server.close()
         self.intake.stop_accepting()
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_ms / 1000
-        while (len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved) \
-                and asyncio.get_running_loop().time() < deadline:
+        while self._undelivered() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        if len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved:
+        if self._undelivered():
             log.warning("stopping with %d queued, %d in flight, %d unresolved payments; "
                         "the journal keeps them for the next start",
                         len(self.queue), self.dispatcher.in_flight, self.dispatcher.unresolved)

@@ -102,7 +102,9 @@ class Dispatcher:
         backoff_s = self._retry_min_s
         while True:
             if len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing:
-                self._write_sends()
+                # Before yielding, the sends just taken are written in one batch,
+                # so their tasks find them written and need no later pass.
+                self._journal.flush_waiting()
                 await self._sleep_until_notified()
                 continue
             processor = self._router.choose()
@@ -110,13 +112,13 @@ class Dispatcher:
                 # Both failing: wait (new payments must not cut the wait short,
                 # or every one of them would become a probe), then let a single
                 # payment test the water.
-                self._write_sends()
+                self._journal.flush_waiting()
                 await asyncio.sleep(backoff_s)
                 processor = self._router.choose()
                 if processor is None:
                     processor = self._router.probe_target()
                     self._probing = True
-                    backoff_s = min(backoff_s * 2, self._retry_max_s)
+                    backoff_s = self._longer(backoff_s)
             else:
                 backoff_s = self._retry_min_s
             payment = self._queue.pop()
@@ -128,12 +130,6 @@ class Dispatcher:
             self._in_flight += 1
             asyncio.ensure_future(
                 self._deliver(payment[0], payment[1], processor, requested_at_ms, self._probing))
-
-    def _write_sends(self) -> None:
-        """Before the loop yields: the sends it took write their records here,
-        in one batch, so their tasks find them written and need no later pass."""
-        if self._journal.waiting:
-            self._journal.flush()
 
     async def _deliver(self, uuid16: bytes, cents: int, processor: int, requested_at_ms: int,
                        probe: bool) -> None:
@@ -184,7 +180,7 @@ class Dispatcher:
         backoff_s = self._retry_min_s
         while True:
             await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, self._retry_max_s)
+            backoff_s = self._longer(backoff_s)
             if self._router.usable(processor):
                 self._retries[PINNED_RESEND] += 1
                 outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
@@ -231,12 +227,16 @@ class Dispatcher:
                 break
             except ProcessorError:
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, self._retry_max_s)
+                backoff_s = self._longer(backoff_s)
         for holder, payment in enumerate(held):
             if payment is not None:
                 self._settle(holder, uuid16, payment.requested_at_ms, cents)
                 return
         await self._settle_unknown(processor, uuid16, cents, requested_at_ms)
+
+    def _longer(self, backoff_s: float) -> float:
+        """The next wait of an exponential backoff, capped at PAYCORE_RETRY_MAX_MS."""
+        return min(backoff_s * 2, self._retry_max_s)
 
     def _requeue(self, uuid16: bytes, cents: int) -> None:
         self._retries[REQUEUED] += 1
