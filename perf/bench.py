@@ -52,9 +52,11 @@ def free_port() -> int:
 def build_tools() -> dict[str, Path]:
     BUILD.mkdir(exist_ok=True)
     tools = {}
+    headers = list((REPO / "perf").glob("*.h"))
     for name in ("loadgen", "constant_server"):
         source, binary = REPO / "perf" / f"{name}.c", BUILD / name
-        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        newest_input = max(path.stat().st_mtime for path in (source, *headers))
+        if not binary.exists() or binary.stat().st_mtime < newest_input:
             subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)], check=True)
         tools[name] = binary
     return tools

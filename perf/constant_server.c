@@ -14,7 +14,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,11 +21,11 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
-#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "http_head.h"
+#include "stop_signals.h"
 
 #define IN_MAX 16384
 #define OUT_MAX 16384
@@ -245,13 +244,7 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    signal(SIGPIPE, SIG_IGN);
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGINT);
-    sigaddset(&stop_signals, SIGTERM);
-    sigprocmask(SIG_BLOCK, &stop_signals, NULL);
-    int signal_fd = signalfd(-1, &stop_signals, SFD_CLOEXEC);
+    int signal_fd = stop_signal_fd(0);
     epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     if (signal_fd < 0 || epoll_fd < 0) {
         perror("constant_server: epoll/signalfd");

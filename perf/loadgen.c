@@ -16,7 +16,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -32,6 +31,7 @@
 #include <unistd.h>
 
 #include "http_head.h"
+#include "stop_signals.h"
 
 #define NS_PER_US 1000LL
 #define NS_PER_MS 1000000LL
@@ -888,13 +888,7 @@ int main(int argc, char **argv)
     }
 
     raise_fd_limit();
-    signal(SIGPIPE, SIG_IGN);
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGINT);
-    sigaddset(&stop_signals, SIGTERM);
-    sigprocmask(SIG_BLOCK, &stop_signals, NULL);
-    int signal_fd = signalfd(-1, &stop_signals, SFD_NONBLOCK | SFD_CLOEXEC);
+    int signal_fd = stop_signal_fd(SFD_NONBLOCK);
     epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event signal_event = {.events = EPOLLIN, .data.ptr = NULL};
     if (signal_fd < 0 || epoll_fd < 0 || epoll_ctl(epoll_fd, EPOLL_CTL_ADD, signal_fd, &signal_event) < 0) {
