@@ -9,9 +9,6 @@ import signal
 
 import uvloop
 
-from paycore.core.accepted_ids import FULL, AcceptedIds
-from paycore.core.journal import Journal
-from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
 from . import logs
@@ -21,12 +18,11 @@ from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
 from .health import HealthMonitor
 from .http_server import HttpProtocol
-from .journal import JournalWriter
 from .metrics import GaugeSources, Metrics, MetricsEndpoint
 from .processor_client import ProcessorClient
-from .recovery import Replay, recover
 from .router import PROCESSOR_NAMES, Router
 from .routes import Routes
+from .store import open_store
 from .summary import Summary
 
 log = logging.getLogger("paycore.service")
@@ -49,15 +45,7 @@ async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer:
 class Instance:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        os.makedirs(settings.shared_dir, exist_ok=True)
-        self.ledger = Ledger(settings.shared_dir, settings.instance, settings.ledger_capacity)
-        self.accepted_ids = AcceptedIds(os.path.join(settings.shared_dir, "accepted-ids.shm"),
-                                        settings.accepted_id_slots)
-        os.makedirs(settings.journal_dir, exist_ok=True)
-        journal_path = os.path.join(settings.journal_dir, f"journal-{settings.instance}.log")
-        self.replay = recover(journal_path, self.ledger.generation, settings.journal_sync)
-        self._restore_shared_state(self.replay)
-        self.journal = JournalWriter(Journal(journal_path, settings.journal_sync), self.ledger)
+        self.store = open_store(settings)
         self.queue = RingQueue(settings.queue_capacity)
         self.clients = tuple(
             ProcessorClient(name, url, settings.request_timeout_ms)
@@ -65,42 +53,32 @@ class Instance:
         self.metrics = Metrics()
         self.router = Router(settings.default_max_latency_ms, self.metrics)
         self.dispatcher = Dispatcher(
-            self.queue, self.router, self.clients, self.ledger, self.journal, self.metrics,
+            self.queue, self.router, self.clients, self.store, self.metrics,
             max_in_flight=settings.max_in_flight, retry_min_ms=settings.retry_min_ms,
             retry_max_ms=settings.retry_max_ms, pin_release_ms=settings.pin_release_ms)
-        self.health = HealthMonitor(settings.shared_dir, self.clients, self.router,
+        self.health = HealthMonitor(self.store.health, self.clients, self.router,
                                     settings.health_interval_ms)
-        self.intake = PaymentIntake(self.accepted_ids, self.queue, self.journal, self.dispatcher.notify)
-        self.routes = Routes(self.intake, Summary(self.ledger), self.ledger, self.accepted_ids, self.metrics)
+        self.intake = PaymentIntake(self.store)
+        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics)
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
-        self.metrics_endpoint = MetricsEndpoint(self.metrics, GaugeSources(
-            self.queue, self.dispatcher, self.router, self.journal, self.connections))
         self._servers: list[asyncio.AbstractServer] = []
         self._metrics_server: asyncio.AbstractServer | None = None
 
-    def _restore_shared_state(self, replay: Replay) -> None:
-        """This instance's ledger share and accepted ids, as its journal has them."""
-        self.ledger.restore(replay.generation, replay.settled)
-        refused = sum(self.accepted_ids.claim(uuid16, cents) == FULL for uuid16, cents in replay.accepted)
-        if refused:
-            log.error("%d journaled payment ids did not fit the accepted-id table", refused)
-        if replay.unsent or replay.unresolved:
-            log.warning("resuming %d unsent payments and %d with an unknown outcome from the journal",
-                        len(replay.unsent), len(replay.unresolved))
-
     async def start(self) -> None:
-        self.dispatcher.resume(self.replay.unsent, self.replay.unresolved)
+        await self.store.start(self.queue, self.dispatcher)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics, GaugeSources(
+            self.queue, self.dispatcher, self.router, self.store.journal, self.connections))
         self.dispatcher.start()
         self.health.start()
         for address in self.settings.listen:
             self._servers.append(await _listen(
-                address, lambda: HttpProtocol(self.routes, self.journal, self.connections, self.metrics)))
+                address, lambda: HttpProtocol(self.routes, self.store, self.connections, self.metrics)))
         if self.settings.metrics_listen:
             self._metrics_server = await _listen(
                 self.settings.metrics_listen,
-                lambda: HttpProtocol(self.metrics_endpoint, self.journal, self.connections, self.metrics))
+                lambda: HttpProtocol(self.metrics_endpoint, self.store, self.connections, self.metrics))
         self.connections.start()
         log.info("instance %s listening on %s, metrics on %s", self.settings.instance,
                  ", ".join(self.settings.listen), self.settings.metrics_listen or "none")
@@ -110,7 +88,8 @@ class Instance:
 
     async def stop(self) -> None:
         """Stop accepting, give queued and in-flight payments a bounded time,
-        flush the journal, close. What is left is in the journal for the next start."""
+        close the store. What is left stays pending in the store (the embedded
+        store's journal) for the next start, or another instance."""
         for server in self._servers:
             server.close()
         self.intake.stop_accepting()
@@ -119,7 +98,7 @@ class Instance:
             await asyncio.sleep(0.05)
         if self._undelivered():
             log.warning("stopping with %d queued, %d in flight, %d unresolved payments; "
-                        "the journal keeps them for the next start",
+                        "they stay pending in the store",
                         len(self.queue), self.dispatcher.in_flight, self.dispatcher.unresolved)
         # Closed only now: scrapes go on while the instance drains.
         if self._metrics_server is not None:
@@ -129,9 +108,7 @@ class Instance:
         await self.health.stop()
         for client in self.clients:
             client.close()
-        self.journal.close()
-        self.ledger.close()
-        self.accepted_ids.close()
+        await self.store.close()
 
 
 async def _serve(settings: Settings) -> None:

@@ -31,7 +31,15 @@ class Settings:
             item.strip() for item in _env("PAYCORE_LISTEN", "0.0.0.0:8080").split(",") if item.strip()
         )
     )
-    # Shared by every instance on the host (tmpfs): ledger regions, accepted ids, health board.
+    # Where the instances share accepted ids, pending payments, the ledger and the
+    # health board: "embedded" (shared memory in shared_dir plus a journal per
+    # instance, one host) or redis://HOST:PORT/DB (any number of hosts).
+    store: str = field(default_factory=lambda: _env("PAYCORE_STORE", "embedded"))
+    # Redis store: an instance that has not renewed its lease for this long is
+    # taken for dead, and the payments it had taken are taken over by the others.
+    store_lease_ms: int = field(default_factory=lambda: _env_int("PAYCORE_STORE_LEASE_MS", 3000))
+    # Embedded store, shared by every instance on the host (tmpfs): ledger regions,
+    # accepted ids, health board.
     shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR))
     # Each instance's journal (journal-<instance>.log); empty: shared_dir. On
     # tmpfs it survives the process (SIGKILL, OOM kill); on a disk volume, with

@@ -14,8 +14,9 @@ slot is free, so while both processors fail the payments wait in the ring
   attempt can still be running, says it does not hold it. So no payment is
   ever held by both processors.
 
-Every send is journaled (and the record written) before the request leaves,
-and every outcome appended before the ledger has it, so a restarted instance
+Every send is recorded in the store before the request leaves, and every
+outcome settled there, so whoever resumes a payment (this instance after a
+restart, or, with a shared store, another instance after this one died)
 knows which payments to ask the processors about (resolve_after_restart).
 """
 from __future__ import annotations
@@ -24,10 +25,8 @@ import asyncio
 import logging
 import time
 
-from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
-from .journal import JournalWriter
 from .metrics import (
     PINNED_RESEND,
     REQUEUED,
@@ -37,6 +36,7 @@ from .metrics import (
 )
 from .processor_client import Outcome, ProcessorClient, ProcessorError
 from .router import Router
+from .store.base import Deferred, Store, Unresolved, Unsent, resolve
 
 log = logging.getLogger("paycore.delivery")
 
@@ -47,14 +47,13 @@ def wall_clock_ms() -> int:
 
 class Dispatcher:
     def __init__(self, queue: RingQueue, router: Router,
-                 clients: tuple[ProcessorClient, ProcessorClient], ledger: Ledger,
-                 journal: JournalWriter, metrics: Metrics, *, max_in_flight: int, retry_min_ms: int,
+                 clients: tuple[ProcessorClient, ProcessorClient], store: Store,
+                 metrics: Metrics, *, max_in_flight: int, retry_min_ms: int,
                  retry_max_ms: int, pin_release_ms: int) -> None:
         self._queue = queue
         self._router = router
         self._clients = clients
-        self._ledger = ledger
-        self._journal = journal
+        self._store = store
         self._outcomes = metrics.outcomes
         self._retries = metrics.retries
         self._max_in_flight = max_in_flight
@@ -104,7 +103,7 @@ class Dispatcher:
             if len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing:
                 # Before yielding, the sends just taken are written in one batch,
                 # so their tasks find them written and need no later pass.
-                self._journal.flush_waiting()
+                self._store.flush_waiting()
                 await self._sleep_until_notified()
                 continue
             processor = self._router.choose()
@@ -112,7 +111,7 @@ class Dispatcher:
                 # Both failing: wait (new payments must not cut the wait short,
                 # or every one of them would become a probe), then let a single
                 # payment test the water.
-                self._journal.flush_waiting()
+                self._store.flush_waiting()
                 await asyncio.sleep(backoff_s)
                 processor = self._router.choose()
                 if processor is None:
@@ -126,25 +125,40 @@ class Dispatcher:
                 self._probing = False
                 continue
             requested_at_ms = wall_clock_ms()
-            self._journal.sending(payment[0], processor, requested_at_ms)
+            recorded = self._store.sending(payment[0], processor, requested_at_ms)
             self._in_flight += 1
             asyncio.ensure_future(
-                self._deliver(payment[0], payment[1], processor, requested_at_ms, self._probing))
+                self._deliver(payment[0], payment[1], processor, requested_at_ms, self._probing, recorded))
 
     async def _deliver(self, uuid16: bytes, cents: int, processor: int, requested_at_ms: int,
-                       probe: bool) -> None:
+                       probe: bool, recorded: Deferred[bool]) -> None:
         try:
-            await self._journal.durable()
-            outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
+            outcome = await self._send_once_recorded(recorded, processor, uuid16, cents, requested_at_ms)
         finally:
             self._in_flight -= 1
             if probe:
                 self._probing = False
         if outcome is Outcome.UNKNOWN:
             self._hold(self._settle_unknown(processor, uuid16, cents, requested_at_ms))
-        elif outcome.stored_nothing:
+        elif outcome is not None and outcome.stored_nothing:
             self._requeue(uuid16, cents)
         self.notify()
+
+    async def _send_once_recorded(self, recorded: Deferred[bool], processor: int, uuid16: bytes,
+                                  cents: int, requested_at_ms: int) -> Outcome | None:
+        """The attempt, once the store has the send; None: the payment is no
+        longer this instance's (another one took it over)."""
+        try:
+            ours = await resolve(recorded)
+        except ConnectionError as error:
+            log.warning("store unavailable, a payment waits: %r", error)
+            # Holding the in-flight slot meanwhile keeps payments from cycling.
+            await asyncio.sleep(self._retry_max_s)
+            return Outcome.NOT_SENT
+        if not ours:
+            log.info("payment %s was taken over by another instance", uuid16.hex())
+            return None
+        return await self._attempt(processor, uuid16, cents, requested_at_ms)
 
     async def _attempt(self, processor: int, uuid16: bytes, cents: int,
                        requested_at_ms: int) -> Outcome:
@@ -169,9 +183,8 @@ class Dispatcher:
         self._settle(processor, uuid16, held.requested_at_ms if held else requested_at_ms, cents)
 
     def _settle(self, processor: int, uuid16: bytes, requested_at_ms: int, cents: int) -> None:
-        """The processor holds the payment: journal it, then count it."""
-        self._journal.settled(uuid16, processor, requested_at_ms, cents)
-        self._ledger.record(processor, requested_at_ms, cents)
+        """The processor holds the payment: into the ledger, pending no more."""
+        self._store.settle(uuid16, processor, requested_at_ms, cents)
 
     async def _settle_unknown(self, processor: int, uuid16: bytes, cents: int,
                               requested_at_ms: int) -> None:
@@ -202,9 +215,8 @@ class Dispatcher:
                 self.notify()
             return
 
-    def resume(self, unsent: list[tuple[bytes, int]],
-               unresolved: list[tuple[bytes, int, int, int]]) -> None:
-        """Take over what a previous run of this instance left (service.recovery)."""
+    def resume(self, unsent: list[Unsent], unresolved: list[Unresolved]) -> None:
+        """Take over what a previous run of this instance, or a dead instance, left."""
         self._retries[RESUMED_UNSENT] += len(unsent)
         self._retries[RESUMED_UNRESOLVED] += len(unresolved)
         for uuid16, cents in unsent:

@@ -1,18 +1,21 @@
 """HTTP/1.1 server protocol: one instance per connection, httptools callbacks
-that only collect, and a synchronous handler whose answer is written as soon
-as the journal holds what it promised (pipelined requests keep their order)."""
+that only collect, and a handler that answers at once or with a future (a
+store that answers later); an answer is written as soon as the store holds
+what it promised, and pipelined requests keep their order."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
 from . import responses
 from .connections import ConnectionGuard
-from .journal import JournalWriter
 from .metrics import UNROUTED, LatencyHistogram, Metrics
+from .store.base import Deferred
 
 NOT_IN_A_REQUEST = -1
 
@@ -20,7 +23,15 @@ NOT_IN_A_REQUEST = -1
 class RequestHandler(Protocol):
     """Answers one request (routes.Routes on the public listeners, metrics.MetricsEndpoint)."""
 
-    def handle(self, method: bytes, url: bytes, body: bytes) -> bytes: ...
+    def handle(self, method: bytes, url: bytes, body: bytes) -> Deferred[bytes]: ...
+
+
+class Durability(Protocol):
+    """When answers may leave (the store, or its journal)."""
+
+    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None: ...
+
+    def flush_waiting(self) -> None: ...
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -29,8 +40,8 @@ class HttpProtocol(asyncio.Protocol):
         "_body_size",
         "_guard",
         "_head_size",
+        "_durability",
         "_idle_sweeps",
-        "_journal",
         "_latency",
         "_limits",
         "_metrics",
@@ -39,13 +50,14 @@ class HttpProtocol(asyncio.Protocol):
         "_routes",
         "_started_at",
         "_transport",
+        "_unanswered",
         "_url",
     )
 
-    def __init__(self, routes: RequestHandler, journal: JournalWriter, guard: ConnectionGuard,
+    def __init__(self, routes: RequestHandler, durability: Durability, guard: ConnectionGuard,
                  metrics: Metrics) -> None:
         self._routes = routes
-        self._journal = journal
+        self._durability = durability
         self._guard = guard
         self._limits = guard.limits
         self._metrics = metrics
@@ -57,6 +69,9 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._head_size = 0
         self._started_at = 0.0
+        # Answers that must wait for an earlier one still being worked out:
+        # (answer or its future, transport, hang up, start time or None if not timed)
+        self._unanswered: deque[tuple[Deferred[bytes], asyncio.Transport, bool, float | None]] = deque()
         # Counted by the guard's timer; reset by the request path, which keeps no clock
         # for timeouts (only the start, for the latency histogram).
         self._request_sweeps = NOT_IN_A_REQUEST
@@ -85,7 +100,7 @@ class HttpProtocol(asyncio.Protocol):
         self._idle_sweeps = 0
         try:
             self._parser.feed_data(data)
-            self._journal.flush_waiting()
+            self._durability.flush_waiting()
         except httptools.HttpParserUpgrade:
             # No protocol switch here. A request that asked for one was answered
             # already when it completed: just hang up after that answer.
@@ -93,7 +108,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._reject(responses.BAD_REQUEST)
             elif self._transport is not None:
                 transport, self._transport = self._transport, None
-                self._journal.after_durable(transport.close)
+                self._durability.after_durable(transport.close)
         except httptools.HttpParserError:
             if self._transport is not None:
                 self._reject(responses.BAD_REQUEST)
@@ -133,15 +148,45 @@ class HttpProtocol(asyncio.Protocol):
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         response = self._routes.handle(self._parser.get_method(), self._url, body)
-        self._journal.after_durable(_answer_timed, transport, response, not self._parser.should_keep_alive(),
-                                    self._latency, self._started_at)
+        hang_up = not self._parser.should_keep_alive()
+        if isinstance(response, bytes) and not self._unanswered:
+            self._durability.after_durable(_answer_timed, transport, response, hang_up,
+                                           self._latency, self._started_at)
+        else:
+            self._answer_in_order(response, transport, hang_up, self._started_at)
 
     def _reject(self, response: bytes) -> None:
         """Answer and hang up: after a broken request the stream cannot be trusted."""
         transport, self._transport = self._transport, None
         if transport is not None:
             self._metrics.responded(UNROUTED, response)
-            self._journal.after_durable(_answer, transport, response, True)
+            if self._unanswered:
+                self._answer_in_order(response, transport, True, None)
+            else:
+                self._durability.after_durable(_answer, transport, response, True)
+
+    def _answer_in_order(self, response: Deferred[bytes], transport: asyncio.Transport, hang_up: bool,
+                         started_at: float | None) -> None:
+        self._unanswered.append((response, transport, hang_up, started_at))
+        if not isinstance(response, bytes):
+            response.add_done_callback(self._answer_ready)
+        self._answer_ready()
+
+    def _answer_ready(self, _: asyncio.Future | None = None) -> None:
+        """Answer the requests at the head of the line whose answers are known."""
+        unanswered = self._unanswered
+        while unanswered:
+            response, transport, hang_up, started_at = unanswered[0]
+            if not isinstance(response, bytes):
+                if not response.done():
+                    return
+                response = response.result()
+            unanswered.popleft()
+            if started_at is None:
+                self._durability.after_durable(_answer, transport, response, hang_up)
+            else:
+                self._durability.after_durable(_answer_timed, transport, response, hang_up,
+                                               self._latency, started_at)
 
 
 def _answer(transport: asyncio.Transport, response: bytes, hang_up: bool) -> None:

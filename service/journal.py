@@ -32,7 +32,7 @@ class JournalWriter:
         self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._batch_written: asyncio.Future | None = None
         self._nothing_to_wait_for = self._loop.create_future()
-        self._nothing_to_wait_for.set_result(None)
+        self._nothing_to_wait_for.set_result(True)
         # The pending write: scheduled at the first promise or send of a batch,
         # or the retry after a failed write. None: nobody waits.
         self._scheduled_flush: asyncio.Handle | None = None
@@ -71,7 +71,7 @@ class JournalWriter:
             callback(*args)
 
     def durable(self) -> asyncio.Future:
-        """A future done once every promise or send appended so far is written."""
+        """A future of True once every promise or send appended so far is written."""
         if not self.waiting:
             return self._nothing_to_wait_for
         if self._batch_written is None:
@@ -96,7 +96,7 @@ class JournalWriter:
             self.records += written
         batch_written, self._batch_written = self._batch_written, None
         if batch_written is not None and not batch_written.done():
-            batch_written.set_result(None)
+            batch_written.set_result(True)
         waiting, self._waiting = self._waiting, []
         for callback, args in waiting:
             callback(*args)

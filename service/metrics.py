@@ -129,7 +129,7 @@ class GaugeSources:
     queue: RingQueue
     dispatcher: Dispatcher
     router: Router
-    journal: JournalWriter
+    journal: JournalWriter | None  # the embedded store's; a Redis store keeps none
     connections: ConnectionGuard
 
     def render(self, text: list[str]) -> None:
@@ -145,12 +145,13 @@ class GaugeSources:
                 "Payments worked on outside the queue: pinned after an unknown outcome, "
                 "being looked up after a restart, or waiting for room in the queue.",
                 (("", self.dispatcher.unresolved),))
-        _family(text, "paycore_journal_backlog_records", "gauge",
-                "Journal records appended and not yet written.", (("", self.journal.backlog),))
-        _family(text, "paycore_journal_batches_total", "counter",
-                "Journal writes (group commits).", (("", self.journal.batches),))
-        _family(text, "paycore_journal_records_total", "counter",
-                "Journal records written.", (("", self.journal.records),))
+        if self.journal is not None:
+            _family(text, "paycore_journal_backlog_records", "gauge",
+                    "Journal records appended and not yet written.", (("", self.journal.backlog),))
+            _family(text, "paycore_journal_batches_total", "counter",
+                    "Journal writes (group commits).", (("", self.journal.batches),))
+            _family(text, "paycore_journal_records_total", "counter",
+                    "Journal records written.", (("", self.journal.records),))
         _family(text, "paycore_open_connections", "gauge",
                 "Client connections open, on every listener of this instance.",
                 (("", self.connections.open_connections),))

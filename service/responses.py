@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+import logging
+
 import orjson
+
+log = logging.getLogger("paycore.responses")
 
 
 def http_response(status: int, body: bytes = b"", headers: bytes = b"",
@@ -28,3 +32,10 @@ REQUEST_TIMEOUT = error_response(408, "request not received in time")
 TOO_MANY_CONNECTIONS = error_response(503, "too many connections", b"Retry-After: 1\r\n")
 BAD_REQUEST = error_response(400, "malformed HTTP request")
 PURGED = http_response(200, orjson.dumps({"message": "all payments purged"}))
+STORE_UNAVAILABLE = error_response(503, "payment store unavailable, retry shortly", b"Retry-After: 1\r\n")
+
+
+def store_unavailable(error: BaseException) -> bytes:
+    """The answer when the store could not answer (Redis down or refusing)."""
+    log.warning("payment store unavailable: %r", error)
+    return STORE_UNAVAILABLE

@@ -1,25 +1,22 @@
-"""Which handler answers a request; every handler is synchronous and returns bytes."""
+"""Which handler answers a request: the answer, or a future of it when the
+store answers later."""
 from __future__ import annotations
-
-from paycore.core.accepted_ids import AcceptedIds
-from paycore.core.ledger import Ledger
 
 from . import responses
 from .accept import PaymentIntake
 from .metrics import OTHER, PAYMENTS, PURGE, SUMMARY, Metrics
+from .store.base import Deferred, Store, then
 from .summary import Summary
 
 
 class Routes:
-    def __init__(self, intake: PaymentIntake, summary: Summary, ledger: Ledger,
-                 accepted_ids: AcceptedIds, metrics: Metrics) -> None:
+    def __init__(self, intake: PaymentIntake, summary: Summary, store: Store, metrics: Metrics) -> None:
         self._intake = intake
         self._summary = summary
-        self._ledger = ledger
-        self._accepted_ids = accepted_ids
+        self._store = store
         self._metrics = metrics
 
-    def handle(self, method: bytes, url: bytes, body: bytes) -> bytes:
+    def handle(self, method: bytes, url: bytes, body: bytes) -> Deferred[bytes]:
         path, _, query = url.partition(b"?")
         if path == b"/payments":
             route = PAYMENTS
@@ -29,15 +26,18 @@ class Routes:
             response = self._summary.respond(query) if method == b"GET" else responses.METHOD_NOT_ALLOWED
         elif path == b"/purge-payments":
             route = PURGE
-            response = self._purge() if method == b"POST" else responses.METHOD_NOT_ALLOWED
+            # Every instance's share of the ledger and the accepted ids start over.
+            response = (then(self._store.purge(), _purged, responses.store_unavailable)
+                        if method == b"POST" else responses.METHOD_NOT_ALLOWED)
         else:
             route = OTHER
             response = responses.NOT_FOUND
-        self._metrics.responded(route, response)
+        if isinstance(response, bytes):
+            self._metrics.responded(route, response)
+        else:
+            response.add_done_callback(lambda answer: self._metrics.responded(route, answer.result()))
         return response
 
-    def _purge(self) -> bytes:
-        """Every instance's ledger and the accepted ids start over (between test runs)."""
-        self._ledger.purge()
-        self._accepted_ids.purge()
-        return responses.PURGED
+
+def _purged(_: None) -> bytes:
+    return responses.PURGED

@@ -1,13 +1,14 @@
-"""GET /payments-summary: one exact answer from every instance's ledger region."""
+"""GET /payments-summary: one exact answer from the store's ledger, which
+every instance shares."""
 from __future__ import annotations
 
 from urllib.parse import unquote
 
 from paycore.core.amount import format_amount
-from paycore.core.ledger import Ledger
 from paycore.core.timestamp import parse_timestamp
 
 from . import responses
+from .store.base import Deferred, Store, Totals, then
 
 
 def _bound(value: bytes | None, round_up: bool) -> int | None:
@@ -27,10 +28,10 @@ def _query_params(query: bytes) -> dict[bytes, bytes]:
 
 
 class Summary:
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
+    def __init__(self, store: Store) -> None:
+        self._store = store
 
-    def respond(self, query: bytes) -> bytes:
+    def respond(self, query: bytes) -> Deferred[bytes]:
         params = _query_params(query)
         try:
             # Inclusive bounds at millisecond precision: a lower bound with finer
@@ -39,10 +40,13 @@ class Summary:
             to_ms = _bound(params.get(b"to"), round_up=False)
         except ValueError:
             return responses.error_response(400, "from and to must be ISO-8601 timestamps")
-        default_count, default_cents, fallback_count, fallback_cents = \
-            self._ledger.summary(from_ms, to_ms)
-        body = (b'{"default":{"totalRequests":%d,"totalAmount":%s},'
-                b'"fallback":{"totalRequests":%d,"totalAmount":%s}}'
-                % (default_count, format_amount(default_cents).encode(),
-                   fallback_count, format_amount(fallback_cents).encode()))
-        return responses.http_response(200, body)
+        return then(self._store.summary(from_ms, to_ms), _summary_response, responses.store_unavailable)
+
+
+def _summary_response(totals: Totals) -> bytes:
+    default_count, default_cents, fallback_count, fallback_cents = totals
+    body = (b'{"default":{"totalRequests":%d,"totalAmount":%s},'
+            b'"fallback":{"totalRequests":%d,"totalAmount":%s}}'
+            % (default_count, format_amount(default_cents).encode(),
+               fallback_count, format_amount(fallback_cents).encode()))
+    return responses.http_response(200, body)

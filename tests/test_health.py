@@ -13,6 +13,7 @@ from paycore.service.health import HealthMonitor
 from paycore.service.metrics import Metrics
 from paycore.service.processor_client import ProcessorClient
 from paycore.service.router import DEFAULT, FALLBACK, Router
+from paycore.service.store.embedded_health import FileHealthBoard
 
 WINDOW_S = 0.3
 INTERVAL_MS = 320
@@ -40,12 +41,12 @@ async def scenario(shared_dir: str) -> None:
     for _ in range(3):
         clients = (CountingClient("default", urls[0], 2000), CountingClient("fallback", urls[1], 2000))
         router = Router(default_max_latency_ms=1500, metrics=Metrics())
-        monitor = HealthMonitor(shared_dir, clients, router, INTERVAL_MS)
+        monitor = HealthMonitor(FileHealthBoard(shared_dir), clients, router, INTERVAL_MS)
         monitor.start()
         instances.append((monitor, router, clients))
     await asyncio.sleep(2.0)
 
-    pollers = [monitor for monitor, _, _ in instances if monitor.is_poller]
+    pollers = [monitor for monitor, _, _ in instances if monitor.board.is_poller]
     assert len(pollers) == 1
     for _, router, _ in instances:
         assert router.processors[DEFAULT].failing
@@ -54,10 +55,11 @@ async def scenario(shared_dir: str) -> None:
 
     # The poller goes away; another one continues the same schedule.
     await pollers[0].stop()
+    pollers[0].board.close()
     processors[DEFAULT].config.failing = False
     await asyncio.sleep(2.5)
     remaining = [monitor for monitor, _, _ in instances if monitor is not pollers[0]]
-    assert sum(monitor.is_poller for monitor in remaining) == 1
+    assert sum(monitor.board.is_poller for monitor in remaining) == 1
     for monitor, router, _ in instances:
         if monitor is not pollers[0]:
             assert not router.processors[DEFAULT].failing
@@ -72,6 +74,7 @@ async def scenario(shared_dir: str) -> None:
 
     for monitor, _, clients in instances:
         await monitor.stop()
+        monitor.board.close()
         for client in clients:
             client.close()
     for server in servers:

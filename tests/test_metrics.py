@@ -17,15 +17,14 @@ from paycore.service.config import Settings
 from paycore.service.connections import ConnectionGuard, ConnectionLimits
 from paycore.service.delivery import Dispatcher
 from paycore.service.http_server import HttpProtocol
-from paycore.service.journal import JournalWriter
 from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
 from paycore.service.processor_client import Outcome
 from paycore.service.router import Router
+from paycore.service.store.embedded import EmbeddedStore
 from test_journal_writer import FailingFirstWrites
 from test_service import payment, post_many
 
 from paycore.core.journal import Journal
-from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,19 +131,25 @@ class Parts:
     def __init__(self, directory: Path, clients: tuple[ScriptedClient, ScriptedClient],
                  failing_writes: int = 0) -> None:
         self.metrics = Metrics()
-        self.ledger = Ledger(str(directory), "1", 1024)
-        self.journal = JournalWriter(
-            FailingFirstWrites(Journal(str(directory / "journal.log")), failing_writes), self.ledger)
+        settings = Settings(instance="1", shared_dir=str(directory), ledger_capacity=1024,
+                            accepted_id_slots=1024, metrics_listen="")
+        self.store = EmbeddedStore(
+            settings, lambda path, sync: FailingFirstWrites(Journal(path, sync), failing_writes))
+        self.ledger = self.store.ledger
         self.queue = RingQueue(16)
         self.router = Router(1500, self.metrics)
-        self.dispatcher = Dispatcher(self.queue, self.router, clients, self.ledger, self.journal, self.metrics,
+        self.dispatcher = Dispatcher(self.queue, self.router, clients, self.store, self.metrics,
                                      max_in_flight=4, retry_min_ms=5, retry_max_ms=20, pin_release_ms=1000)
         self.connections = ConnectionGuard(ConnectionLimits(16, 1024, 1024, 1000, 1000))
+
+    async def start(self) -> None:
+        await self.store.start(self.queue, self.dispatcher)
+        self.journal = self.store.journal
         self.endpoint = MetricsEndpoint(self.metrics, GaugeSources(
             self.queue, self.dispatcher, self.router, self.journal, self.connections))
 
     def connect(self) -> tuple[HttpProtocol, RecordingTransport]:
-        protocol = HttpProtocol(self.endpoint, self.journal, self.connections, self.metrics)
+        protocol = HttpProtocol(self.endpoint, self.store, self.connections, self.metrics)
         transport = RecordingTransport()
         protocol.connection_made(transport)
         return protocol, transport
@@ -155,21 +160,17 @@ class Parts:
         assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
         return parse_exposition(body.decode())
 
-    def close(self) -> None:
-        self.journal.close()
-        self.ledger.close()
-
-
 def run_with_parts(tmp_path: Path, scenario,
                    clients: tuple[ScriptedClient, ScriptedClient] | None = None,
                    failing_writes: int = 0) -> None:
     async def main() -> None:
         parts = Parts(tmp_path, clients or (ScriptedClient(), ScriptedClient()), failing_writes)
+        await parts.start()
         try:
             await scenario(parts)
         finally:
             await parts.dispatcher.stop()
-            parts.close()
+            await parts.store.close()
     asyncio.run(main())
 
 

@@ -1,0 +1,17 @@
+"""The store the settings name (see base.py for what a store holds)."""
+from __future__ import annotations
+
+from ..config import Settings
+from .base import Acceptance, Store
+
+__all__ = ["Acceptance", "Store", "open_store"]
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.store == "embedded":
+        from .embedded import EmbeddedStore
+        return EmbeddedStore(settings)
+    if settings.store.startswith("redis://"):
+        from .redis_store import RedisStore
+        return RedisStore(settings)
+    raise SystemExit(f"PAYCORE_STORE must be 'embedded' or redis://HOST:PORT/DB, got {settings.store!r}")
