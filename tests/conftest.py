@@ -129,15 +129,17 @@ TEST_INSTANCE_ENV = {"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS"
 
 @contextmanager
 def quick_stack(processor_urls: tuple[str, str] | None = None,
-                admin_urls: tuple[str, str] | None = None, **instance_env: str):
+                admin_urls: tuple[str, str] | None = None, store: str = "embedded",
+                instances: int = 2, **instance_env: str):
     """The real topology on free ports, tuned for tests. instance_env adds to or
     overrides the instances' environment. processor_urls: processors the caller
-    runs (emulators are started otherwise), with admin_urls to reach them directly."""
+    runs (emulators are started otherwise), with admin_urls to reach them directly.
+    store and instances: as in StackSettings."""
     default_url, fallback_url = processor_urls or (None, None)
     settings = StackSettings(
         port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
         default_url=default_url, fallback_url=fallback_url, emulator_args=TEST_EMULATOR_ARGS,
-        instance_env={**TEST_INSTANCE_ENV, **instance_env},
+        instance_env={**TEST_INSTANCE_ENV, **instance_env}, store=store, instances=instances,
     )
     with Stack(settings) as stack:
         running = RunningStack(stack, admin_urls)
@@ -156,3 +158,18 @@ def live(running_stack: RunningStack) -> RunningStack:
     running_stack.reset()
     yield running_stack
     running_stack.reset()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the whole session (tests/redis_server.py)."""
+    from redis_server import ScratchRedis
+    with ScratchRedis(str(tmp_path_factory.mktemp("redis"))) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied for each test."""
+    assert redis_server.call("FLUSHDB").startswith(b"+OK")
+    return redis_server.url
