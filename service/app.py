@@ -32,6 +32,7 @@ async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
     if address.startswith("unix:"):
         path = address[len("unix:"):]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if os.path.exists(path):
             os.unlink(path)
         server = await loop.create_unix_server(protocol_factory, path, backlog=4096)

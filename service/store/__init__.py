@@ -11,7 +11,8 @@ def open_store(settings: Settings) -> Store:
     if settings.store == "embedded":
         from .embedded import EmbeddedStore
         return EmbeddedStore(settings)
-    if settings.store.startswith("redis://"):
+    if settings.store.startswith(("redis://", "redis+unix://")):
         from .redis_store import RedisStore
         return RedisStore(settings)
-    raise SystemExit(f"PAYCORE_STORE must be 'embedded' or redis://HOST:PORT/DB, got {settings.store!r}")
+    raise SystemExit("PAYCORE_STORE must be 'embedded', redis://HOST:PORT/DB or "
+                     f"redis+unix:///PATH?db=N, got {settings.store!r}")

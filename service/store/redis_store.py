@@ -1,0 +1,542 @@
+"""The Redis store (PAYCORE_STORE=redis://HOST:PORT/DB): any number of
+instances on any number of hosts share one Redis (6.2 or later).
+
+Each call is one round trip: one command, or one Lua script where it reads
+and writes more than one key, so that it is atomic. Keys, all in the selected
+database:
+
+    paycore:ids              hash    uuid16 -> cents of every accepted id
+    paycore:pending          stream  a pending payment per entry {id: uuid16, cents},
+                                     read by the consumer group "dispatch": one
+                                     consumer per instance, named PAYCORE_INSTANCE
+    paycore:entry            hash    uuid16 -> its pending entry id
+    paycore:sent             hash    uuid16 -> "processor:requestedAt" of its recorded send
+    paycore:lease:<instance> string  exists while the instance lives (PX store_lease_ms)
+    paycore:ledger:seconds   zset    epoch seconds holding settled payments
+    paycore:ledger:by_second hash    "<second>:<processor>:n" / ":c" -> count / cents
+    paycore:ledger:millis    zset    epoch milliseconds holding settled payments
+    paycore:ledger:by_milli  hash    "<ms>:<processor>:n" / ":c" -> count / cents
+    paycore:ledger:total     hash    "<processor>:n" / ":c" -> count / cents, all time
+    paycore:health:poller    string  the instance polling processor health (PX interval)
+    paycore:health:board     hash    processor name -> JSON report, "version" -> publish count
+
+A payment read from the stream is in its instance's pending-entries list until
+settled. An instance whose lease has expired is dead: the others claim its
+entries (with the sends it recorded) and resume them. Before each send the
+sender checks that the entry is still its own, so a payment taken over is
+sent by one instance only, and a settle counts only if it acknowledges the
+entry, so a payment is counted once. A purge forgets the ledger and the ids,
+except those of payments still pending: they stay taken, so a payment posted
+again after a purge is not sent twice. A summary adds up whole seconds from
+the per-second buckets and the partial seconds at its edges from the
+per-millisecond ones.
+
+A reply from Redis is as durable as Redis is configured to make it
+(appendonly/appendfsync). Lease keys are named in the scripts rather than
+passed as KEYS: this is one Redis, not a cluster.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from paycore.core.ring_queue import RingQueue
+
+from ..config import Settings
+from .base import Acceptance, PendingWork, Totals, Unresolved, Unsent
+from .resp import Arg, RedisClient, RedisError, Script
+
+log = logging.getLogger("paycore.store")
+
+IDS = b"paycore:ids"
+STREAM = b"paycore:pending"
+ENTRIES = b"paycore:entry"
+SENT = b"paycore:sent"
+LEASE_PREFIX = b"paycore:lease:"
+LEDGER = (b"paycore:ledger:seconds", b"paycore:ledger:by_second", b"paycore:ledger:millis",
+          b"paycore:ledger:by_milli", b"paycore:ledger:total")
+POLLER = b"paycore:health:poller"
+BOARD = b"paycore:health:board"
+GROUP = b"dispatch"
+
+# New entries read per XREADGROUP, at most (and never more than the queue has room for).
+FEED_BATCH = 256
+# Short, so that stopping the feeder never waits long for its connection.
+FEED_BLOCK_MS = 200
+QUEUE_ROOM_WAIT_S = 0.02
+# Entries claimed per script call, from this instance's past or from dead ones.
+TAKE_BATCH = 256
+RETRY_MIN_S = 0.05
+RETRY_MAX_S = 2.0
+# At close: how long Redis gets to take the settles still on their way.
+CLOSE_WAIT_S = 1.0
+# Summary cents are added up in Lua's doubles in two parts, below and above this.
+CENTS_SPLIT = 10**9
+
+ACCEPT = Script("""
+-- KEYS: ids, entries, stream. ARGV: uuid16, cents.
+-- Answers an Acceptance: 0 accepted, 1 duplicate, 2 conflict.
+local known = redis.call('HGET', KEYS[1], ARGV[1])
+if not known then
+  -- Accepted before a purge and still pending: the id is still taken.
+  local entry = redis.call('HGET', KEYS[2], ARGV[1])
+  if entry then
+    known = redis.call('XRANGE', KEYS[3], entry, entry)[1][2][4]
+  end
+end
+if known then
+  if known == ARGV[2] then return 1 end
+  return 2
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'cents', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return 0
+""")
+
+SENDING = Script("""
+-- KEYS: entries, stream, sent. ARGV: group, this instance, uuid16, "processor:requestedAt".
+-- 1 and the send recorded while the entry is pending with this instance; else 0.
+local entry = redis.call('HGET', KEYS[1], ARGV[3])
+if not entry then return 0 end
+if #redis.call('XPENDING', KEYS[2], ARGV[1], entry, entry, 1, ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+return 1
+""")
+
+SETTLE = Script("""
+-- KEYS: entries, stream, sent, seconds, by_second, millis, by_milli, total.
+-- ARGV: group, uuid16, processor, second, millisecond, cents.
+-- Into the ledger only when this call acknowledges the entry: a payment counts once.
+local entry = redis.call('HGET', KEYS[1], ARGV[2])
+if not entry then return 0 end
+local acknowledged = redis.call('XACK', KEYS[2], ARGV[1], entry)
+if acknowledged == 1 then
+  local function add(hash, prefix)
+    redis.call('HINCRBY', hash, prefix .. ARGV[3] .. ':n', 1)
+    redis.call('HINCRBY', hash, prefix .. ARGV[3] .. ':c', ARGV[6])
+  end
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
+  add(KEYS[5], ARGV[4] .. ':')
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[5])
+  add(KEYS[7], ARGV[5] .. ':')
+  add(KEYS[8], '')
+end
+redis.call('XDEL', KEYS[2], entry)
+redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return acknowledged
+""")
+
+SUMMARY = Script("""
+-- KEYS: seconds, by_second, millis, by_milli, total.
+-- ARGV: 'total', or triples (unit 's' or 'm', first, last), bounds inclusive.
+-- Answers per processor: count, cents / 1e9, cents % 1e9 (each part stays
+-- exact in Lua's doubles).
+local sums = {0, 0, 0, 0, 0, 0}
+local function add(processor, count, cents)
+  if not count then return end
+  local at = processor * 3
+  sums[at + 1] = sums[at + 1] + tonumber(count)
+  local digits = #cents
+  if digits > 9 then
+    sums[at + 2] = sums[at + 2] + tonumber(string.sub(cents, 1, digits - 9))
+    cents = string.sub(cents, digits - 8)
+  end
+  sums[at + 3] = sums[at + 3] + tonumber(cents)
+end
+local function add_buckets(hash, prefixes)
+  local fields = {}
+  for _, prefix in ipairs(prefixes) do
+    fields[#fields + 1] = prefix .. '0:n'
+    fields[#fields + 1] = prefix .. '0:c'
+    fields[#fields + 1] = prefix .. '1:n'
+    fields[#fields + 1] = prefix .. '1:c'
+  end
+  local values = redis.call('HMGET', hash, unpack(fields))
+  for i = 1, #values, 4 do
+    add(0, values[i], values[i + 1])
+    add(1, values[i + 2], values[i + 3])
+  end
+end
+if ARGV[1] == 'total' then
+  add_buckets(KEYS[5], {''})
+  return sums
+end
+local levels = {s = {KEYS[1], KEYS[2]}, m = {KEYS[3], KEYS[4]}}
+for i = 1, #ARGV, 3 do
+  local level = levels[ARGV[i]]
+  local units = redis.call('ZRANGE', level[1], ARGV[i + 1], ARGV[i + 2], 'BYSCORE')
+  -- In slices: unpack() takes a few thousand values at most.
+  for first = 1, #units, 1000 do
+    local prefixes = {}
+    for j = first, math.min(first + 999, #units) do prefixes[#prefixes + 1] = units[j] .. ':' end
+    add_buckets(level[2], prefixes)
+  end
+end
+return sums
+""")
+
+# KEYS: stream, sent. ARGV[1]: group, ARGV[2]: this instance.
+_CLAIM = """
+local function pending_ids(first, count, consumer)
+  local ids = {}
+  for i, item in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], first, '+', count, consumer)) do
+    ids[i] = item[1]
+  end
+  return ids
+end
+-- Makes the entries this instance's and appends uuid16, cents and the recorded
+-- send ('' when none) of each one still in the stream.
+local function claim(ids, taken)
+  if #ids == 0 then return end
+  for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))) do
+    if entry and entry[2] then
+      local uuid = entry[2][2]
+      taken[#taken + 1] = uuid
+      taken[#taken + 1] = entry[2][4]
+      taken[#taken + 1] = redis.call('HGET', KEYS[2], uuid) or ''
+    end
+  end
+end
+"""
+
+RESUME_OWN = Script(_CLAIM + """
+-- ARGV[3]: where the page starts ('-', or '(' and the last id of the page before),
+-- ARGV[4]: its size. Answers the page's last id ('' when it is empty), then the entries.
+local ids = pending_ids(ARGV[3], ARGV[4], ARGV[2])
+local taken = {ids[#ids] or ''}
+claim(ids, taken)
+return taken
+""")
+
+TAKE_OVER_DEAD = Script(_CLAIM + """
+-- ARGV[3]: the lease key prefix, ARGV[4]: how many entries to claim at most.
+-- Answers 1 when that bound was reached (there may be more), else 0; then the entries.
+-- A consumer without a lease and without entries is removed.
+local budget = tonumber(ARGV[4])
+local taken = {0}
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local consumer = {}
+  for i = 1, #fields, 2 do consumer[fields[i]] = fields[i + 1] end
+  local name, pending = consumer['name'], consumer['pending']
+  if name ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. name) == 0 then
+    if pending > 0 and budget > 0 then
+      local ids = pending_ids('-', budget, name)
+      claim(ids, taken)
+      budget = budget - #ids
+      pending = pending - #ids
+    end
+    if pending == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name) end
+  end
+end
+if budget == 0 then taken[1] = 1 end
+return taken
+""")
+
+PUBLISH = Script("""
+-- KEYS: board. ARGV: processor name, report, ...
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return redis.call('HINCRBY', KEYS[1], 'version', 1)
+""")
+
+
+def _nothing(_reply: Any) -> None:
+    return None
+
+
+def _totals(sums: list[int]) -> Totals:
+    return (sums[0], sums[1] * CENTS_SPLIT + sums[2], sums[3], sums[4] * CENTS_SPLIT + sums[5])
+
+
+def summary_ranges(from_ms: int | None, to_ms: int | None) -> list[Arg]:
+    """The summary script's arguments: the whole seconds between the bounds
+    from the per-second buckets, the partial seconds at either edge from the
+    per-millisecond ones."""
+    if from_ms is None and to_ms is None:
+        return [b"total"]
+    first_second = None if from_ms is None else -(-from_ms // 1000)  # the first whole one
+    last_second = None if to_ms is None else (to_ms + 1) // 1000 - 1  # the last whole one
+    if from_ms is not None and to_ms is not None and first_second > last_second:
+        return [b"m", from_ms, to_ms]  # no whole second: two partial ones at most
+    ranges: list[Arg] = [b"s", b"-inf" if first_second is None else first_second,
+                         b"+inf" if last_second is None else last_second]
+    if from_ms is not None and from_ms < first_second * 1000:
+        ranges += [b"m", from_ms, first_second * 1000 - 1]
+    if to_ms is not None and (last_second + 1) * 1000 <= to_ms:
+        ranges += [b"m", (last_second + 1) * 1000, to_ms]
+    return ranges
+
+
+def split_taken(flat: list[bytes]) -> tuple[list[Unsent], list[Unresolved]]:
+    """Claimed entries (uuid16, cents, recorded send or b'') into never sent
+    and sent with an unknown outcome."""
+    unsent: list[Unsent] = []
+    unresolved: list[Unresolved] = []
+    for index in range(0, len(flat), 3):
+        uuid16, cents, sent = flat[index], int(flat[index + 1]), flat[index + 2]
+        if sent:
+            processor, _, requested_at_ms = sent.partition(b":")
+            unresolved.append((uuid16, cents, int(processor), int(requested_at_ms)))
+        else:
+            unsent.append((uuid16, cents))
+    return unsent, unresolved
+
+
+def _wall_minus_monotonic_ms() -> float:
+    return time.time() * 1000 - time.monotonic() * 1000
+
+
+class RedisHealthBoard:
+    """The poller's turn is a key set only if absent, expiring after the
+    interval: one poll per interval across every host, and a dead poller's
+    turn ends by itself. Reports carry wall-clock times on the board (hosts
+    share no monotonic clock) and this process's monotonic times outside it."""
+
+    def __init__(self, client: RedisClient, instance: bytes) -> None:
+        self._client = client
+        self._instance = instance
+        self._seen_version: bytes | None = None
+
+    def claim_poll(self, interval_ms: int) -> asyncio.Future:
+        return self._client.execute(b"SET", POLLER, self._instance, b"NX", b"PX", interval_ms,
+                                    convert=_turn_time)
+
+    def publish(self, reports: dict[str, dict[str, Any]]) -> asyncio.Future:
+        offset_ms = _wall_minus_monotonic_ms()
+        fields: list[Arg] = []
+        for name, report in reports.items():
+            fields += [name, orjson.dumps({**report, "observedAt": report["observedAt"] + offset_ms})]
+        return self._client.run(PUBLISH, (BOARD,), fields, convert=_nothing)
+
+    def latest(self) -> asyncio.Future:
+        return self._client.execute(b"HGETALL", BOARD, convert=self._reports_if_new)
+
+    def close(self) -> None:
+        """Nothing of its own to release: the poller's turn expires by itself."""
+
+    def _reports_if_new(self, reply: list[bytes]) -> dict[str, dict[str, Any]] | None:
+        board = dict(zip(reply[::2], reply[1::2]))
+        version = board.pop(b"version", None)
+        if version is None or version == self._seen_version:
+            return None
+        self._seen_version = version
+        offset_ms = _wall_minus_monotonic_ms()
+        reports = {name.decode(): orjson.loads(report) for name, report in board.items()}
+        for report in reports.values():
+            report["observedAt"] -= offset_ms
+        return reports
+
+
+def _turn_time(reply: bytes | None) -> float | None:
+    return time.monotonic() * 1000 if reply is not None else None
+
+
+class RedisStore:
+    journal = None  # what Redis answers is durable: no journal per instance
+
+    def __init__(self, settings: Settings) -> None:
+        self._instance = settings.instance.encode()
+        self._lease_key = LEASE_PREFIX + self._instance
+        self._lease_ms = settings.store_lease_ms
+        self._client = RedisClient(settings.store)
+        # XREADGROUP ... BLOCK holds its connection: the feeder has its own.
+        self._feed_client = RedisClient(settings.store)
+        self.health = RedisHealthBoard(self._client, self._instance)
+        self._queue: RingQueue | None = None
+        self._work: PendingWork | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._settles_in_flight = 0
+        self._settles_done = asyncio.Event()
+        self._settles_done.set()
+        self._closed = False
+
+    async def start(self, queue: RingQueue, work: PendingWork) -> None:
+        self._queue = queue
+        self._work = work
+        await self._create_group()
+        # The lease first: nobody may take over what this instance resumes.
+        await self._renew_lease()
+        unsent, unresolved = await self._resume_own()
+        if unsent or unresolved:
+            log.warning("resuming %d unsent payments and %d with an unknown outcome",
+                        len(unsent), len(unresolved))
+        work.resume(unsent, unresolved)
+        self._tasks = [asyncio.ensure_future(task()) for task in
+                       (self._feed, self._keep_lease, self._take_over_dead)]
+
+    def accept(self, uuid16: bytes, cents: int) -> asyncio.Future:
+        return self._client.run(ACCEPT, (IDS, ENTRIES, STREAM), (uuid16, cents), convert=Acceptance)
+
+    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
+        # What Redis has answered is as durable as this store gets.
+        callback(*args)
+
+    def flush_waiting(self) -> None:
+        self._client.flush()
+
+    def sending(self, uuid16: bytes, processor: int, requested_at_ms: int) -> asyncio.Future:
+        return self._client.run(SENDING, (ENTRIES, STREAM, SENT),
+                                (GROUP, self._instance, uuid16, b"%d:%d" % (processor, requested_at_ms)),
+                                convert=bool)
+
+    def settle(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
+        self._settles_in_flight += 1
+        self._settles_done.clear()
+        self._send_settle((uuid16, processor, requested_at_ms, cents), RETRY_MIN_S)
+
+    @property
+    def settles_in_flight(self) -> int:
+        """Settles Redis has not answered yet (retried until it does)."""
+        return self._settles_in_flight
+
+    def summary(self, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
+        return self._client.run(SUMMARY, LEDGER, summary_ranges(from_ms, to_ms), convert=_totals)
+
+    def purge(self) -> asyncio.Future:
+        # The pending payments' stream and maps stay: they are still delivered.
+        return self._client.execute(b"UNLINK", IDS, *LEDGER, convert=_nothing)
+
+    async def close(self) -> None:
+        """What this instance still holds stays pending under its name. The
+        lease goes too on a clean close: the others take over at once what is
+        left rather than one lease later (with nothing left, they only drop
+        the idle consumer); after a crash it expires by itself."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._feed_client.close()
+        try:
+            await asyncio.wait_for(self._settles_done.wait(), CLOSE_WAIT_S)
+        except TimeoutError:
+            log.error("closing with %d settles Redis has not taken; those payments stay pending",
+                      self._settles_in_flight)
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._client.execute(b"DEL", self._lease_key), CLOSE_WAIT_S)
+        except (TimeoutError, ConnectionError, RedisError) as error:
+            log.warning("lease not released, it expires by itself: %r", error)
+        self.health.close()
+        self._client.close()
+
+    def _send_settle(self, settlement: tuple[bytes, int, int, int], backoff_s: float) -> None:
+        uuid16, processor, requested_at_ms, cents = settlement
+        settled = self._client.run(SETTLE, (ENTRIES, STREAM, SENT, *LEDGER),
+                                   (GROUP, uuid16, processor, requested_at_ms // 1000,
+                                    requested_at_ms, cents))
+        settled.add_done_callback(lambda done: self._settle_answered(done, settlement, backoff_s))
+
+    def _settle_answered(self, done: asyncio.Future, settlement: tuple[bytes, int, int, int],
+                         backoff_s: float) -> None:
+        error = done.exception()
+        if error is not None and not self._closed:
+            log.warning("settle not taken by Redis, retrying in %.2f s: %r", backoff_s, error)
+            asyncio.get_running_loop().call_later(
+                backoff_s, self._send_settle, settlement, min(backoff_s * 2, RETRY_MAX_S))
+            return
+        self._settles_in_flight -= 1
+        if self._settles_in_flight == 0:
+            self._settles_done.set()
+
+    async def _create_group(self) -> None:
+        # From the stream's start: entries accepted before the group existed are delivered too.
+        try:
+            await self._client.execute(b"XGROUP", b"CREATE", STREAM, GROUP, b"0", b"MKSTREAM")
+        except RedisError as error:
+            if not str(error).startswith("BUSYGROUP"):
+                raise
+
+    async def _renew_lease(self) -> None:
+        await self._client.execute(b"SET", self._lease_key, b"1", b"PX", self._lease_ms)
+
+    async def _resume_own(self) -> tuple[list[Unsent], list[Unresolved]]:
+        """What this instance had read before a restart and not settled."""
+        taken: list[bytes] = []
+        start = b"-"
+        while True:
+            page = await self._client.run(RESUME_OWN, (STREAM, SENT),
+                                          (GROUP, self._instance, start, TAKE_BATCH))
+            if not page[0]:
+                return split_taken(taken)
+            taken += page[1:]
+            start = b"(" + page[0]
+
+    def _queue_room(self) -> int:
+        assert self._queue is not None
+        return self._queue.capacity - len(self._queue)
+
+    async def _feed(self) -> None:
+        """New pending payments onto the queue, as long as it has room."""
+        backoff_s = RETRY_MIN_S
+        while True:
+            room = min(self._queue_room(), FEED_BATCH)
+            if room <= 0:
+                await asyncio.sleep(QUEUE_ROOM_WAIT_S)
+                continue
+            try:
+                await self._feed_once(room)
+                backoff_s = RETRY_MIN_S
+            except (ConnectionError, RedisError) as error:
+                log.warning("reading pending payments failed, retrying in %.2f s: %r", backoff_s, error)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RETRY_MAX_S)
+
+    async def _feed_once(self, room: int) -> None:
+        read = self._feed_client.execute(
+            b"XREADGROUP", b"GROUP", GROUP, self._instance, b"COUNT", room,
+            b"BLOCK", FEED_BLOCK_MS, b"STREAMS", STREAM, b">")
+        self._feed_client.flush()
+        try:
+            reply = await read
+        except RedisError as error:
+            if not str(error).startswith("NOGROUP"):
+                raise
+            await self._create_group()  # Redis lost its data: the group starts again
+            return
+        if reply:
+            self._push(reply[0][1])  # [[stream, entries]]
+
+    def _push(self, entries: list[list[Any]]) -> None:
+        assert self._queue is not None and self._work is not None
+        # The queue had room when they were asked for; a requeue may have taken it since.
+        overflow: list[Unsent] = []
+        for _, fields in entries:
+            uuid16, cents = fields[1], int(fields[3])
+            if not self._queue.push(uuid16, cents):
+                overflow.append((uuid16, cents))
+        if overflow:
+            self._work.resume(overflow, [])
+        self._work.notify()
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                await self._renew_lease()
+            except (ConnectionError, RedisError) as error:
+                log.warning("lease not renewed: %r", error)
+
+    async def _take_over_dead(self) -> None:
+        """Claim the pending payments of instances whose lease has expired."""
+        assert self._work is not None
+        while True:
+            try:
+                more = True
+                while more and self._queue_room() > 0:
+                    taken = await self._client.run(
+                        TAKE_OVER_DEAD, (STREAM, SENT),
+                        (GROUP, self._instance, LEASE_PREFIX, min(self._queue_room(), TAKE_BATCH)))
+                    more = taken[0] == 1
+                    unsent, unresolved = split_taken(taken[1:])
+                    if unsent or unresolved:
+                        log.warning("took over %d unsent payments and %d with an unknown outcome "
+                                    "from dead instances", len(unsent), len(unresolved))
+                        self._work.resume(unsent, unresolved)
+            except (ConnectionError, RedisError) as error:
+                log.warning("taking over dead instances' payments failed: %r", error)
+            await asyncio.sleep(self._lease_ms / 3000)
