@@ -1,0 +1,298 @@
+"""The store contract (service/store/base.py), run against every store: the
+embedded one (shared memory + journals) and Redis (a real redis-server).
+
+Each test opens stores for several instances on one backing (a shared
+directory, or one Redis database), as the instances of one deployment do."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+import uvloop
+from test_ledger import INT64_MAX, INT64_MIN, Model
+
+from paycore.core.ring_queue import RingQueue
+from paycore.service.config import Settings
+from paycore.service.store import Acceptance, Store, open_store
+from paycore.service.store.base import resolve
+
+DEFAULT, FALLBACK = 0, 1
+HEALTH_INTERVAL_MS = 300
+
+
+class RecordingWork:
+    """The dispatcher's side of a store: what it was handed."""
+
+    def __init__(self) -> None:
+        self.notified = 0
+        self.unsent: list[tuple[bytes, int]] = []
+        self.unresolved: list[tuple[bytes, int, int, int]] = []
+
+    def notify(self) -> None:
+        self.notified += 1
+
+    def resume(self, unsent, unresolved) -> None:
+        self.unsent += unsent
+        self.unresolved += unresolved
+
+
+class Deployment:
+    """Stores of named instances on one backing; each started with its own queue."""
+
+    def __init__(self, settings_for: Callable[[str], Settings]) -> None:
+        self._settings_for = settings_for
+        self.open: dict[str, tuple[Store, RingQueue, RecordingWork]] = {}
+
+    async def start(self, instance: str) -> Store:
+        store = open_store(self._settings_for(instance))
+        queue, work = RingQueue(1024), RecordingWork()
+        await store.start(queue, work)
+        self.open[instance] = (store, queue, work)
+        return store
+
+    async def stop(self, instance: str) -> None:
+        store, _, _ = self.open.pop(instance)
+        await store.close()
+
+    async def stop_all(self) -> None:
+        for instance in list(self.open):
+            await self.stop(instance)
+
+    def queue(self, instance: str) -> RingQueue:
+        return self.open[instance][1]
+
+    def work(self, instance: str) -> RecordingWork:
+        return self.open[instance][2]
+
+    def drain_queues(self) -> list[tuple[bytes, int]]:
+        taken = []
+        for _, queue, _ in self.open.values():
+            while (payment := queue.pop()) is not None:
+                taken.append(payment)
+        return taken
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def deployment_settings(request, tmp_path) -> Callable[[str], Settings]:
+    store = "embedded" if request.param == "embedded" else request.getfixturevalue("redis_url")
+
+    def settings_for(instance: str) -> Settings:
+        return Settings(instance=instance, store=store, store_lease_ms=600, shared_dir=str(tmp_path),
+                        ledger_capacity=1024, accepted_id_slots=4096, metrics_listen="")
+    return settings_for
+
+
+def run(deployment_settings, scenario: Callable[[Deployment], Awaitable[None]]) -> None:
+    async def main() -> None:
+        deployment = Deployment(deployment_settings)
+        try:
+            await asyncio.wait_for(scenario(deployment), 30)
+        finally:
+            await deployment.stop_all()
+    uvloop.run(main())
+
+
+async def accept(store: Store, uuid16: bytes, cents: int) -> Acceptance:
+    acceptance = await resolve(store.accept(uuid16, cents))
+    store.flush_waiting()
+    return acceptance
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def test_an_id_is_accepted_once_whichever_instance_sees_it(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        first, second = await deployment.start("a"), await deployment.start("b")
+        uuid16 = uuid.uuid4().bytes
+        assert await accept(first, uuid16, 1995) == Acceptance.ACCEPTED
+        assert await accept(second, uuid16, 1995) == Acceptance.DUPLICATE
+        assert await accept(first, uuid16, 1995) == Acceptance.DUPLICATE
+        assert await accept(second, uuid16, 1996) == Acceptance.CONFLICT
+    run(deployment_settings, scenario)
+
+
+def test_every_accepted_payment_is_pending_on_exactly_one_instance(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        stores = [await deployment.start(name) for name in ("a", "b", "c")]
+        accepted = {}
+        for index in range(90):
+            uuid16 = uuid.uuid4().bytes
+            accepted[uuid16] = 100 + index
+            assert await accept(stores[index % 3], uuid16, 100 + index) == Acceptance.ACCEPTED
+        taken = await _take(deployment, len(accepted))
+        await asyncio.sleep(0.2)  # nothing arrives twice, even late
+        assert deployment.drain_queues() == []
+        assert {uuid16: cents for uuid16, (_, cents) in taken.items()} == accepted
+        assert sum(deployment.work(name).notified > 0 for name in deployment.open) >= 1
+    run(deployment_settings, scenario)
+
+
+def test_an_answer_waits_for_the_store_to_hold_the_payment(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        store = await deployment.start("a")
+        answered = []
+        acceptance = await resolve(store.accept(uuid.uuid4().bytes, 100))
+        store.after_durable(answered.append, "first")
+        store.after_durable(answered.append, "second")
+        store.flush_waiting()
+        await eventually(lambda: len(answered) == 2, "answers never released")
+        assert acceptance == Acceptance.ACCEPTED
+        assert answered == ["first", "second"]
+    run(deployment_settings, scenario)
+
+
+def test_settled_payments_are_summed_exactly_for_every_instance(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        stores = [await deployment.start(name) for name in ("a", "b")]
+        rng = random.Random(7)
+        model = Model()
+        base_ms = 1_760_000_000_000
+        payments = 400
+        for _ in range(payments):
+            assert await accept(rng.choice(stores), uuid.uuid4().bytes, rng.randint(1, 100_000)) \
+                == Acceptance.ACCEPTED
+        # Sent and settled by the instance that took each payment from the pending ones.
+        for uuid16, (store, cents) in (await _take(deployment, payments)).items():
+            # Clustered around a few second boundaries, so ranges cut seconds in parts.
+            requested_at_ms = (base_ms + rng.choice((0, 1000, 2000, 60_000))
+                               + rng.randint(-3, 3) * rng.choice((1, 7, 250)))
+            processor = rng.choice((DEFAULT, FALLBACK))
+            assert await resolve(store.sending(uuid16, processor, requested_at_ms)) is True
+            store.settle(uuid16, processor, requested_at_ms, cents)
+            model.record(processor, requested_at_ms, cents)
+        keys = sorted(model.totals_by_key)
+
+        async def summaries_match() -> None:
+            for _ in range(60):
+                bounds = [None if rng.random() < 0.1 else rng.choice(keys) + rng.choice((-1000, -1, 0, 1, 999))
+                          for _ in range(2)]
+                if rng.random() < 0.05:
+                    bounds = [INT64_MIN + 1, INT64_MAX - 1]
+                for store in stores:
+                    assert await resolve(store.summary(*bounds)) == model.summary(*bounds), bounds
+        deadline = time.monotonic() + 5
+        while True:  # a settle nobody waits on may still be on its way
+            try:
+                await summaries_match()
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        assert await resolve(stores[0].summary(keys[-1] + 1, keys[0] - 1)) == (0, 0, 0, 0)
+    run(deployment_settings, scenario)
+
+
+def test_purge_forgets_ledger_and_ids_but_keeps_pending_payments(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        first, second = await deployment.start("a"), await deployment.start("b")
+        settled, pending = uuid.uuid4().bytes, uuid.uuid4().bytes
+        for uuid16 in (settled, pending):
+            assert await accept(first, uuid16, 500) == Acceptance.ACCEPTED
+        owners = {uuid16: store for uuid16, (store, _) in (await _take(deployment, 2)).items()}
+        assert await resolve(owners[settled].sending(settled, DEFAULT, 1_000)) is True
+        owners[settled].settle(settled, DEFAULT, 1_000, 500)
+        await _wait_for_totals(first, (1, 500, 0, 0))
+
+        await resolve(second.purge())
+        await _wait_for_totals(first, (0, 0, 0, 0))
+        await _wait_for_totals(second, (0, 0, 0, 0))
+        # A settled payment's id may be used again.
+        assert await accept(second, settled, 700) == Acceptance.ACCEPTED
+        assert (await _take(deployment, 1)).keys() == {settled}
+        # The payment still pending is still delivered, and counted after the purge.
+        assert await resolve(owners[pending].sending(pending, FALLBACK, 2_000)) is True
+        owners[pending].settle(pending, FALLBACK, 2_000, 500)
+        await _wait_for_totals(second, (0, 0, 1, 500))
+    run(deployment_settings, scenario)
+
+
+async def _take(deployment: Deployment, count: int) -> dict[bytes, tuple[Store, int]]:
+    """Wait until `count` payments reach the instances' queues: uuid16 -> (the
+    store of the instance that took it, cents). None may arrive twice."""
+    taken: dict[bytes, tuple[Store, int]] = {}
+
+    def all_taken() -> bool:
+        for store, queue, _ in deployment.open.values():
+            while (payment := queue.pop()) is not None:
+                assert payment[0] not in taken, "a payment pending on two instances"
+                taken[payment[0]] = (store, payment[1])
+        return len(taken) >= count
+    await eventually(all_taken, "accepted payments did not reach a queue")
+    return taken
+
+
+async def _wait_for_totals(store: Store, totals: tuple[int, int, int, int]) -> None:
+    deadline = time.monotonic() + 5
+    while (current := await resolve(store.summary(None, None))) != totals:
+        assert time.monotonic() < deadline, (current, totals)
+        await asyncio.sleep(0.02)
+
+
+def test_a_restarted_instance_resumes_what_it_left(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        store = await deployment.start("a")
+        unsent, sent, settled = (uuid.uuid4().bytes for _ in range(3))
+        for uuid16 in (unsent, sent, settled):
+            assert await accept(store, uuid16, 250) == Acceptance.ACCEPTED
+        await eventually(lambda: len(deployment.queue("a")) == 3, "payments not queued")
+        assert await resolve(store.sending(sent, FALLBACK, 1_234)) is True
+        assert await resolve(store.sending(settled, DEFAULT, 1_235)) is True
+        store.settle(settled, DEFAULT, 1_235, 250)
+        await _wait_for_totals(store, (1, 250, 0, 0))
+        await deployment.stop("a")
+
+        restarted = await deployment.start("a")
+        work = deployment.work("a")
+        resumed_unsent = work.unsent + deployment.drain_queues()
+        assert resumed_unsent == [(unsent, 250)]
+        assert work.unresolved == [(sent, 250, FALLBACK, 1_234)]
+        assert await resolve(restarted.summary(None, None)) == (1, 250, 0, 0)
+        assert await accept(restarted, settled, 250) == Acceptance.DUPLICATE
+    run(deployment_settings, scenario)
+
+
+def test_one_health_poll_per_interval_across_instances(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        boards = [(await deployment.start(name)).health for name in ("a", "b", "c")]
+        turns: list[float] = []
+        deadline = time.monotonic() + 3.5 * HEALTH_INTERVAL_MS / 1000
+        while time.monotonic() < deadline:
+            for board in boards:
+                turn = await resolve(board.claim_poll(HEALTH_INTERVAL_MS))
+                if turn is not None:
+                    turns.append(time.monotonic())
+            await asyncio.sleep(0.005)
+        assert 3 <= len(turns) <= 4, turns
+        gaps = [later - earlier for earlier, later in zip(turns, turns[1:])]
+        assert min(gaps) >= HEALTH_INTERVAL_MS / 1000 - 0.01, gaps
+    run(deployment_settings, scenario)
+
+
+def test_published_health_reaches_every_instance_once(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        poller, reader = (await deployment.start("a")).health, (await deployment.start("b")).health
+        await resolve(reader.latest())  # whatever was there before
+        observed_at = time.monotonic() * 1000
+        await resolve(poller.publish({"default": {"failing": True, "minResponseTime": 0,
+                                                  "observedAt": observed_at}}))
+        await resolve(poller.publish({"fallback": {"failing": False, "minResponseTime": 40,
+                                                   "observedAt": observed_at}}))
+        reports = await resolve(reader.latest())
+        assert reports is not None
+        assert reports["default"]["failing"] is True
+        assert reports["fallback"]["minResponseTime"] == 40
+        for report in reports.values():
+            # Another host's clock may be read into this one's: a few ms of slack.
+            assert abs(report["observedAt"] - observed_at) < 50
+        assert await resolve(reader.latest()) is None
+    run(deployment_settings, scenario)
