@@ -1,6 +1,7 @@
 """The whole local topology as child processes: two emulated processors (unless
 PROCESSOR_DEFAULT_URL and PROCESSOR_FALLBACK_URL name real ones), the service
-instances on unix sockets, and haproxy in front with deploy/haproxy.cfg.
+instances on unix sockets, haproxy in front with deploy/haproxy.cfg, and with
+the Redis store a redis-server the instances share.
 
 `python -m paycore.stack` runs it in the foreground until Ctrl-C or SIGTERM;
 tests and benchmarks use the Stack class.
@@ -18,6 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from paycore.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CONFIG = Path(os.environ.get("PAYCORE_HAPROXY_CONFIG", REPO / "deploy" / "haproxy.cfg"))
@@ -68,6 +71,11 @@ class StackSettings:
     # Extra environment for the service instances (e.g. shorter timeouts in tests).
     instance_env: dict[str, str] = field(default_factory=dict)
     emulator_args: tuple[str, ...] = ()
+    # deploy/haproxy.cfg balances api-1 and api-2; more instances are reached on their sockets.
+    instances: int = INSTANCES
+    # "embedded"; "redis": a redis-server of the stack's own; or redis://HOST:PORT/DB.
+    # With Redis, each instance gets a shared directory of its own, as on separate hosts.
+    store: str = "embedded"
     quiet: bool = False
     # docker-compose service name ("load-balancer", "api1", ...) -> cgroup
     # directories its process joins before it starts, to hold it to the limits.
@@ -94,6 +102,8 @@ class Stack:
         self.processors: list[subprocess.Popen] = []
         self.instances: dict[int, subprocess.Popen] = {}
         self.balancer: subprocess.Popen | None = None
+        self.redis: RedisServer | None = None
+        self.store_url = self.settings.store
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None,
                service: str | None = None) -> subprocess.Popen:
@@ -115,9 +125,13 @@ class Stack:
         for directory in (self.shared_dir, self.socket_dir):
             directory.mkdir(parents=True, exist_ok=True)
         try:
+            if self.settings.store == "redis":
+                self.redis = RedisServer(self.run_dir / "redis").start(
+                    lambda command: self._spawn(command, service="redis"))
+                self.store_url = self.redis.url
             if self.emulated:
                 self._start_processors()
-            for index in range(1, INSTANCES + 1):
+            for index in range(1, self.settings.instances + 1):
                 self.start_instance(index)
             self._start_balancer()
         except BaseException:
@@ -136,11 +150,15 @@ class Stack:
     def socket_path(self, index: int) -> str:
         return str(self.socket_dir / f"api-{index}.sock")
 
+    def instance_shared_dir(self, index: int) -> Path:
+        return self.shared_dir if self.store_url == "embedded" else self.shared_dir / f"host-{index}"
+
     def start_instance(self, index: int) -> None:
         env = {
             "PAYCORE_INSTANCE": str(index),
             "PAYCORE_LISTEN": f"unix:{self.socket_path(index)}",
-            "PAYCORE_SHARED_DIR": str(self.shared_dir),
+            "PAYCORE_STORE": self.store_url,
+            "PAYCORE_SHARED_DIR": str(self.instance_shared_dir(index)),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
             **self.settings.instance_env,
@@ -175,6 +193,9 @@ class Stack:
         for process in self.processors:
             _stop(process, signal.SIGTERM)
         self.processors.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         if self._own_shared_dir:
@@ -217,6 +238,7 @@ def main() -> None:
         default_url=os.environ.get("PROCESSOR_DEFAULT_URL"),
         fallback_url=os.environ.get("PROCESSOR_FALLBACK_URL"),
         run_dir=run_dir,
+        store=os.environ.get("PAYCORE_STORE", "embedded"),
     ))
     stopping = False
 
@@ -228,8 +250,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     stack.start()
     processors = "emulated on 8001/8002" if stack.emulated else f"{stack.default_url}, {stack.fallback_url}"
-    print(f"paycore: {stack.url} (processors {processors}); shared state, journals and metrics "
-          f"sockets in {stack.shared_dir}; Ctrl-C stops everything", flush=True)
+    store = "embedded store" if stack.store_url == "embedded" else f"store {stack.store_url}"
+    print(f"paycore: {stack.url} (processors {processors}; {store}); shared state, journals and "
+          f"metrics sockets in {stack.shared_dir}; Ctrl-C stops everything", flush=True)
     while not stopping:
         time.sleep(0.2)
     stack.stop()

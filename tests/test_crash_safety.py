@@ -90,7 +90,15 @@ def assert_exactly_once(live: RunningStack, accepted: list[str], unanswered: lis
     held = sum(len(names) for names in holders.values())
     processors = live.processors_summary()
     assert processors["default"]["totalRequests"] + processors["fallback"]["totalRequests"] == held
-    time.sleep(0.5)  # the outcome reaches the ledger just after the processor answers
+    # The outcome reaches a ledger after the processor answers: a payment whose
+    # answer was lost learns it from a resend or a lookup, a few backoffs later.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            assert_ledgers_match_processors(live)
+            return
+        except AssertionError:
+            time.sleep(0.2)
     assert_ledgers_match_processors(live)
 
 
