@@ -28,6 +28,7 @@ EXIT_UNREACHABLE = 3
 SERVE_OPTIONS = {
     "--instance": "PAYCORE_INSTANCE",
     "--listen": "PAYCORE_LISTEN",
+    "--store": "PAYCORE_STORE",
     "--shared-dir": "PAYCORE_SHARED_DIR",
     "--default-url": "PROCESSOR_DEFAULT_URL",
     "--fallback-url": "PROCESSOR_FALLBACK_URL",
@@ -104,6 +105,8 @@ def _bench(arguments: argparse.Namespace) -> int:
         env["BENCH_FLAMEGRAPH"] = "1"
     if arguments.low_latency_host:
         env["BENCH_LOW_LATENCY_HOST"] = "1"
+    if arguments.store is not None:
+        env["BENCH_STORE"] = arguments.store
     command = [sys.executable, str(script), *(["--calibrate"] if arguments.calibrate else [])]
     return EXIT_OK if subprocess.run(command, env=env).returncode == 0 else EXIT_SERVICE_ERROR
 
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--flamegraph", action="store_true", help="record py-spy flamegraphs of both instances")
     bench.add_argument("--low-latency-host", action="store_true",
                        help="keep idle CPUs polling during the run (root; see perf/host.py)")
+    bench.add_argument("--store", help="embedded (default), redis, or embedded,redis: one run each, "
+                                       "printed side by side")
     bench.set_defaults(handler=_bench)
     return parser
 

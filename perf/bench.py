@@ -8,6 +8,9 @@ perf/results/bench-<time>.json and .png, and prints the table.
 BENCH_SECONDS=60 shortens a run (the fault schedule scales with it).
 BENCH_FLAMEGRAPH=1 records py-spy flamegraphs of both instances under perf/flamegraphs/.
 BENCH_LOW_LATENCY_HOST=1 keeps idle CPUs polling during the run (perf/host.py; root).
+BENCH_STORE=redis runs the instances on the Redis store (a local redis-server,
+outside the budget, its usage reported apart); BENCH_STORE=embedded,redis runs
+both, one after the other, and prints them side by side.
 `bench.py --calibrate` runs the same load against a constant-response server:
 the generator's own latency floor.
 
@@ -118,10 +121,14 @@ def main() -> int:
         if "--calibrate" in sys.argv:
             calibrate(seconds, low_latency_host)
             return 0
-        return benchmark(seconds, low_latency_host)
+        stores = os.environ.get("BENCH_STORE", "embedded").split(",")
+        runs = [benchmark(seconds, low_latency_host, store) for store in stores]
+        if len(runs) > 1:
+            print_side_by_side(runs)
+        return max(status for status, _ in runs)
 
 
-def benchmark(seconds: float, low_latency_host: bool) -> int:
+def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, dict]:
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
     jail = CgroupJail(limits) if CgroupJail.available() else None
@@ -129,7 +136,7 @@ def benchmark(seconds: float, low_latency_host: bool) -> int:
         print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
     settings = StackSettings(port=free_port(), default_port=free_port(), fallback_port=free_port(),
                              quiet=True, cgroups=jail.directories if jail else {},
-                             instance_env={"PAYCORE_LOG_LEVEL": "WARNING"})
+                             instance_env={"PAYCORE_LOG_LEVEL": "WARNING"}, store=store)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     requests_csv = RESULTS / f"bench-{stamp}-requests.csv"
@@ -140,7 +147,8 @@ def benchmark(seconds: float, low_latency_host: bool) -> int:
             scenario = Scenario(processors, stack.url, seconds)
             scenario.purge_service()
             stack_processes = {"load-balancer": stack.balancer,
-                               **{f"api{i}": p for i, p in stack.instances.items()}}
+                               **{f"api{i}": p for i, p in stack.instances.items()},
+                               **({"redis": stack.redis.process} if stack.redis else {})}
             cpu_before = {name: process_usage(p.pid)[0] for name, p in stack_processes.items()}
             profilers = start_flamegraphs(stack, seconds) if os.environ.get("BENCH_FLAMEGRAPH") else []
             load_started_ms = now_ms()
@@ -191,7 +199,7 @@ def benchmark(seconds: float, low_latency_host: bool) -> int:
     service_calls = {name: latency_summary_ms([int(s * 1e6) for s in values])
                      for name, values in scenario.log.service_call_seconds.items() if values}
     result["paycore"] = {
-        "seconds": seconds, "low_latency_host": low_latency_host,
+        "seconds": seconds, "low_latency_host": low_latency_host, "store": store,
         "requests": len(requests), "successful": successful,
         "failed": len(requests) - successful, "rps": round(len(requests) / seconds, 1),
         "post_latency_ms": latency, "other_requests_latency_ms": service_calls,
@@ -218,7 +226,25 @@ def benchmark(seconds: float, low_latency_host: bool) -> int:
                [stage["from_s"] for stage in stage_shares])
     print_table(result, out)
     clean = successful == len(requests) and inconsistencies == 0 and result["lag"]["lag"] == 0
-    return 0 if clean else 1
+    return (0 if clean else 1), result
+
+
+def print_side_by_side(runs: list[tuple[int, dict]]) -> None:
+    print("\nstore       p50      p90      p99    p99.9  failed  incons.  lag  "
+          "instances cpu s  instances rss MB  redis cpu s / rss MB  score")
+    for _, result in runs:
+        run = result["paycore"]
+        latency = run["post_latency_ms"]
+        instances = {name: usage for name, usage in run["stack"].items() if name.startswith("api")}
+        redis = run["stack"].get("redis")
+        redis_usage = f"{redis['cpu_s']:.1f} / {redis['peak_rss_mb']}" if redis else "-"
+        print(f"{run['store']:<9} {latency['p50']:7.3f}  {latency['p90']:7.3f}  {latency['p99']:7.3f}  "
+              f"{latency['p99.9']:7.3f}  {run['failed']:6}  "
+              f"{result['multa']['composicao']['total_inconsistencias']:7}  {result['lag']['lag']:3}  "
+              f"{sum(u['cpu_s'] for u in instances.values()):15.1f}  "
+              f"{sum(u['peak_rss_mb'] for u in instances.values()):16.1f}  "
+              f"{redis_usage:>20}  "
+              f"{result['total_liquido']:.0f}")
 
 
 def print_table(result: dict, out: Path) -> None:
