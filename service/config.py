@@ -38,6 +38,9 @@ class Settings:
     # Redis store: an instance that has not renewed its lease for this long is
     # taken for dead, and the payments it had taken are taken over by the others.
     store_lease_ms: int = field(default_factory=lambda: _env_int("PAYCORE_STORE_LEASE_MS", 3000))
+    # Redis store: a connection on which commands wait and nothing comes back for
+    # this long is dropped, and what waited fails (a new payment gets 503).
+    store_timeout_ms: int = field(default_factory=lambda: _env_int("PAYCORE_STORE_TIMEOUT_MS", 2000))
     # Embedded store, shared by every instance on the host (tmpfs): ledger regions,
     # accepted ids, health board.
     shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR))

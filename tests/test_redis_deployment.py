@@ -63,3 +63,21 @@ def test_sends_in_the_air_at_the_kill_are_asked_about_before_anything_is_resent(
     time.sleep(LEASE_MS / 1000 + 2.0)
     live.default.set_delay(0)
     assert_exactly_once(live, ids)
+
+
+def test_while_redis_is_down_new_payments_get_503_and_nothing_accepted_is_lost():
+    with quick_stack(store="redis") as live:
+        accepted = [str(uuid.uuid4()) for _ in range(20)]
+        for correlation_id in accepted:
+            assert call(live.client(), "POST", "/payments", payment(correlation_id))[0] == 202
+        live.stack.redis.stop()
+        status, body = call(live.client(), "POST", "/payments", payment())
+        assert (status, body) == (503, {"error": "payment store unavailable, retry shortly"})
+        # Restarted from its append-only file: what it had is still pending or settled.
+        live.stack.redis.start()
+        deadline = time.monotonic() + 10
+        later = str(uuid.uuid4())
+        while call(live.client(), "POST", "/payments", payment(later))[0] != 202:
+            assert time.monotonic() < deadline, "payments still refused after Redis came back"
+            time.sleep(0.1)
+        assert_exactly_once(live, [*accepted, later])

@@ -121,6 +121,26 @@ def test_a_server_that_never_answers_fails_the_commands_after_the_connect_timeou
     run(scenario)
 
 
+def test_a_server_that_stops_answering_fails_what_waits_after_the_reply_timeout(redis_url):
+    async def scenario():
+        client = RedisClient(redis_url, reply_timeout_s=0.3)
+        assert await client.execute("PING") == b"PONG"
+        # Paused, the server holds every command's reply back: a hung server.
+        outside = RedisClient(redis_url)
+        assert await outside.execute("CLIENT", "PAUSE", 1500, "ALL") == b"OK"
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable):
+            await client.execute("PING")
+        assert 0.25 < time.monotonic() - started < 1.0
+        # Once the server answers again, so does the client, on a new connection.
+        await asyncio.sleep(1.5)
+        assert await client.execute("PING") == b"PONG"
+        client.close()
+        outside.close()
+
+    run(scenario)
+
+
 def test_a_script_the_server_lacks_runs_by_eval_and_is_loaded_for_next_time(redis_url):
     script = Script("redis.call('INCRBY', KEYS[1], ARGV[1]); return redis.call('GET', KEYS[1])")
     failing = Script("return redis.error_reply('ERR on purpose')")

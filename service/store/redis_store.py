@@ -344,9 +344,11 @@ class RedisStore:
         self._instance = settings.instance.encode()
         self._lease_key = LEASE_PREFIX + self._instance
         self._lease_ms = settings.store_lease_ms
-        self._client = RedisClient(settings.store)
-        # XREADGROUP ... BLOCK holds its connection: the feeder has its own.
-        self._feed_client = RedisClient(settings.store)
+        reply_timeout_s = settings.store_timeout_ms / 1000
+        self._client = RedisClient(settings.store, reply_timeout_s=reply_timeout_s)
+        # XREADGROUP ... BLOCK holds its connection: the feeder has its own
+        # (its BLOCK stays well under the reply timeout).
+        self._feed_client = RedisClient(settings.store, reply_timeout_s=reply_timeout_s)
         self.health = RedisHealthBoard(self._client, self._instance)
         self._queue: RingQueue | None = None
         self._work: PendingWork | None = None

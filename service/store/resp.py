@@ -6,7 +6,9 @@ callback scheduled at the first buffered command is the safety net). Replies
 are parsed by hiredis's C reader and matched to the commands in order. A lost
 connection fails every command written to it with RedisUnavailable; the next
 command connects again, and a connect that is refused or does not complete
-within the timeout fails the commands waiting for it. Scripts run by EVALSHA
+within the timeout fails the commands waiting for it; so does a server that
+answers nothing for the reply timeout while commands wait (hung, paused, or
+cut off without a reset), whose connection is then dropped. Scripts run by EVALSHA
 and fall back to EVAL (which also loads them) when the server lacks them.
 
 Addresses: redis://HOST:PORT/DB and redis+unix:///PATH?db=N.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ Convert = Callable[[Any], Any] | None
 _Pending = tuple[asyncio.Future, Convert, "Script | None", tuple[Arg, ...]]
 
 CONNECT_TIMEOUT_S = 1.0
+REPLY_TIMEOUT_S = 2.0
 DEFAULT_PORT = 6379
 
 
@@ -77,11 +81,15 @@ class Script:
 class _Connection(asyncio.Protocol):
     """One connection: replies come back in the order the commands were written."""
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, reply_timeout_s: float) -> None:
         self._client = client
         self._reader = hiredis.Reader()
         self._waiting: deque[_Pending] = deque()
         self.transport: asyncio.Transport | None = None
+        self._reply_timeout_s = reply_timeout_s
+        # Since when the oldest command waits for its reply (or the last reply came).
+        self._waiting_since = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -92,11 +100,16 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes | bytearray, pending: list[_Pending]) -> None:
         assert self.transport is not None
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
         self._waiting.extend(pending)
         self.transport.write(data)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self._reply_timeout_s, self._watch)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        self._waiting_since = time.monotonic()
         try:
             reply = self._reader.gets()
             while reply is not False:
@@ -107,7 +120,22 @@ class _Connection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.abort()
 
+    def _watch(self) -> None:
+        """Drop a connection on which commands wait and nothing has come back
+        for the reply timeout: its replies can no longer be told apart."""
+        self._watchdog = None
+        if not self._waiting or self.transport is None:
+            return
+        overdue_in_s = self._waiting_since + self._reply_timeout_s - time.monotonic()
+        if overdue_in_s <= 0:
+            self.transport.abort()
+        else:
+            self._watchdog = asyncio.get_running_loop().call_later(overdue_in_s, self._watch)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         waiting, self._waiting = self._waiting, deque()
         for future, *_ in waiting:
             if not future.done():
@@ -116,9 +144,11 @@ class _Connection(asyncio.Protocol):
 
 
 class RedisClient:
-    def __init__(self, url: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
         self.address = parse_url(url)
         self._connect_timeout_s = connect_timeout_s
+        self._reply_timeout_s = reply_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task | None = None
@@ -221,10 +251,10 @@ class RedisClient:
         assert self._loop is not None
         if self.address.unix_path:
             _, connection = await self._loop.create_unix_connection(
-                lambda: _Connection(self), self.address.unix_path)
+                lambda: _Connection(self, self._reply_timeout_s), self.address.unix_path)
         else:
             _, connection = await self._loop.create_connection(
-                lambda: _Connection(self), self.address.host, self.address.port)
+                lambda: _Connection(self, self._reply_timeout_s), self.address.host, self.address.port)
         try:
             if self.address.db:
                 selected = self._loop.create_future()
