@@ -150,8 +150,8 @@ class HttpProtocol(asyncio.Protocol):
         response = self._routes.handle(self._parser.get_method(), self._url, body)
         hang_up = not self._parser.should_keep_alive()
         if isinstance(response, bytes) and not self._unanswered:
-            self._durability.after_durable(_answer_timed, transport, response, hang_up,
-                                           self._latency, self._started_at)
+            # The request path: an answer known at once, nothing before it.
+            self._release(response, transport, hang_up, self._started_at)
         else:
             self._answer_in_order(response, transport, hang_up, self._started_at)
 
@@ -160,10 +160,7 @@ class HttpProtocol(asyncio.Protocol):
         transport, self._transport = self._transport, None
         if transport is not None:
             self._metrics.responded(UNROUTED, response)
-            if self._unanswered:
-                self._answer_in_order(response, transport, True, None)
-            else:
-                self._durability.after_durable(_answer, transport, response, True)
+            self._answer_in_order(response, transport, True, None)
 
     def _answer_in_order(self, response: Deferred[bytes], transport: asyncio.Transport, hang_up: bool,
                          started_at: float | None) -> None:
@@ -182,11 +179,17 @@ class HttpProtocol(asyncio.Protocol):
                     return
                 response = response.result()
             unanswered.popleft()
-            if started_at is None:
-                self._durability.after_durable(_answer, transport, response, hang_up)
-            else:
-                self._durability.after_durable(_answer_timed, transport, response, hang_up,
-                                               self._latency, started_at)
+            self._release(response, transport, hang_up, started_at)
+
+    def _release(self, response: bytes, transport: asyncio.Transport, hang_up: bool,
+                 started_at: float | None) -> None:
+        """Write the answer once the store holds what it promised; timed from
+        started_at, unless None (refused before any route saw it)."""
+        if started_at is None:
+            self._durability.after_durable(_answer, transport, response, hang_up)
+        else:
+            self._durability.after_durable(_answer_timed, transport, response, hang_up,
+                                           self._latency, started_at)
 
 
 def _answer(transport: asyncio.Transport, response: bytes, hang_up: bool) -> None:

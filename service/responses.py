@@ -1,9 +1,8 @@
 """Complete HTTP/1.1 responses as bytes; the fixed ones are built once."""
 from __future__ import annotations
 
-from http import HTTPStatus
-
 import logging
+from http import HTTPStatus
 
 import orjson
 
