@@ -9,11 +9,14 @@ instance on the host shares."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from typing import Any
 
 import orjson
+
+log = logging.getLogger("paycore.health")
 
 
 def _now_ms() -> float:
@@ -74,6 +77,7 @@ class FileHealthBoard:
             os.close(fd)
             return False
         self._lock_fd = fd
+        log.info("this instance now polls processor health")
         return True
 
     def _read(self) -> dict:

@@ -71,8 +71,6 @@ FEED_BLOCK_MS = 200
 QUEUE_ROOM_WAIT_S = 0.02
 # Entries claimed per script call, from this instance's past or from dead ones.
 TAKE_BATCH = 256
-RETRY_MIN_S = 0.05
-RETRY_MAX_S = 2.0
 # At close: how long Redis gets to take the settles still on their way.
 CLOSE_WAIT_S = 1.0
 # Summary cents are added up in Lua's doubles in two parts, below and above this.
@@ -344,6 +342,9 @@ class RedisStore:
         self._instance = settings.instance.encode()
         self._lease_key = LEASE_PREFIX + self._instance
         self._lease_ms = settings.store_lease_ms
+        # Retries of Redis calls back off as payments do (PAYCORE_RETRY_MIN_MS / _MAX_MS).
+        self._retry_min_s = settings.retry_min_ms / 1000
+        self._retry_max_s = settings.retry_max_ms / 1000
         reply_timeout_s = settings.store_timeout_ms / 1000
         self._client = RedisClient(settings.store, reply_timeout_s=reply_timeout_s)
         # XREADGROUP ... BLOCK holds its connection: the feeder has its own
@@ -390,7 +391,7 @@ class RedisStore:
     def settle(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
         self._settles_in_flight += 1
         self._settles_done.clear()
-        self._send_settle((uuid16, processor, requested_at_ms, cents), RETRY_MIN_S)
+        self._send_settle((uuid16, processor, requested_at_ms, cents), self._retry_min_s)
 
     @property
     def settles_in_flight(self) -> int:
@@ -439,7 +440,7 @@ class RedisStore:
         if error is not None and not self._closed:
             log.warning("settle not taken by Redis, retrying in %.2f s: %r", backoff_s, error)
             asyncio.get_running_loop().call_later(
-                backoff_s, self._send_settle, settlement, min(backoff_s * 2, RETRY_MAX_S))
+                backoff_s, self._send_settle, settlement, min(backoff_s * 2, self._retry_max_s))
             return
         self._settles_in_flight -= 1
         if self._settles_in_flight == 0:
@@ -474,7 +475,7 @@ class RedisStore:
 
     async def _feed(self) -> None:
         """New pending payments onto the queue, as long as it has room."""
-        backoff_s = RETRY_MIN_S
+        backoff_s = self._retry_min_s
         while True:
             room = min(self._queue_room(), FEED_BATCH)
             if room <= 0:
@@ -482,11 +483,11 @@ class RedisStore:
                 continue
             try:
                 await self._feed_once(room)
-                backoff_s = RETRY_MIN_S
+                backoff_s = self._retry_min_s
             except (ConnectionError, RedisError) as error:
                 log.warning("reading pending payments failed, retrying in %.2f s: %r", backoff_s, error)
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RETRY_MAX_S)
+                backoff_s = min(backoff_s * 2, self._retry_max_s)
 
     async def _feed_once(self, room: int) -> None:
         read = self._feed_client.execute(
