@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 from typing import Self
 
+import hiredis
+
 from paycore.redis_server import RedisServer
 
 
@@ -31,10 +33,8 @@ class ScratchRedis(RedisServer):
 
     def call(self, *args: str) -> bytes:
         """One command on a connection of its own; its raw reply."""
-        request = b"*%d\r\n" % len(args) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(arg.encode()), arg.encode()) for arg in args)
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
-            connection.sendall(request)
+            connection.sendall(hiredis.pack_command(args))
             return connection.recv(65536)
 
     def __enter__(self) -> Self:

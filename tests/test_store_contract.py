@@ -68,12 +68,10 @@ class Deployment:
     def work(self, instance: str) -> RecordingWork:
         return self.open[instance][2]
 
-    def drain_queues(self) -> list[tuple[bytes, int]]:
-        taken = []
-        for _, queue, _ in self.open.values():
-            while (payment := queue.pop()) is not None:
-                taken.append(payment)
-        return taken
+    def drain_queues(self) -> list[tuple[Store, bytes, int]]:
+        """Everything on the queues, each with the store of the instance that took it."""
+        return [(store, *payment) for store, queue, _ in self.open.values()
+                for payment in iter(queue.pop, None)]
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -222,10 +220,9 @@ async def _take(deployment: Deployment, count: int) -> dict[bytes, tuple[Store, 
     taken: dict[bytes, tuple[Store, int]] = {}
 
     def all_taken() -> bool:
-        for store, queue, _ in deployment.open.values():
-            while (payment := queue.pop()) is not None:
-                assert payment[0] not in taken, "a payment pending on two instances"
-                taken[payment[0]] = (store, payment[1])
+        for store, uuid16, cents in deployment.drain_queues():
+            assert uuid16 not in taken, "a payment pending on two instances"
+            taken[uuid16] = (store, cents)
         return len(taken) >= count
     await eventually(all_taken, "accepted payments did not reach a queue")
     return taken
@@ -253,7 +250,7 @@ def test_a_restarted_instance_resumes_what_it_left(deployment_settings):
 
         restarted = await deployment.start("a")
         work = deployment.work("a")
-        resumed_unsent = work.unsent + deployment.drain_queues()
+        resumed_unsent = work.unsent + [(uuid16, cents) for _, uuid16, cents in deployment.drain_queues()]
         assert resumed_unsent == [(unsent, 250)]
         assert work.unresolved == [(sent, 250, FALLBACK, 1_234)]
         assert await resolve(restarted.summary(None, None)) == (1, 250, 0, 0)
