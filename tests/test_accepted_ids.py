@@ -1,3 +1,4 @@
+import ctypes
 import mmap
 import multiprocessing
 import os
@@ -231,7 +232,11 @@ def slot_offset_of(shared: mmap.mmap, key: bytes) -> int:
 
 def set_state(shared: mmap.mmap, slot_at: int, state: int) -> None:
     (generation,) = struct.unpack_from("<Q", shared, GENERATION_OFFSET)
-    struct.pack_into("<Q", shared, slot_at, generation << 2 | state)
+    # One aligned 8-byte store, as the core's atomics make: struct.pack_into
+    # clears the bytes first, and a concurrent claim would see a free slot.
+    tag = ctypes.c_uint64.from_buffer(shared, slot_at)
+    tag.value = generation << 2 | state
+    del tag  # the mmap cannot close while a view of it is alive
 
 
 def test_abandoned_writing_slot_is_skipped_after_the_timeout(path):
