@@ -40,6 +40,15 @@ from .store.base import Deferred, Store, Unresolved, Unsent, resolve
 
 log = logging.getLogger("paycore.delivery")
 
+# Payments are taken off the queue on a later turn of the event loop than the
+# one that accepted them. The 202 has just been written, and the kernel tends
+# to wake its reader (the load balancer) on this CPU, where it runs only once
+# this process blocks: sending at once would keep the answer waiting behind
+# the send (README, Performance: POST p99 0.69 -> 0.58 ms, 60 s ramps side by
+# side). A timer is what lets the loop block first; call_soon runs before the
+# loop polls again.
+HAND_OFF_DELAY_S = 0.001
+
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -63,6 +72,7 @@ class Dispatcher:
         self._in_flight = 0
         self._probing = False
         self._wakeup: asyncio.Future | None = None
+        self._hand_off: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self._pinned: set[asyncio.Task] = set()
 
@@ -79,13 +89,21 @@ class Dispatcher:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
+        if self._hand_off is not None:
+            self._hand_off.cancel()
         tasks = [task for task in (self._task, *self._pinned) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def notify(self) -> None:
-        """Something changed (a payment queued, a slot freed): let the loop look again."""
+        """Something changed (a payment queued, a slot freed): let the loop look
+        again, a turn of the event loop later (HAND_OFF_DELAY_S)."""
+        if self._hand_off is None:
+            self._hand_off = asyncio.get_running_loop().call_later(HAND_OFF_DELAY_S, self._wake)
+
+    def _wake(self) -> None:
+        self._hand_off = None
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
