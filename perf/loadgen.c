@@ -62,6 +62,8 @@ struct vu {
     int64_t due_ns;       /* next iteration start, or the deadline of the one in flight */
     int64_t iteration_ns; /* iteration start, before any connect */
     int64_t sent_ns;      /* immediately before the request's first write() */
+    int64_t sent_real_ns; /* the same instant on the clock of the kernel's receive timestamps */
+    int64_t arrived_real_ns; /* when the kernel queued the last bytes read (0: no timestamp) */
     size_t written;
     char *request;        /* this VU's copy: a partial write must not see another VU's UUID */
     struct response response;
@@ -101,8 +103,12 @@ static int64_t timeout_ns;
 static int64_t think_ns;
 
 static uint64_t requests, ok_2xx, failed, other_status;
-/* Exact latency histogram at 1 us resolution: a 2xx never takes longer than the timeout. */
+/* Exact latency histograms at 1 us resolution: a 2xx never takes longer than the timeout.
+   A response is timed to when it arrived (the kernel's receive timestamp of its
+   last bytes) and, apart, to when this process got round to reading it. */
 static uint32_t *latency_counts;
+static uint32_t *read_latency_counts;
+static uint64_t unstamped;
 static int64_t latency_slots;
 
 static FILE *csv_file;
@@ -113,11 +119,24 @@ static bool csv_error;
 static uint64_t rng[4];
 static uint64_t id_counter, id_offset, id_key;
 
+static int64_t timespec_ns(const struct timespec *ts)
+{
+    return (int64_t)ts->tv_sec * NS_PER_S + ts->tv_nsec;
+}
+
 static int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+    return timespec_ns(&ts);
+}
+
+/* The clock of SO_TIMESTAMPNS; only differences over a request's lifetime are used. */
+static int64_t real_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return timespec_ns(&ts);
 }
 
 /* ---- correlation ids ---- */
@@ -285,15 +304,28 @@ static void csv_flush(void)
     csv_len = 0;
 }
 
-static void record(int64_t start_ns, int64_t done_ns, int status)
+static int64_t ns_to_us(int64_t ns)
 {
-    int64_t latency_us = (done_ns - start_ns + NS_PER_US / 2) / NS_PER_US;
+    return (ns + NS_PER_US / 2) / NS_PER_US;
+}
+
+/* arrival_ns: from the request's write to the response's arrival, or -1 when unknown */
+static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status)
+{
+    int64_t read_latency_us = ns_to_us(done_ns - start_ns);
+    /* without a timestamp, or one the realtime clock stepped across, the read time stands in */
+    if (status != 0 && (arrival_ns < 0 || arrival_ns > done_ns - start_ns)) {
+        unstamped++;
+        arrival_ns = done_ns - start_ns;
+    }
+    int64_t latency_us = status ? ns_to_us(arrival_ns) : read_latency_us;
     requests++;
     if (status == 0) {
         failed++;
     } else if (status >= 200 && status < 300) {
         ok_2xx++;
         latency_counts[latency_us]++;
+        read_latency_counts[read_latency_us]++;
     } else {
         other_status++;
     }
@@ -305,6 +337,8 @@ static void record(int64_t start_ns, int64_t done_ns, int status)
     p = put_uint(p, (uint64_t)latency_us);
     *p++ = ',';
     p = put_uint(p, (uint64_t)status);
+    *p++ = ',';
+    p = put_uint(p, (uint64_t)read_latency_us);
     *p++ = '\n';
     csv_len = (size_t)(p - csv);
 }
@@ -344,7 +378,8 @@ static void end_request(struct vu *v, int64_t done_ns, int status)
     if (done_ns > v->due_ns)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
-    record(status ? v->sent_ns : v->iteration_ns, done_ns, status);
+    int64_t arrival_ns = v->arrived_real_ns ? v->arrived_real_ns - v->sent_real_ns : -1;
+    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status);
     if (status == 0 || v->response.close_after)
         close_connection(v);
     int64_t next_ns = done_ns + think_ns;
@@ -378,6 +413,8 @@ static void send_request(struct vu *v)
 {
     write_uuid(v->request + uuid_offset);
     v->written = 0;
+    v->arrived_real_ns = 0;
+    v->sent_real_ns = real_now_ns();
     v->sent_ns = now_ns();
     continue_sending(v);
 }
@@ -391,6 +428,7 @@ static enum connect_result open_connection(struct vu *v)
         return CONNECT_FAILED;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     bool pending = false;
     if (connect(fd, (const struct sockaddr *)&target_addr, target_addrlen) < 0) {
         if (errno != EINPROGRESS) {
@@ -513,8 +551,21 @@ static void receive(struct vu *v)
     /* once the head is parsed the buffer only counts body bytes, so it is reused from the start */
     char *into = r->head_done ? v->head : v->head + r->head_len;
     size_t room = r->head_done ? HEAD_MAX : HEAD_MAX - r->head_len;
-    ssize_t n = read(v->fd, into, room);
+    struct iovec buffer = {.iov_base = into, .iov_len = room};
+    union {
+        char space[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr message = {.msg_iov = &buffer, .msg_iovlen = 1,
+                             .msg_control = control.space, .msg_controllen = sizeof control.space};
+    ssize_t n = recvmsg(v->fd, &message, 0);
     int64_t done_ns = now_ns();
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&message); c; c = CMSG_NXTHDR(&message, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec arrived;
+            memcpy(&arrived, CMSG_DATA(c), sizeof arrived);
+            v->arrived_real_ns = timespec_ns(&arrived);
+        }
     if (n < 0) {
         if (errno != EAGAIN && errno != EINTR)
             end_request(v, done_ns, 0);
@@ -792,6 +843,45 @@ static char *build_requests(void)
     return all;
 }
 
+/* The kernel turns receive timestamps on a moment after the first socket asks
+   (from a work queue) and off when the last one closes. A loopback datagram
+   socket that asks, kept open for the whole run, and a datagram that comes
+   back stamped, make sure the first response of the run is stamped too.
+   Returns the socket, or -1 if timestamps did not come on within a second. */
+static int keep_receive_timestamps_on(void)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    struct sockaddr_in self = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t self_len = sizeof self;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) < 0 ||
+        bind(fd, (struct sockaddr *)&self, sizeof self) < 0 ||
+        getsockname(fd, (struct sockaddr *)&self, &self_len) < 0)
+        goto failed;
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        char byte = 0;
+        union {
+            char space[CMSG_SPACE(sizeof(struct timespec))];
+            struct cmsghdr align;
+        } control;
+        struct iovec buffer = {.iov_base = &byte, .iov_len = 1};
+        struct msghdr message = {.msg_iov = &buffer, .msg_iovlen = 1,
+                                 .msg_control = control.space, .msg_controllen = sizeof control.space};
+        if (sendto(fd, &byte, 1, 0, (struct sockaddr *)&self, self_len) != 1 ||
+            recvmsg(fd, &message, 0) != 1)
+            goto failed;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&message); c; c = CMSG_NXTHDR(&message, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS)
+                return fd;
+        usleep(1000);
+    }
+failed:
+    fputs("loadgen: no kernel receive timestamps; responses are timed when read\n", stderr);
+    if (fd >= 0)
+        close(fd);
+    return -1;
+}
+
 static void raise_fd_limit(void)
 {
     struct rlimit limit;
@@ -825,8 +915,8 @@ static double seconds(struct timeval tv)
     return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
 }
 
-/* Nearest-rank percentiles over the 2xx latencies. */
-static void print_summary(int64_t elapsed_ns)
+/* Nearest-rank percentiles over the 2xx latencies, as "<prefix>p50_us" and so on. */
+static void print_percentiles(const char *prefix, const uint32_t *counts)
 {
     static const char *const names[] = {"p50_us", "p90_us", "p99_us", "p999_us", "max_us"};
     static const uint64_t permille[] = {500, 900, 990, 999, 1000};
@@ -835,23 +925,29 @@ static void print_summary(int64_t elapsed_ns)
     uint64_t seen = 0;
     int next = 0;
     for (int64_t us = 0; us < latency_slots && next < COUNT; us++) {
-        seen += latency_counts[us];
+        seen += counts[us];
         while (next < COUNT && ok_2xx > 0 && seen >= (ok_2xx * permille[next] + 999) / 1000)
             values[next++] = us;
     }
+    for (int k = 0; k < COUNT; k++) {
+        if (ok_2xx > 0)
+            printf(",\"%s%s\":%" PRId64, prefix, names[k], values[k]);
+        else
+            printf(",\"%s%s\":null", prefix, names[k]);
+    }
+}
+
+static void print_summary(int64_t elapsed_ns)
+{
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
     printf("{\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
-           ",\"other_status\":%" PRIu64 ",\"duration_s\":%.3f,\"cpu_user_s\":%.3f,"
-           "\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
-           requests, ok_2xx, failed, other_status, (double)elapsed_ns / NS_PER_S,
+           ",\"other_status\":%" PRIu64 ",\"unstamped\":%" PRIu64 ",\"duration_s\":%.3f,"
+           "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
+           requests, ok_2xx, failed, other_status, unstamped, (double)elapsed_ns / NS_PER_S,
            seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
-    for (int k = 0; k < COUNT; k++) {
-        if (ok_2xx > 0)
-            printf(",\"%s\":%" PRId64, names[k], values[k]);
-        else
-            printf(",\"%s\":null", names[k]);
-    }
+    print_percentiles("", latency_counts);
+    print_percentiles("read_", read_latency_counts);
     printf("}\n");
     fflush(stdout);
 }
@@ -876,8 +972,9 @@ int main(int argc, char **argv)
     vus = calloc((size_t)opt.max_vus, sizeof *vus);
     heap = calloc((size_t)opt.max_vus, sizeof *heap);
     latency_counts = calloc((size_t)latency_slots, sizeof *latency_counts);
+    read_latency_counts = calloc((size_t)latency_slots, sizeof *read_latency_counts);
     csv = malloc(CSV_BUFFER_SIZE);
-    if (!request_texts || !vus || !heap || !latency_counts || !csv) {
+    if (!request_texts || !vus || !heap || !latency_counts || !read_latency_counts || !csv) {
         fputs("loadgen: out of memory\n", stderr);
         return 1;
     }
@@ -888,6 +985,7 @@ int main(int argc, char **argv)
     }
 
     raise_fd_limit();
+    int timestamps_fd = keep_receive_timestamps_on();
     int signal_fd = stop_signal_fd(SFD_NONBLOCK);
     epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event signal_event = {.events = EPOLLIN, .data.ptr = NULL};
@@ -897,7 +995,7 @@ int main(int argc, char **argv)
     }
     seed_ids();
 
-    static const char header[] = "start_us,latency_us,status\n";
+    static const char header[] = "start_us,latency_us,status,read_latency_us\n";
     memcpy(csv, header, sizeof header - 1);
     csv_len = sizeof header - 1;
     int64_t duration_ns = (int64_t)(opt.duration_s * NS_PER_S);
@@ -908,6 +1006,8 @@ int main(int argc, char **argv)
     int64_t elapsed_ns = now_ns() - origin_ns;
 
     csv_flush();
+    if (timestamps_fd >= 0)
+        close(timestamps_fd);
     if (fclose(csv_file) != 0)
         csv_error = true;
     print_summary(elapsed_ns);

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import NamedTuple
 
 FEES = {"default": 0.07, "fallback": 0.10}
 
 
-def read_requests(path: Path) -> list[tuple[int, int, int]]:
-    """(start_us, latency_us, status) rows written by the load generator."""
+class Request(NamedTuple):
+    """A row written by the load generator (perf/loadgen.c)."""
+
+    start_us: int
+    latency_us: int       # from the request's write to the response's arrival (kernel timestamp)
+    status: int           # 0: failed (no answer in time, or a broken connection)
+    read_latency_us: int  # from the request's write to when the generator read the response
+
+    @property
+    def succeeded(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def read_requests(path: Path) -> list[Request]:
     with path.open() as file:
-        return [(int(row["start_us"]), int(row["latency_us"]), int(row["status"]))
+        return [Request(int(row["start_us"]), int(row["latency_us"]), int(row["status"]),
+                        int(row["read_latency_us"]))
                 for row in csv.DictReader(file)]
 
 
@@ -30,6 +44,14 @@ def latency_summary_ms(latencies_us: list[int]) -> dict[str, float]:
     return {name: round(percentile(values, fraction) / 1000, 4)
             for name, fraction in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99.9", 0.999),
                                    ("max", 1.0))}
+
+
+def success_latencies_ms(requests: list[Request]) -> tuple[dict[str, float], dict[str, float]]:
+    """Percentiles of the successful requests: to the response's arrival, and
+    to the generator's read of it (which adds the generator's own wake-up)."""
+    succeeded = [request for request in requests if request.succeeded]
+    return (latency_summary_ms([request.latency_us for request in succeeded]),
+            latency_summary_ms([request.read_latency_us for request in succeeded]))
 
 
 def score(p99_ms: float, processed: dict[str, dict], inconsistencies: int,
@@ -65,16 +87,16 @@ def score(p99_ms: float, processed: dict[str, dict], inconsistencies: int,
     return result
 
 
-def draw_chart(path: Path, requests: list[tuple[int, int, int]], bucket_s: float,
+def draw_chart(path: Path, requests: list[Request], bucket_s: float,
                shares: list[tuple[float, int, int]], stage_seconds: list[float]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     buckets: dict[int, list[int]] = {}
-    for start_us, latency_us, status in requests:
-        if 200 <= status < 300:
-            buckets.setdefault(int(start_us / 1e6 // bucket_s), []).append(latency_us)
+    for request in requests:
+        if request.succeeded:
+            buckets.setdefault(int(request.start_us / 1e6 // bucket_s), []).append(request.latency_us)
     times = sorted(buckets)
     figure, (latency_axis, share_axis) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for name, fraction in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)):

@@ -7,12 +7,14 @@ import contextlib
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,10 @@ if shutil.which("gcc") is None:
     pytest.skip("gcc is needed to build the load generator", allow_module_level=True)
 
 PERF = Path(__file__).resolve().parent.parent / "perf"
+sys.path.insert(0, str(PERF))
+
+from report import read_requests  # noqa: E402
+
 UUID_V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
@@ -98,9 +104,8 @@ class Run:
         assert len(lines) == 1, completed.stdout
         self.summary = json.loads(lines[0])
         with out.open(newline="") as handle:
-            reader = csv.reader(handle)
-            assert next(reader) == ["start_us", "latency_us", "status"]
-            self.rows = [tuple(int(field) for field in row) for row in reader]
+            assert next(csv.reader(handle)) == ["start_us", "latency_us", "status", "read_latency_us"]
+        self.rows = read_requests(out)
 
 
 def run_loadgen(binaries, tmp_path: Path, port: int, *args: str, timeout: float = 20) -> Run:
@@ -124,26 +129,29 @@ def test_ramp_against_constant_server(binaries, tmp_path, constant_server):
     summary, rows = run.summary, run.rows
     assert summary["requests"] == len(rows) == summary["ok_2xx"]
     assert summary["failed"] == summary["other_status"] == 0
-    assert {status for _, _, status in rows} == {202}
+    assert {row.status for row in rows} == {202}
 
     # VU i >= 1 joins at duration * i / (max_vus - 1) and loops until the duration is over.
     active_s = [duration_s * (1 - i / (max_vus - 1)) for i in range(max_vus)]
     expected = sum(math.ceil(active / think_s) for active in active_s)
     assert 0.8 * expected <= len(rows) <= expected + max_vus
 
-    latencies = [latency for _, latency, _ in rows]
-    assert 0 < min(latencies) and max(latencies) < 100_000
+    latencies = [row.latency_us for row in rows]
+    assert min(latencies) > 0 and max(latencies) < 100_000
     assert summary["p50_us"] < 5_000
-    ordered = sorted(latencies)
-    for name, permille in (("p50_us", 500), ("p90_us", 900), ("p99_us", 990),
-                           ("p999_us", 999), ("max_us", 1000)):
-        assert summary[name] == nearest_rank(ordered, permille), name
+    # A response arrives before it is read: the arrival time is the kernel's.
+    assert summary["unstamped"] == 0
+    assert all(row.latency_us <= row.read_latency_us for row in rows)
+    for prefix, ordered in (("", sorted(latencies)), ("read_", sorted(row.read_latency_us for row in rows))):
+        for name, permille in (("p50_us", 500), ("p90_us", 900), ("p99_us", 990),
+                               ("p999_us", 999), ("max_us", 1000)):
+            assert summary[prefix + name] == nearest_rank(ordered, permille), prefix + name
 
     # Rows are in completion order and start within the run.
-    completions = [start + latency for start, latency, _ in rows]
+    completions = [row.start_us + row.read_latency_us for row in rows]
     assert [pair for pair in zip(completions, completions[1:]) if pair[1] < pair[0] - 2] == []
-    starts = [start for start, _, _ in rows]
-    assert 0 <= min(starts) and max(starts) <= duration_s * 1e6 + 100
+    starts = [row.start_us for row in rows]
+    assert min(starts) >= 0 and max(starts) <= duration_s * 1e6 + 100
     assert summary["duration_s"] <= duration_s + 1.5
     assert summary["cpu_user_s"] + summary["cpu_sys_s"] < duration_s
     assert summary["max_rss_kb"] > 0
@@ -152,7 +160,7 @@ def test_ramp_against_constant_server(binaries, tmp_path, constant_server):
 def test_start_vus_begin_together(binaries, tmp_path, constant_server):
     run = run_loadgen(binaries, tmp_path, constant_server, "--duration", "1", "--max-vus", "5",
                       "--start-vus", "5", "--think-ms", "200")
-    assert sum(1 for start, _, _ in run.rows if start < 100_000) == 5
+    assert sum(1 for row in run.rows if row.start_us < 100_000) == 5
     assert len(run.rows) == 25
 
 
@@ -160,7 +168,7 @@ def test_refused_connections_fail_and_retry_after_think_time(binaries, tmp_path)
     run = run_loadgen(binaries, tmp_path, free_port(), "--duration", "1", "--max-vus", "5",
                       "--think-ms", "50")
     assert len(run.rows) >= 20
-    assert all(status == 0 for _, _, status in run.rows)
+    assert all(row.status == 0 for row in run.rows)
     assert run.summary["failed"] == run.summary["requests"] == len(run.rows)
     assert run.summary["ok_2xx"] == 0 and run.summary["p99_us"] is None
 
@@ -176,7 +184,7 @@ def test_unanswered_requests_time_out_and_reconnect(binaries, tmp_path):
         connections = len(accepted)
 
     assert len(run.rows) >= 4
-    assert all(status == 0 and 200_000 <= latency < 400_000 for _, latency, status in run.rows)
+    assert all(row.status == 0 and 200_000 <= row.latency_us < 400_000 for row in run.rows)
     assert run.summary["failed"] == run.summary["requests"] == len(run.rows)
     assert connections == len(run.rows)
     assert run.summary["duration_s"] < 1.5
@@ -198,8 +206,8 @@ def test_requests_are_well_formed_and_split_answers_are_reassembled(binaries, tm
         connections = len(accepted)
 
     assert run.summary["ok_2xx"] == run.summary["requests"] == len(run.rows) == len(received)
-    assert {status for _, _, status in run.rows} == {201}
-    assert all(latency >= 3_000 for _, latency, _ in run.rows)
+    assert {row.status for row in run.rows} == {201}
+    assert all(row.latency_us >= 3_000 for row in run.rows)
     assert connections == 9  # one keep-alive connection per VU that started
     ids = []
     for request_line, headers, body in received:
@@ -225,7 +233,7 @@ def test_connection_close_answers_reconnect(binaries, tmp_path):
                           "--think-ms", "20")
         connections = len(accepted)
 
-    assert {status for _, _, status in run.rows} == {202}
+    assert {row.status for row in run.rows} == {202}
     assert len(run.rows) >= 50
     assert connections == len(run.rows)
 
@@ -246,6 +254,36 @@ def test_sigterm_stops_and_reports(binaries, tmp_path, constant_server):
     assert run.summary["requests"] == len(run.rows) > 0
     assert run.summary["ok_2xx"] == len(run.rows)
 
+
+def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_path):
+    """The generator is stopped while each answer arrives: the read comes 100 ms
+    late, the arrival time does not move."""
+    started = threading.Event()
+    loadgen_pid = []
+
+    def answer_while_the_generator_is_stopped(connection, stream) -> None:
+        assert started.wait(timeout=5)
+        while read_request(stream) is not None:
+            os.kill(loadgen_pid[0], signal.SIGSTOP)
+            connection.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
+            time.sleep(0.1)
+            os.kill(loadgen_pid[0], signal.SIGCONT)
+
+    out = tmp_path / "results.csv"
+    with python_server(answer_while_the_generator_is_stopped) as (port, _):
+        loadgen = subprocess.Popen(
+            [str(binaries["loadgen"]), "--target", f"127.0.0.1:{port}", "--duration", "1",
+             "--max-vus", "1", "--think-ms", "100", "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        loadgen_pid.append(loadgen.pid)
+        started.set()
+        stdout, stderr = loadgen.communicate(timeout=10)
+    assert loadgen.returncode == 0, stderr
+    run = Run(subprocess.CompletedProcess(loadgen.args, 0, stdout, stderr), out)
+    assert len(run.rows) >= 3 and {row.status for row in run.rows} == {202}
+    assert all(row.read_latency_us >= 100_000 for row in run.rows)
+    assert all(row.latency_us < 50_000 for row in run.rows)
+    assert run.summary["unstamped"] == 0
 
 VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out", "x.csv"]
 
