@@ -13,12 +13,6 @@ STARTUP_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
@@ -32,10 +26,10 @@ class RedisServer:
     """`durable`: append-only file fsynced every second, as a deployment would
     run it; otherwise nothing is written to disk (tests)."""
 
-    def __init__(self, directory: Path, durable: bool = True, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int, durable: bool = True) -> None:
         self.directory = directory
+        self.port = port
         self.durable = durable
-        self.port = port or _free_port()
         self.process: subprocess.Popen | None = None
 
     @property

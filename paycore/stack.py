@@ -31,6 +31,13 @@ PR_SET_PDEATHSIG = 1
 TMPFS = "/dev/shm"
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -126,7 +133,7 @@ class Stack:
             directory.mkdir(parents=True, exist_ok=True)
         try:
             if self.settings.store == "redis":
-                self.redis = RedisServer(self.run_dir / "redis").start(
+                self.redis = RedisServer(self.run_dir / "redis", free_port()).start(
                     lambda command: self._spawn(command, service="redis"))
                 self.store_url = self.redis.url
             if self.emulated:

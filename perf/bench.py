@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,19 +36,13 @@ from host import LowLatencyHost  # noqa: E402
 from report import draw_chart, latency_summary_ms, read_requests, score, success_latencies_ms  # noqa: E402
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
 
-from paycore.stack import Stack, StackSettings  # noqa: E402
+from paycore.stack import Stack, StackSettings, free_port  # noqa: E402
 
 RESULTS = REPO / "perf" / "results"
 FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
 BUILD = REPO / "build"
 MAX_VUS = 603
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def build_tools() -> dict[str, Path]:

@@ -11,15 +11,9 @@ from typing import Any
 
 import pytest
 
-from paycore.stack import Stack, StackSettings
+from paycore.stack import Stack, StackSettings, free_port
 
 ADMIN_TOKEN = "123"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -10,6 +10,7 @@ from typing import Self
 import hiredis
 
 from paycore.redis_server import RedisServer
+from paycore.stack import free_port
 
 
 class ScratchRedis(RedisServer):
@@ -17,7 +18,7 @@ class ScratchRedis(RedisServer):
     server would. A context manager: started on entry, stopped on exit."""
 
     def __init__(self, directory: str, unix_socket: bool = False) -> None:
-        super().__init__(Path(directory), durable=False)
+        super().__init__(Path(directory), free_port(), durable=False)
         self.socket_path = str(self.directory / "redis.sock") if unix_socket else None
 
     def command(self) -> list[str]:

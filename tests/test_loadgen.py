@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import socketserver
 import subprocess
 import sys
@@ -28,6 +27,8 @@ PERF = Path(__file__).resolve().parent.parent / "perf"
 sys.path.insert(0, str(PERF))
 
 from report import read_requests  # noqa: E402
+
+from paycore.stack import free_port  # noqa: E402
 
 UUID_V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -54,12 +55,6 @@ def constant_server(binaries):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=5) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
