@@ -78,14 +78,21 @@ def test_an_error_reply_fails_its_own_command_only(redis_url):
     run(scenario)
 
 
+async def held_by_the_server(client: RedisClient) -> asyncio.Future:
+    """A command the server holds without answering (BLPOP of an empty list),
+    once it has surely reached the server."""
+    waiting = client.execute("BLPOP", "nothing", 10)
+    client.flush()
+    await asyncio.sleep(0.1)
+    return waiting
+
+
 def test_a_lost_server_fails_what_waits_fast_and_the_client_reconnects_when_it_is_back(tmp_path):
     with ScratchRedis(str(tmp_path)) as server:
         async def scenario():
             client = RedisClient(f"redis://127.0.0.1:{server.port}/2")
             assert await client.execute("SET", "key", "before") == b"OK"
-            waiting = client.execute("BLPOP", "nothing", 10)
-            client.flush()
-            await asyncio.sleep(0.1)
+            waiting = await held_by_the_server(client)
             server.kill()
             with pytest.raises(RedisUnavailable):
                 await asyncio.wait_for(waiting, 2)
@@ -174,9 +181,7 @@ def test_unix_socket(tmp_path):
 def test_closing_fails_what_waits_and_what_comes_after(redis_url):
     async def scenario():
         client = RedisClient(redis_url)
-        waiting = client.execute("BLPOP", "nothing", 10)
-        client.flush()
-        await asyncio.sleep(0.05)
+        waiting = await held_by_the_server(client)
         client.close()
         with pytest.raises(RedisUnavailable):
             await asyncio.wait_for(waiting, 1)
