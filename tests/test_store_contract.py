@@ -275,6 +275,19 @@ def test_one_health_poll_per_interval_across_instances(deployment_settings):
     run(deployment_settings, scenario)
 
 
+def test_a_new_poller_keeps_the_schedule_of_the_one_before(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        first = (await deployment.start("a")).health
+        assert await resolve(first.claim_poll(HEALTH_INTERVAL_MS)) is not None
+        polled = time.monotonic()
+        await deployment.stop("a")  # the poller goes, its turn does not restart
+        second = (await deployment.start("b")).health
+        assert await resolve(second.claim_poll(HEALTH_INTERVAL_MS)) is None
+        await asyncio.sleep(polled + HEALTH_INTERVAL_MS / 1000 + 0.05 - time.monotonic())
+        assert await resolve(second.claim_poll(HEALTH_INTERVAL_MS)) is not None
+    run(deployment_settings, scenario)
+
+
 def test_published_health_reaches_every_instance_once(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         poller, reader = (await deployment.start("a")).health, (await deployment.start("b")).health

@@ -30,6 +30,9 @@ class FileHealthBoard:
         self.path = os.path.join(shared_dir, "health.json")
         self._lock_path = os.path.join(shared_dir, "health.lock")
         self._lock_fd: int | None = None
+        # The poller's last turn: read from the board when the lock is taken,
+        # kept here after that, since only the lock holder writes it.
+        self._polled_at_ms = 0.0
         self._seen_mtime_ns = -1
 
     @property
@@ -37,15 +40,17 @@ class FileHealthBoard:
         return self._lock_fd is not None
 
     def claim_poll(self, interval_ms: int) -> float | None:
-        if self._lock_fd is None and not self._try_lock():
-            return None
-        board = self._read()
+        if self._lock_fd is None:
+            if not self._try_lock():
+                return None
+            self._polled_at_ms = self._read()["polledAt"]
         now_ms = _now_ms()
         # A board from before a reboot carries a clock reading from the future.
-        last_polled_ms = board["polledAt"] if board["polledAt"] <= now_ms else 0
+        last_polled_ms = self._polled_at_ms if self._polled_at_ms <= now_ms else 0
         if now_ms < last_polled_ms + interval_ms:
             return None
-        board["polledAt"] = now_ms
+        board = self._read()
+        board["polledAt"] = self._polled_at_ms = now_ms
         self._write(board)
         return now_ms
 
