@@ -440,11 +440,15 @@ class RedisStore:
         if error is not None and not self._closed:
             log.warning("settle not taken by Redis, retrying in %.2f s: %r", backoff_s, error)
             asyncio.get_running_loop().call_later(
-                backoff_s, self._send_settle, settlement, min(backoff_s * 2, self._retry_max_s))
+                backoff_s, self._send_settle, settlement, self._longer(backoff_s))
             return
         self._settles_in_flight -= 1
         if self._settles_in_flight == 0:
             self._settles_done.set()
+
+    def _longer(self, backoff_s: float) -> float:
+        """The next wait of an exponential backoff, capped at PAYCORE_RETRY_MAX_MS."""
+        return min(backoff_s * 2, self._retry_max_s)
 
     async def _create_group(self) -> None:
         # From the stream's start: entries accepted before the group existed are delivered too.
@@ -487,7 +491,7 @@ class RedisStore:
             except (ConnectionError, RedisError) as error:
                 log.warning("reading pending payments failed, retrying in %.2f s: %r", backoff_s, error)
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, self._retry_max_s)
+                backoff_s = self._longer(backoff_s)
 
     async def _feed_once(self, room: int) -> None:
         read = self._feed_client.execute(
