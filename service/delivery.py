@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from paycore.core.ring_queue import RingQueue
@@ -40,6 +39,15 @@ from .router import Router
 from .store.base import Deferred, Store, Unresolved, Unsent, resolve
 
 log = logging.getLogger("paycore.delivery")
+
+# Payments are taken off the queue on a later turn of the event loop than the
+# one that accepted them. The 202 has just been written, and the kernel tends
+# to wake its reader (the load balancer) on this CPU, where it runs only once
+# this process blocks: sending at once would keep the answer waiting behind
+# the send (README, Performance: POST p99 0.69 -> 0.58 ms, 60 s ramps side by
+# side). A timer is what lets the loop block first; call_soon runs before the
+# loop polls again.
+HAND_OFF_DELAY_S = 0.001
 
 
 def wall_clock_ms() -> int:
@@ -64,7 +72,7 @@ class Dispatcher:
         self._in_flight = 0
         self._probing = False
         self._wakeup: asyncio.Future | None = None
-        self._hand_off: asyncio.Handle | None = None
+        self._hand_off: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self._pinned: set[asyncio.Task] = set()
 
@@ -90,19 +98,12 @@ class Dispatcher:
 
     def notify(self) -> None:
         """Something changed (a payment queued, a slot freed): let the loop look
-        again, a turn of the event loop later, once other runnable processes
-        on this CPU have had their turn."""
+        again, a turn of the event loop later (HAND_OFF_DELAY_S)."""
         if self._hand_off is None:
-            self._hand_off = asyncio.get_running_loop().call_soon(self._wake)
+            self._hand_off = asyncio.get_running_loop().call_later(HAND_OFF_DELAY_S, self._wake)
 
     def _wake(self) -> None:
         self._hand_off = None
-        # The 202 that queued the payment has just been written, and the kernel
-        # tends to wake its reader (the load balancer) on this CPU, where it runs
-        # only once this process blocks or yields: sending first would keep the
-        # answer waiting behind the send (README, Performance: yielding here
-        # rather than waking from a 1 ms timer cut instance CPU by 17 %).
-        os.sched_yield()
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
