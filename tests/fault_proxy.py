@@ -71,7 +71,8 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 class FaultProxy:
     """Listens on a free port of 127.0.0.1 (`url`) and forwards to `upstream_url`, unless
-    `set_fault` says otherwise. `touched` counts the requests a fault changed."""
+    `set_fault` says otherwise. `touched` counts the requests a fault changed,
+    `forwarded_payments` the payments passed on untouched."""
 
     def __init__(self, upstream_url: str) -> None:
         host, port = upstream_url.removeprefix("http://").split(":")
@@ -79,6 +80,7 @@ class FaultProxy:
         self.health_delay_s = 1.0
         self.fault = Fault.NONE
         self.touched = 0
+        self.forwarded_payments = 0
         self._server: asyncio.Server | None = None
         self._blackhole: list[socket.socket] = []
         self._clients: set[asyncio.StreamWriter] = set()
@@ -162,6 +164,8 @@ class FaultProxy:
         fault = self.fault
         method, path = request.split(b" ", 2)[:2]
         if not fault.touches(method, path):
+            if (method, path) == PAYMENT:
+                self.forwarded_payments += 1
             writer.write(await self._forward(request))
             await writer.drain()
             return True

@@ -109,6 +109,9 @@ def test_default_unreachable(faulty, fault):
     live = faulty.live
     live.default.set_delay(200)
     in_flight = accept_all(live, 50)
+    # The proxy keeps forwarding what it took before the fault: once one payment is
+    # on its way, the default records it whatever happens to the connection.
+    wait_until(lambda: faulty.default_proxy.forwarded_payments > 0, 2.0)
     faulty.default_proxy.set_fault(fault)
     during = post_over(live, 150, FAULT_S)
 
