@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,10 @@ from paycore.core.timestamp import format_timestamp
 ADMIN_TOKEN = "123"
 FULL_RUN_S = 300
 CHECK_INTERVAL_S = 10
+# Linux's SO_TIMESTAMPNS (also the type of its control message): the kernel stamps each
+# received segment with its arrival time, as for the generator's POST /payments.
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
 # (second of the full run, (default delay ms, failing), (fallback delay ms, failing))
 FAULT_SCHEDULE = [
     (1, (0, False), (0, False)),
@@ -34,8 +39,10 @@ def now_ms() -> int:
 
 class HttpJson:
     """One keep-alive connection over a plain socket; each call returns (status,
-    parsed body, seconds from the request's send to its last byte). Kept this
-    thin so the times it reports are the server's, not an HTTP library's."""
+    parsed body, seconds from the request's send to the arrival of its last
+    byte, by the kernel's receive timestamp where there is one). Kept this
+    thin so the times it reports are the server's, not an HTTP library's or
+    this thread's wake-up."""
 
     def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         host, port = url.removeprefix("http://").split(":")
@@ -47,6 +54,7 @@ class HttpJson:
         if self._socket is None:
             self._socket = socket.create_connection(self._address, timeout=10)
             self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         return self._socket
 
     def call(self, method: str, path: str, payload: dict | None = None) -> tuple[int, object, float]:
@@ -56,10 +64,10 @@ class HttpJson:
         for attempt in (1, 2):
             try:
                 connection = self._connect()
-                started = time.perf_counter()
+                sent_ns = time.time_ns()
                 connection.sendall(request)
-                status, raw = self._read_response(connection)
-                elapsed = time.perf_counter() - started
+                status, raw, arrived_ns = self._read_response(connection)
+                elapsed = ((arrived_ns or time.time_ns()) - sent_ns) / 1e9
                 return status, (json.loads(raw) if raw else None), elapsed
             except (OSError, ValueError):
                 if self._socket is not None:
@@ -70,10 +78,12 @@ class HttpJson:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _read_response(connection: socket.socket) -> tuple[int, bytes]:
+    def _read_response(connection: socket.socket) -> tuple[int, bytes, int | None]:
+        """(status, body, arrival of the last bytes in ns since the epoch, or None
+        if the kernel did not stamp them)."""
         buffer = b""
         while b"\r\n\r\n" not in buffer:
-            chunk = connection.recv(65536)
+            chunk, arrived_ns = _receive(connection)
             if not chunk:
                 raise ConnectionError("connection closed mid-response")
             buffer += chunk
@@ -83,11 +93,20 @@ class HttpJson:
         length = next((int(line.split(b":", 1)[1]) for line in lines[1:]
                        if line.lower().startswith(b"content-length:")), 0)
         while len(body) < length:
-            chunk = connection.recv(65536)
+            chunk, arrived_ns = _receive(connection)
             if not chunk:
                 raise ConnectionError("connection closed mid-body")
             body += chunk
-        return status, body
+        return status, body, arrived_ns
+
+
+def _receive(connection: socket.socket) -> tuple[bytes, int | None]:
+    chunk, control, _, _ = connection.recvmsg(65536, socket.CMSG_SPACE(_TIMESPEC.size))
+    for level, kind, data in control:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            return chunk, seconds * 1_000_000_000 + nanoseconds
+    return chunk, None
 
 
 def range_query(from_ms: int | None, to_ms: int | None) -> str:
