@@ -114,10 +114,7 @@ class PaymentProcessor:
         if slot is None:
             return PAYMENTS_TOO_MANY
         if slot.done() and not self.config.delay_ms:
-            try:
-                return self._settle(payment)
-            finally:
-                self._admission.release()
+            return self._settle_and_release(payment)
         # Timers and callbacks rather than a task per payment: under the benchmark's delays
         # this emulator shares the CPUs with the service it measures.
         answer = slot.get_loop().create_future()
@@ -135,12 +132,15 @@ class PaymentProcessor:
     def _finish_processing(self, answer: asyncio.Future[Response], payment: PaymentRequest) -> None:
         # Once admitted, a payment is processed to the end even if its client hung up
         # (the answer cancelled): only the wait for the answer went away with the connection.
-        try:
-            response = self._settle(payment)
-        finally:
-            self._admission.release()
+        response = self._settle_and_release(payment)
         if not answer.cancelled():
             answer.set_result(response)
+
+    def _settle_and_release(self, payment: PaymentRequest) -> Response:
+        try:
+            return self._settle(payment)
+        finally:
+            self._admission.release()
 
     def _settle(self, payment: PaymentRequest) -> Response:
         if self.config.failing:
