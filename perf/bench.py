@@ -192,6 +192,7 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
     inconsistencies = sum(check["inconsistencies"] if check["inconsistencies"] is not None else 1
                           for check in scenario.log.checks)
     result = score(latency["p99"], at_teardown, inconsistencies, successful)
+    cpu_s = {name: round(usage[name][0] - cpu_before[name], 2) for name in measured}
     service_calls = {name: latency_summary_ms([int(s * 1e6) for s in values])
                      for name, values in scenario.log.service_call_seconds.items() if values}
     result["paycore"] = {
@@ -204,13 +205,13 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
         "final_summary_matches_processors": all(
             final_service[name]["totalRequests"] == final_processors[name]["totalRequests"]
             for name in ("default", "fallback")),
-        "stack": {name: {"cpu_s": round(usage[name][0] - cpu_before[name], 2),
+        "stack": {name: {"cpu_s": cpu_s[name],
                          "peak_rss_mb": round(usage[name][1] / 2**20, 1),
                          **({"throttled_periods": cgroup_usage[name]["throttled_periods"]}
                             if name in cgroup_usage else {})}
                   for name in stack_processes},
         "stack_peak_rss_mb": round(sum(usage[name][1] for name in stack_processes) / 2**20, 1),
-        "processors": {name: {"cpu_s": round(usage[name][0] - cpu_before[name], 2)} for name in harness_processes},
+        "processors": {name: {"cpu_s": cpu_s[name]} for name in harness_processes},
         "limits": {limit.service: {"cpus": limit.cpus, "memory_mb": round(limit.memory_bytes / 2**20)}
                    for limit in limits},
         "generator": {"cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2),
