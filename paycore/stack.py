@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +32,27 @@ PR_SET_PDEATHSIG = 1
 TMPFS = "/dev/shm"
 
 
+def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
+    """Distinct loopback TCP ports nothing listens on right now, none in avoid.
+    Each probe stays bound until all are chosen: a probe closed at once frees its
+    port, and the next probe may be given the same one."""
+    probes: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            probe = socket.socket()
+            probes.append(probe)
+            probe.bind(("127.0.0.1", 0))
+            if probe.getsockname()[1] not in avoid:
+                ports.append(probe.getsockname()[1])
+    finally:
+        for probe in probes:
+            probe.close()
+    return ports
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -92,13 +109,17 @@ class StackSettings:
 class Stack:
     def __init__(self, settings: StackSettings | None = None) -> None:
         self.settings = settings or StackSettings()
+        self.emulated = not (self.settings.default_url and self.settings.fallback_url)
+        # Two listeners given one port would not both start: haproxy exits
+        # and the emulator already there answers its clients with 404s.
+        if len(set(self.tcp_ports)) < len(self.tcp_ports):
+            raise ValueError(f"the stack's TCP ports must differ: {self.tcp_ports}")
         self._own_run_dir = self.settings.run_dir is None
         self.run_dir = Path(self.settings.run_dir or tempfile.mkdtemp(prefix="paycore-"))
         self._own_shared_dir = self.settings.shared_dir is None
         self.shared_dir = Path(self.settings.shared_dir or tempfile.mkdtemp(
             prefix="paycore-shared-", dir=TMPFS if os.path.isdir(TMPFS) else None))
         self.socket_dir = self.run_dir / "sockets"
-        self.emulated = not (self.settings.default_url and self.settings.fallback_url)
         if self.emulated:
             self.default_url = f"http://127.0.0.1:{self.settings.default_port}"
             self.fallback_url = f"http://127.0.0.1:{self.settings.fallback_port}"
@@ -111,6 +132,14 @@ class Stack:
         self.balancer: subprocess.Popen | None = None
         self.redis: RedisServer | None = None
         self.store_url = self.settings.store
+
+    @property
+    def tcp_ports(self) -> tuple[int, ...]:
+        """The loopback ports the stack listens on: haproxy's, and the emulators' if it runs them."""
+        settings = self.settings
+        if self.emulated:
+            return settings.port, settings.default_port, settings.fallback_port
+        return (settings.port,)
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None,
                service: str | None = None) -> subprocess.Popen:
@@ -133,7 +162,7 @@ class Stack:
             directory.mkdir(parents=True, exist_ok=True)
         try:
             if self.settings.store == "redis":
-                self.redis = RedisServer(self.run_dir / "redis", free_port()).start(
+                self.redis = RedisServer(self.run_dir / "redis", free_ports(1, avoid=self.tcp_ports)[0]).start(
                     lambda command: self._spawn(command, service="redis"))
                 self.store_url = self.redis.url
             if self.emulated:

@@ -36,7 +36,7 @@ from host import LowLatencyHost  # noqa: E402
 from report import draw_chart, latency_summary_ms, read_requests, score, success_latencies_ms  # noqa: E402
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
 
-from paycore.stack import Stack, StackSettings, free_port  # noqa: E402
+from paycore.stack import Stack, StackSettings, free_port, free_ports  # noqa: E402
 
 RESULTS = REPO / "perf" / "results"
 FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
@@ -127,7 +127,8 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
     jail = CgroupJail(limits) if CgroupJail.available() else None
     if jail is None:
         print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
-    settings = StackSettings(port=free_port(), default_port=free_port(), fallback_port=free_port(),
+    port, default_port, fallback_port = free_ports(3)
+    settings = StackSettings(port=port, default_port=default_port, fallback_port=fallback_port,
                              quiet=True, cgroups=jail.directories if jail else {},
                              instance_env={"PAYCORE_LOG_LEVEL": "WARNING"}, store=store)
     stamp = time.strftime("%Y%m%dT%H%M%S")

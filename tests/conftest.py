@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from paycore.stack import Stack, StackSettings, free_port
+from paycore.stack import Stack, StackSettings, free_ports
 
 ADMIN_TOKEN = "123"
 
@@ -130,8 +130,9 @@ def quick_stack(processor_urls: tuple[str, str] | None = None,
     runs (emulators are started otherwise), with admin_urls to reach them directly.
     store and instances: as in StackSettings."""
     default_url, fallback_url = processor_urls or (None, None)
+    port, default_port, fallback_port = free_ports(3)
     settings = StackSettings(
-        port=free_port(), default_port=free_port(), fallback_port=free_port(), quiet=True,
+        port=port, default_port=default_port, fallback_port=fallback_port, quiet=True,
         default_url=default_url, fallback_url=fallback_url, emulator_args=TEST_EMULATOR_ARGS,
         instance_env={**TEST_INSTANCE_ENV, **instance_env}, store=store, instances=instances,
     )

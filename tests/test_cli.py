@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from conftest import free_port
-from paycore.stack import wait_for_tcp
+from paycore.stack import free_port, wait_for_tcp
 
 PAYCORE = [sys.executable, "-m", "paycore.cli"]
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from conftest import free_port
+import pytest
+
+from paycore.stack import Stack, StackSettings, free_ports
 
 START_A_STACK_AND_WAIT = """
 import sys, time
@@ -31,7 +34,7 @@ def alive(pid: int) -> bool:
 
 def test_a_killed_owner_takes_its_stack_with_it():
     owner = subprocess.Popen([sys.executable, "-c", START_A_STACK_AND_WAIT,
-                              *(str(free_port()) for _ in range(3))],
+                              *(str(port) for port in free_ports(3))],
                              stdout=subprocess.PIPE, text=True)
     pids = [int(pid) for pid in owner.stdout.readline().split()]
     assert len(pids) == 5 and all(alive(pid) for pid in pids)
@@ -41,3 +44,19 @@ def test_a_killed_owner_takes_its_stack_with_it():
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_free_ports_are_distinct_and_open_and_avoid_what_they_are_told():
+    # Probed one after another, a few hundred loopback ports repeat several times.
+    ports = free_ports(500)
+    assert len(set(ports)) == 500
+    assert not set(free_ports(50, avoid=ports[:250])) & set(ports[:250])
+    for port in ports[:20]:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+
+
+def test_a_stack_refuses_to_give_two_listeners_one_port():
+    port, other = free_ports(2)
+    with pytest.raises(ValueError, match="must differ"):
+        Stack(StackSettings(port=port, default_port=port, fallback_port=other))
