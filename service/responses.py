@@ -9,9 +9,13 @@ import orjson
 log = logging.getLogger("paycore.responses")
 
 
+# Looked up by number: an enum call per response is slow when the path is cold.
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
 def http_response(status: int, body: bytes = b"", headers: bytes = b"",
                   content_type: bytes = b"application/json") -> bytes:
-    reason = HTTPStatus(status).phrase.encode()
+    reason = _REASONS[status]
     content_type_header = b"Content-Type: %s\r\n" % content_type if body else b""
     return (b"HTTP/1.1 %d %s\r\n%s%sContent-Length: %d\r\n\r\n"
             % (status, reason, content_type_header, headers, len(body)) + body)
