@@ -62,8 +62,9 @@ struct vu {
     int64_t due_ns;       /* next iteration start, or the deadline of the one in flight */
     int64_t iteration_ns; /* iteration start, before any connect */
     int64_t sent_ns;      /* immediately before the request's first write() */
-    int64_t sent_real_ns; /* the same instant on the clock of the kernel's receive timestamps */
-    int64_t arrived_real_ns; /* when the kernel queued the last bytes read (0: no timestamp) */
+    /* when the last bytes read arrived, on the monotonic clock: their read minus
+       how long they waited by the kernel's receive timestamp (-1: no usable timestamp) */
+    int64_t arrived_ns;
     size_t written;
     char *request;        /* this VU's copy: a partial write must not see another VU's UUID */
     struct response response;
@@ -131,7 +132,9 @@ static int64_t now_ns(void)
     return timespec_ns(&ts);
 }
 
-/* The clock of SO_TIMESTAMPNS; only differences over a request's lifetime are used. */
+/* The clock of SO_TIMESTAMPNS. It can be stepped (a VM's clock is), so it only
+   measures the short wait of received bytes until their read; the request's
+   lifetime is on the monotonic clock. */
 static int64_t real_now_ns(void)
 {
     struct timespec ts;
@@ -313,8 +316,8 @@ static int64_t ns_to_us(int64_t ns)
 static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status)
 {
     int64_t read_latency_us = ns_to_us(done_ns - start_ns);
-    /* without a timestamp, or one the realtime clock stepped across, the read time stands in */
-    if (status != 0 && (arrival_ns < 0 || arrival_ns > done_ns - start_ns)) {
+    /* without a usable timestamp the read time stands in */
+    if (status != 0 && arrival_ns < 0) {
         unstamped++;
         arrival_ns = done_ns - start_ns;
     }
@@ -378,7 +381,7 @@ static void end_request(struct vu *v, int64_t done_ns, int status)
     if (done_ns > v->due_ns)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
-    int64_t arrival_ns = v->arrived_real_ns ? v->arrived_real_ns - v->sent_real_ns : -1;
+    int64_t arrival_ns = v->arrived_ns >= 0 ? v->arrived_ns - v->sent_ns : -1;
     record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status);
     if (status == 0 || v->response.close_after)
         close_connection(v);
@@ -413,8 +416,7 @@ static void send_request(struct vu *v)
 {
     write_uuid(v->request + uuid_offset);
     v->written = 0;
-    v->arrived_real_ns = 0;
-    v->sent_real_ns = real_now_ns();
+    v->arrived_ns = -1;
     v->sent_ns = now_ns();
     continue_sending(v);
 }
@@ -560,11 +562,14 @@ static void receive(struct vu *v)
                              .msg_control = control.space, .msg_controllen = sizeof control.space};
     ssize_t n = recvmsg(v->fd, &message, 0);
     int64_t done_ns = now_ns();
+    int64_t read_real_ns = real_now_ns();
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&message); c; c = CMSG_NXTHDR(&message, c))
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
             struct timespec arrived;
             memcpy(&arrived, CMSG_DATA(c), sizeof arrived);
-            v->arrived_real_ns = timespec_ns(&arrived);
+            /* a timestamp after the read: the realtime clock was stepped in between */
+            int64_t waited_ns = read_real_ns - timespec_ns(&arrived);
+            v->arrived_ns = waited_ns >= 0 ? done_ns - waited_ns : -1;
         }
     if (n < 0) {
         if (errno != EAGAIN && errno != EINTR)

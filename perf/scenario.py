@@ -15,7 +15,9 @@ ADMIN_TOKEN = "123"
 FULL_RUN_S = 300
 CHECK_INTERVAL_S = 10
 # Linux's SO_TIMESTAMPNS (also the type of its control message): the kernel stamps each
-# received segment with its arrival time, as for the generator's POST /payments.
+# received segment with its arrival time on the realtime clock, as for the generator's
+# POST /payments. That clock can be stepped, so it only measures how long received
+# bytes waited to be read; a call's duration is on the monotonic clock.
 SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("qq")
 # (second of the full run, (default delay ms, failing), (fallback delay ms, failing))
@@ -64,10 +66,10 @@ class HttpJson:
         for attempt in (1, 2):
             try:
                 connection = self._connect()
-                sent_ns = time.time_ns()
+                sent_ns = time.monotonic_ns()
                 connection.sendall(request)
                 status, raw, arrived_ns = self._read_response(connection)
-                elapsed = ((arrived_ns or time.time_ns()) - sent_ns) / 1e9
+                elapsed = ((arrived_ns or time.monotonic_ns()) - sent_ns) / 1e9
                 return status, (json.loads(raw) if raw else None), elapsed
             except (OSError, ValueError):
                 if self._socket is not None:
@@ -79,8 +81,8 @@ class HttpJson:
 
     @staticmethod
     def _read_response(connection: socket.socket) -> tuple[int, bytes, int | None]:
-        """(status, body, arrival of the last bytes in ns since the epoch, or None
-        if the kernel did not stamp them)."""
+        """(status, body, arrival of the last bytes on the monotonic clock in ns,
+        or None if the kernel did not stamp them)."""
         buffer = b""
         while b"\r\n\r\n" not in buffer:
             chunk, arrived_ns = _receive(connection)
@@ -102,10 +104,13 @@ class HttpJson:
 
 def _receive(connection: socket.socket) -> tuple[bytes, int | None]:
     chunk, control, _, _ = connection.recvmsg(65536, socket.CMSG_SPACE(_TIMESPEC.size))
+    read_ns, read_real_ns = time.monotonic_ns(), time.time_ns()
     for level, kind, data in control:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
             seconds, nanoseconds = _TIMESPEC.unpack_from(data)
-            return chunk, seconds * 1_000_000_000 + nanoseconds
+            waited_ns = read_real_ns - (seconds * 1_000_000_000 + nanoseconds)
+            # A stamp after the read: the realtime clock was stepped in between.
+            return chunk, (read_ns - waited_ns if waited_ns >= 0 else None)
     return chunk, None
 
 
