@@ -61,6 +61,7 @@ struct vu {
     int heap_index;       /* -1 when no timer is pending */
     int64_t due_ns;       /* next iteration start, or the deadline of the one in flight */
     int64_t iteration_ns; /* iteration start, before any connect */
+    bool new_connection;  /* this iteration opened the connection it uses */
     int64_t sent_ns;      /* immediately before the request's first write() */
     /* when the last bytes read arrived, on the monotonic clock: their read minus
        how long they waited by the kernel's receive timestamp (-1: no usable timestamp) */
@@ -313,7 +314,7 @@ static int64_t ns_to_us(int64_t ns)
 }
 
 /* arrival_ns: from the request's write to the response's arrival, or -1 when unknown */
-static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status)
+static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status, bool new_connection)
 {
     int64_t read_latency_us = ns_to_us(done_ns - start_ns);
     /* without a usable timestamp the read time stands in */
@@ -342,6 +343,8 @@ static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int st
     p = put_uint(p, (uint64_t)status);
     *p++ = ',';
     p = put_uint(p, (uint64_t)read_latency_us);
+    *p++ = ',';
+    *p++ = new_connection ? '1' : '0';
     *p++ = '\n';
     csv_len = (size_t)(p - csv);
 }
@@ -382,7 +385,7 @@ static void end_request(struct vu *v, int64_t done_ns, int status)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
     int64_t arrival_ns = v->arrived_ns >= 0 ? v->arrived_ns - v->sent_ns : -1;
-    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status);
+    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection);
     if (status == 0 || v->response.close_after)
         close_connection(v);
     int64_t next_ns = done_ns + think_ns;
@@ -454,7 +457,8 @@ static void start_iteration(struct vu *v, int64_t now)
     v->iteration_ns = now;
     v->response = (struct response){0};
     schedule(v, now + timeout_ns);
-    if (v->fd < 0) {
+    v->new_connection = v->fd < 0;
+    if (v->new_connection) {
         enum connect_result result = open_connection(v);
         if (result == CONNECT_FAILED) {
             end_request(v, now_ns(), 0);
@@ -1000,7 +1004,7 @@ int main(int argc, char **argv)
     }
     seed_ids();
 
-    static const char header[] = "start_us,latency_us,status,read_latency_us\n";
+    static const char header[] = "start_us,latency_us,status,read_latency_us,new_connection\n";
     memcpy(csv, header, sizeof header - 1);
     csv_len = sizeof header - 1;
     int64_t duration_ns = (int64_t)(opt.duration_s * NS_PER_S);

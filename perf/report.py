@@ -16,6 +16,7 @@ class Request(NamedTuple):
     latency_us: int       # from the request's write to the response's arrival (kernel timestamp)
     status: int           # 0: failed (no answer in time, or a broken connection)
     read_latency_us: int  # from the request's write to when the generator read the response
+    new_connection: bool  # the request went out on a connection opened for it
 
     @property
     def succeeded(self) -> bool:
@@ -25,7 +26,7 @@ class Request(NamedTuple):
 def read_requests(path: Path) -> list[Request]:
     with path.open() as file:
         return [Request(int(row["start_us"]), int(row["latency_us"]), int(row["status"]),
-                        int(row["read_latency_us"]))
+                        int(row["read_latency_us"]), row["new_connection"] == "1")
                 for row in csv.DictReader(file)]
 
 
@@ -52,6 +53,16 @@ def success_latencies_ms(requests: list[Request]) -> tuple[dict[str, float], dic
     succeeded = [request for request in requests if request.succeeded]
     return (latency_summary_ms([request.latency_us for request in succeeded]),
             latency_summary_ms([request.read_latency_us for request in succeeded]))
+
+
+def latencies_by_connection_ms(requests: list[Request]) -> dict[str, dict[str, float]]:
+    """Percentiles (to arrival) of the successful requests that opened their
+    connection and of those that reused one: a connection's first request also
+    pays for its hand-over to an instance."""
+    succeeded = [request for request in requests if request.succeeded]
+    return {name: latency_summary_ms([request.latency_us for request in succeeded
+                                      if request.new_connection == new])
+            for name, new in (("new_connection", True), ("reused_connection", False))}
 
 
 def score(p99_ms: float, processed: dict[str, dict], inconsistencies: int,

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
 
 from cgroups import memory_bytes  # noqa: E402
-from report import percentile, score  # noqa: E402
+from report import Request, latencies_by_connection_ms, percentile, score  # noqa: E402
 
 
 def test_percentile_interpolates_between_ranks():
@@ -18,6 +18,14 @@ def test_percentile_interpolates_between_ranks():
     assert percentile(values, 0.99) == pytest.approx(99.01)
     assert percentile(values, 1.0) == 100
     assert percentile([], 0.99) == 0.0
+
+
+def test_requests_are_split_by_whether_they_opened_their_connection():
+    requests = [Request(0, 400, 202, 410, True), Request(1, 100, 202, 110, False),
+                Request(2, 300, 202, 300, False), Request(3, 900, 0, 900, True)]
+    split = latencies_by_connection_ms(requests)
+    assert split["new_connection"]["max"] == 0.4  # the failed one is left out
+    assert split["reused_connection"]["p50"] == 0.2 and split["reused_connection"]["max"] == 0.3
 
 
 def test_score_as_the_challenge_computes_it():

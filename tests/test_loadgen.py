@@ -99,7 +99,8 @@ class Run:
         assert len(lines) == 1, completed.stdout
         self.summary = json.loads(lines[0])
         with out.open(newline="") as handle:
-            assert next(csv.reader(handle)) == ["start_us", "latency_us", "status", "read_latency_us"]
+            assert next(csv.reader(handle)) == ["start_us", "latency_us", "status", "read_latency_us",
+                                                "new_connection"]
         self.rows = read_requests(out)
 
 
@@ -137,6 +138,8 @@ def test_ramp_against_constant_server(binaries, tmp_path, constant_server):
     # A response arrives before it is read: the arrival time is the kernel's.
     assert summary["unstamped"] == 0
     assert all(row.latency_us <= row.read_latency_us for row in rows)
+    # The constant server keeps every connection open: each VU opens one, for its first request.
+    assert sum(row.new_connection for row in rows) == sum(1 for active in active_s if active > 0)
     for prefix, ordered in (("", sorted(latencies)), ("read_", sorted(row.read_latency_us for row in rows))):
         for name, permille in (("p50_us", 500), ("p90_us", 900), ("p99_us", 990),
                                ("p999_us", 999), ("max_us", 1000)):
@@ -231,6 +234,7 @@ def test_connection_close_answers_reconnect(binaries, tmp_path):
     assert {row.status for row in run.rows} == {202}
     assert len(run.rows) >= 50
     assert connections == len(run.rows)
+    assert all(row.new_connection for row in run.rows)
 
 
 def test_sigterm_stops_and_reports(binaries, tmp_path, constant_server):
