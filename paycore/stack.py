@@ -55,28 +55,38 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port}") from None
-            time.sleep(0.05)
+def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S,
+                 process: subprocess.Popen | None = None) -> None:
+    """Until something listens on host:port; with process, fail at once if it exits first."""
+    _wait_for(lambda: socket.create_connection((host, port), timeout=0.5), f"{host}:{port}",
+              timeout_s, process)
 
 
-def wait_for_unix(path: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def wait_for_unix(path: str, timeout_s: float = STARTUP_TIMEOUT_S,
+                  process: subprocess.Popen | None = None) -> None:
+    def connect() -> socket.socket:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            probe.close()
+            raise
+        return probe
+    _wait_for(connect, path, timeout_s, process)
+
+
+def _wait_for(connect, address: str, timeout_s: float, process: subprocess.Popen | None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with {process.returncode} "
+                               f"before listening on {address}")
         try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(path)
-                return
+            connect().close()
+            return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {path}") from None
+                raise TimeoutError(f"nothing listens on {address}") from None
             time.sleep(0.05)
 
 
@@ -180,8 +190,8 @@ class Stack:
             self.processors.append(self._spawn(
                 [sys.executable, "-m", "paycore.emulator", "--host", "127.0.0.1",
                  "--port", str(port), "--fee", fee, *self.settings.emulator_args]))
-        for port in (self.settings.default_port, self.settings.fallback_port):
-            wait_for_tcp("127.0.0.1", port)
+        for port, process in zip((self.settings.default_port, self.settings.fallback_port), self.processors):
+            wait_for_tcp("127.0.0.1", port, process=process)
 
     def socket_path(self, index: int) -> str:
         return str(self.socket_dir / f"api-{index}.sock")
@@ -203,7 +213,7 @@ class Stack:
             os.unlink(self.socket_path(index))
         self.instances[index] = self._spawn([sys.executable, "-m", "paycore.service"], env,
                                             service=f"api{index}")
-        wait_for_unix(self.socket_path(index))
+        wait_for_unix(self.socket_path(index), process=self.instances[index])
 
     def stop_instance(self, index: int, signum: int = signal.SIGTERM) -> int:
         process = self.instances.pop(index)
@@ -218,7 +228,7 @@ class Stack:
             {"PAYCORE_LB_BIND": f"127.0.0.1:{self.settings.port}",
              "PAYCORE_SOCKET_DIR": str(self.socket_dir)},
             service="load-balancer")
-        wait_for_tcp("127.0.0.1", self.settings.port)
+        wait_for_tcp("127.0.0.1", self.settings.port, process=self.balancer)
 
     def stop(self) -> None:
         if self.balancer is not None:

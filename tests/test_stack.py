@@ -60,3 +60,14 @@ def test_a_stack_refuses_to_give_two_listeners_one_port():
     port, other = free_ports(2)
     with pytest.raises(ValueError, match="must differ"):
         Stack(StackSettings(port=port, default_port=port, fallback_port=other))
+
+
+def test_a_process_that_exits_at_start_fails_the_stack_at_once():
+    port, default_port, fallback_port = free_ports(3)
+    stack = Stack(StackSettings(port=port, default_port=default_port, fallback_port=fallback_port,
+                                quiet=True, instance_env={"PAYCORE_QUEUE_CAPACITY": "many"}))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with"):
+        stack.start()
+    assert time.monotonic() - started < 10
+    assert stack.instances == {} and stack.processors == [] and stack.balancer is None
