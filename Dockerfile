@@ -20,7 +20,7 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER paycore
 ENV PYTHONUNBUFFERED=1 \
-    PAYCORE_LISTEN=unix:/run/paycore/sockets/api.sock \
+    PAYCORE_LISTEN=handoff:/run/paycore/sockets/api.handoff \
     PAYCORE_SHARED_DIR=/run/paycore/shared \
     PAYCORE_JOURNAL_DIR=/var/lib/paycore/journal
 CMD ["python", "-m", "paycore.service"]

@@ -26,16 +26,15 @@ $(BUILT): $(DEPS) $(CORE_SOURCES)
 
 build: $(BUILT)
 
-# haproxy is the load balancer of the real topology; docker-compose checks the
-# compose file in the tests; clang, with its libFuzzer and AddressSanitizer
-# runtimes, builds the body parser for fuzzing; redis-server runs the Redis
-# store in the tests (and `PAYCORE_STORE=redis make run`). Installed once, as
-# root or through sudo.
+# docker-compose checks the compose file in the tests; clang, with its
+# libFuzzer and AddressSanitizer runtimes, builds the body parser for fuzzing;
+# redis-server runs the Redis store in the tests (and `PAYCORE_STORE=redis
+# make run`). Installed once, as root or through sudo.
 system-deps:
-	@command -v haproxy >/dev/null && command -v docker-compose >/dev/null && command -v clang >/dev/null && command -v redis-server >/dev/null || { \
+	@command -v docker-compose >/dev/null && command -v clang >/dev/null && command -v redis-server >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    $$SUDO apt-get install -y -qq haproxy docker-compose clang libclang-rt-dev redis-server >/dev/null; }
+	    $$SUDO apt-get install -y -qq docker-compose clang libclang-rt-dev redis-server >/dev/null; }
 
 run: build system-deps
 	$(PY) -m paycore.stack

@@ -86,7 +86,7 @@ def _summary(arguments: argparse.Namespace) -> int:
 
 def benchmark_script() -> Path:
     """perf/bench.py next to this package: the benchmark needs the source tree
-    (the load generator's C source, the compose file, the haproxy config)."""
+    (the load generator's C source, the compose file)."""
     return Path(__file__).resolve().parents[1] / "perf" / "bench.py"
 
 

@@ -1,7 +1,10 @@
 """The whole local topology as child processes: two emulated processors (unless
 PROCESSOR_DEFAULT_URL and PROCESSOR_FALLBACK_URL name real ones), the service
-instances on unix sockets, haproxy in front with deploy/haproxy.cfg, and with
-the Redis store a redis-server the instances share.
+instances, the load balancer in front (service/balancer.py, handing client
+connections to the instances' hand-off sockets, as docker-compose.yml runs
+it), and with the Redis store a redis-server the instances share. Each
+instance also listens on a unix socket of its own, for asking one instance
+directly (tests, tools).
 
 `python -m paycore.stack` runs it in the foreground until Ctrl-C or SIGTERM;
 tests and benchmarks use the Stack class.
@@ -24,8 +27,7 @@ from pathlib import Path
 from paycore.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
-HAPROXY_CONFIG = Path(os.environ.get("PAYCORE_HAPROXY_CONFIG", REPO / "deploy" / "haproxy.cfg"))
-INSTANCES = 2  # deploy/haproxy.cfg names two servers, as docker-compose.yml runs two
+INSTANCES = 2  # as docker-compose.yml runs
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1
@@ -105,7 +107,6 @@ class StackSettings:
     # Extra environment for the service instances (e.g. shorter timeouts in tests).
     instance_env: dict[str, str] = field(default_factory=dict)
     emulator_args: tuple[str, ...] = ()
-    # deploy/haproxy.cfg balances api-1 and api-2; more instances are reached on their sockets.
     instances: int = INSTANCES
     # "embedded"; "redis": a redis-server of the stack's own; or redis://HOST:PORT/DB.
     # With Redis, each instance gets a shared directory of its own, as on separate hosts.
@@ -120,7 +121,7 @@ class Stack:
     def __init__(self, settings: StackSettings | None = None) -> None:
         self.settings = settings or StackSettings()
         self.emulated = not (self.settings.default_url and self.settings.fallback_url)
-        # Two listeners given one port would not both start: haproxy exits
+        # Two listeners given one port would not both start: the balancer exits
         # and the emulator already there answers its clients with 404s.
         if len(set(self.tcp_ports)) < len(self.tcp_ports):
             raise ValueError(f"the stack's TCP ports must differ: {self.tcp_ports}")
@@ -145,7 +146,7 @@ class Stack:
 
     @property
     def tcp_ports(self) -> tuple[int, ...]:
-        """The loopback ports the stack listens on: haproxy's, and the emulators' if it runs them."""
+        """The loopback ports the stack listens on: the balancer's, and the emulators' if it runs them."""
         settings = self.settings
         if self.emulated:
             return settings.port, settings.default_port, settings.fallback_port
@@ -199,10 +200,13 @@ class Stack:
     def instance_shared_dir(self, index: int) -> Path:
         return self.shared_dir if self.store_url == "embedded" else self.shared_dir / f"host-{index}"
 
+    def handoff_path(self, index: int) -> str:
+        return str(self.socket_dir / f"api-{index}.handoff")
+
     def start_instance(self, index: int) -> None:
         env = {
             "PAYCORE_INSTANCE": str(index),
-            "PAYCORE_LISTEN": f"unix:{self.socket_path(index)}",
+            "PAYCORE_LISTEN": f"unix:{self.socket_path(index)},handoff:{self.handoff_path(index)}",
             "PAYCORE_STORE": self.store_url,
             "PAYCORE_SHARED_DIR": str(self.instance_shared_dir(index)),
             "PROCESSOR_DEFAULT_URL": self.default_url,
@@ -220,13 +224,11 @@ class Stack:
         return _stop(process, signum)
 
     def _start_balancer(self) -> None:
-        haproxy = shutil.which("haproxy")
-        if haproxy is None:
-            raise RuntimeError("haproxy is not installed (make run / make test install it)")
         self.balancer = self._spawn(
-            [haproxy, "-db", "-f", str(HAPROXY_CONFIG)],
-            {"PAYCORE_LB_BIND": f"127.0.0.1:{self.settings.port}",
-             "PAYCORE_SOCKET_DIR": str(self.socket_dir)},
+            [sys.executable, "-m", "paycore.service.balancer"],
+            {"PAYCORE_BALANCER_LISTEN": f"127.0.0.1:{self.settings.port}",
+             "PAYCORE_BALANCER_INSTANCES": ",".join(
+                 self.handoff_path(index) for index in range(1, self.settings.instances + 1))},
             service="load-balancer")
         wait_for_tcp("127.0.0.1", self.settings.port, process=self.balancer)
 

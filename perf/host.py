@@ -1,7 +1,7 @@
 """The benchmark host's idle behaviour.
 
 On this 2-vCPU virtual machine an idle vCPU halts, and every hand-over between
-processes (generator -> haproxy -> instance and back) may have to wake one: a
+processes (generator -> instance -> processor and back) may have to wake one: a
 cost that lands in the latency tail. Holding /dev/cpu_dma_latency at 0 (what
 tuned's latency-performance profile does on servers) keeps idle CPUs polling
 instead of halting, for as long as the file stays open. It changes the host,

@@ -16,6 +16,7 @@ from .accept import PaymentIntake
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
+from .handoff import HandoffListener
 from .health import HealthMonitor
 from .http_server import HttpProtocol
 from .metrics import GaugeSources, Metrics, MetricsEndpoint
@@ -28,8 +29,10 @@ from .summary import Summary
 log = logging.getLogger("paycore.service")
 
 
-async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer:
+async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer | HandoffListener:
     loop = asyncio.get_running_loop()
+    if address.startswith("handoff:"):
+        return HandoffListener(address[len("handoff:"):], protocol_factory)
     if address.startswith("unix:"):
         path = address[len("unix:"):]
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -64,7 +67,7 @@ class Instance:
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.AbstractServer | HandoffListener] = []
         self._metrics_server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

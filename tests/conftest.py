@@ -1,5 +1,5 @@
 """Fixtures that run the real topology on loopback: emulated processors,
-two service instances on unix sockets, haproxy in front."""
+two service instances, the load balancer in front."""
 from __future__ import annotations
 
 import http.client
@@ -89,7 +89,7 @@ class RunningStack:
         return UnixHTTPConnection(self.stack.socket_path(index))
 
     def summaries(self, query: str = "") -> list[dict]:
-        """The summary as each instance answers it, asked directly, not through haproxy."""
+        """The summary as each instance answers it, asked directly, not through the load balancer."""
         return [call(self.instance(index), "GET", "/payments-summary" + query)[1]
                 for index in sorted(self.stack.instances)]
 

@@ -22,6 +22,12 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def instances(services: dict) -> dict[str, dict]:
+    """The service instances (the load balancer runs from the same image)."""
+    return {name: service for name, service in services.items()
+            if "PAYCORE_INSTANCE" in service.get("environment", {})}
+
+
 def test_budget_within_one_and_a_half_cpu_and_350_mb():
     limits = compose_limits(COMPOSE)
     assert len(limits) >= 3
@@ -32,12 +38,19 @@ def test_budget_within_one_and_a_half_cpu_and_350_mb():
 def test_load_balancer_on_9999_in_front_of_two_instances(compose):
     services = compose["services"]
     balancer = services["load-balancer"]
-    assert balancer["image"].startswith(("haproxy:", "nginx:"))
+    assert balancer["command"] == ["python", "-m", "paycore.service.balancer"]
+    assert balancer["environment"]["PAYCORE_BALANCER_LISTEN"] == ":9999"
     assert any(str(port).split(":")[0] == "9999" for port in balancer["ports"])
-    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]
-    instances = [name for name, service in services.items() if service.get("image", "").startswith("paycore")]
-    assert len(instances) >= 2
-    assert set(instances) <= set(balancer["depends_on"])
+    api = instances(services)
+    assert len(api) >= 2
+    assert set(api) <= set(balancer["depends_on"])
+    # Each instance's hand-off socket is one the balancer hands connections to,
+    # on a volume both mount.
+    handed_to = balancer["environment"]["PAYCORE_BALANCER_INSTANCES"].split(",")
+    listens = [instance["environment"]["PAYCORE_LISTEN"] for instance in api.values()]
+    assert sorted(f"handoff:{path}" for path in handed_to) == sorted(listens)
+    for name, instance in api.items():
+        assert set(balancer["volumes"]) & set(instance["volumes"]), name
 
 
 def test_no_host_mode_privileged_or_replicas(compose):
@@ -54,9 +67,8 @@ def test_bridge_networks_and_the_processors_network_is_external(compose):
     for name, network in networks.items():
         if name != "payment-processor":
             assert network.get("driver", "bridge") == "bridge", name
-    for name, service in compose["services"].items():
-        if service.get("image", "").startswith("paycore"):
-            assert "payment-processor" in service["networks"], name
+    for name, instance in instances(compose["services"]).items():
+        assert "payment-processor" in instance["networks"], name
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")

@@ -21,6 +21,7 @@ from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
 from paycore.service.processor_client import Outcome
 from paycore.service.router import Router
 from paycore.service.store.embedded import EmbeddedStore
+from test_compose import instances
 from test_journal_writer import FailingFirstWrites
 from test_service import payment, post_many
 
@@ -431,9 +432,6 @@ def test_the_metrics_listener_is_not_the_public_one(live):
         assert call(live.instance(index), "GET", "/metrics")[0] == 404
         assert call(UnixHTTPConnection(metrics_socket(live, index)), "GET", "/payments-summary")[0] == 404
         assert call(UnixHTTPConnection(metrics_socket(live, index)), "POST", "/payments", payment())[0] == 404
-    # The load balancer forwards to the API sockets and nothing else.
-    servers = re.findall(r"^\s*server\s+\S+\s+(\S+)", (REPO / "deploy" / "haproxy.cfg").read_text(), re.MULTILINE)
-    assert servers == [f'"unix@${{PAYCORE_SOCKET_DIR}}/api-{index}.sock"' for index in (1, 2)]
 
 
 def test_an_empty_metrics_listen_serves_no_metrics():
@@ -442,17 +440,13 @@ def test_an_empty_metrics_listen_serves_no_metrics():
         assert not list(running.stack.shared_dir.glob("metrics-*"))
 
 
-def test_compose_publishes_no_instance_port_and_balances_only_api_sockets():
+def test_compose_publishes_no_instance_port_and_balances_only_api_listeners():
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    balancer = services["load-balancer"]
-    instances = {name: service for name, service in services.items()
-                 if service.get("image", "").startswith("paycore")}
-    socket_dir = balancer["environment"]["PAYCORE_SOCKET_DIR"]
-    for name, instance in instances.items():
+    balancer = services.pop("load-balancer")
+    handed_to = [f"handoff:{path}" for path in balancer["environment"]["PAYCORE_BALANCER_INSTANCES"].split(",")]
+    for name, instance in instances(services).items():
         environment = instance["environment"]
         assert "ports" not in instance and "expose" not in instance, name
-        listen = environment["PAYCORE_LISTEN"]
-        metrics = environment["PAYCORE_METRICS_LISTEN"]
-        assert listen.startswith(f"unix:{socket_dir}/api-"), name
-        assert metrics != listen and not metrics.startswith(f"unix:{socket_dir}"), name
+        assert environment["PAYCORE_LISTEN"] in handed_to, name
+        assert environment["PAYCORE_METRICS_LISTEN"] not in handed_to, name
     assert [str(port) for port in balancer["ports"]] == ["9999:9999"]

@@ -46,7 +46,7 @@ def faulty() -> Iterator[FaultyStack]:
 
 
 def post_over(live: RunningStack, count: int, seconds: float, batches: int = 10) -> list[str]:
-    """count fresh payments through haproxy, in batches spread over `seconds`; all accepted."""
+    """count fresh payments through the load balancer, in batches spread over `seconds`; all accepted."""
     ids: list[str] = []
     for _ in range(batches):
         ids += accept_all(live, count // batches, concurrency=10)

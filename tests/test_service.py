@@ -1,4 +1,4 @@
-"""End-to-end: the service through haproxy, real emulated processors, two instances."""
+"""End-to-end: the service through the load balancer, real emulated processors, two instances."""
 from __future__ import annotations
 
 import asyncio
