@@ -75,6 +75,15 @@ class Dispatcher:
         self._hand_off: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self._pinned: set[asyncio.Task] = set()
+        self._running_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: asyncio.get_running_loop() makes a getpid() system call
+        # each time (a fork check), and notify() runs for every payment.
+        if self._running_loop is None:
+            self._running_loop = asyncio.get_running_loop()
+        return self._running_loop
 
     @property
     def in_flight(self) -> int:
@@ -86,7 +95,7 @@ class Dispatcher:
         return len(self._pinned)
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self._task = self._loop.create_task(self._run())
 
     async def stop(self) -> None:
         if self._hand_off is not None:
@@ -100,7 +109,7 @@ class Dispatcher:
         """Something changed (a payment queued, a slot freed): let the loop look
         again, a turn of the event loop later (HAND_OFF_DELAY_S)."""
         if self._hand_off is None:
-            self._hand_off = asyncio.get_running_loop().call_later(HAND_OFF_DELAY_S, self._wake)
+            self._hand_off = self._loop.call_later(HAND_OFF_DELAY_S, self._wake)
 
     def _wake(self) -> None:
         self._hand_off = None
@@ -109,7 +118,7 @@ class Dispatcher:
             wakeup.set_result(None)
 
     async def _sleep_until_notified(self) -> None:
-        self._wakeup = asyncio.get_running_loop().create_future()
+        self._wakeup = self._loop.create_future()
         try:
             await self._wakeup
         finally:
@@ -145,7 +154,7 @@ class Dispatcher:
             requested_at_ms = wall_clock_ms()
             recorded = self._store.sending(payment[0], processor, requested_at_ms)
             self._in_flight += 1
-            asyncio.ensure_future(
+            self._loop.create_task(
                 self._deliver(payment[0], payment[1], processor, requested_at_ms, self._probing, recorded))
 
     async def _deliver(self, uuid16: bytes, cents: int, processor: int, requested_at_ms: int,
@@ -277,7 +286,7 @@ class Dispatcher:
 
     def _hold(self, work) -> None:
         """Run a payment's work outside the queue, counted as unresolved until it ends."""
-        task = asyncio.ensure_future(work)
+        task = self._loop.create_task(work)
         self._pinned.add(task)
         task.add_done_callback(self._pinned.discard)
 
