@@ -1,6 +1,7 @@
 """The `paycore` command.
 
     paycore serve [--listen ...] [--instance N] ...   one service instance
+    paycore balance [--listen HOST:PORT] [--instances PATH,...]   the load balancer
     paycore processor [--port 8001 --fee 0.07 ...]    the payment-processor emulator
     paycore stack                                     the local topology (make run)
     paycore summary [--url URL] [--from ISO] [--to ISO]
@@ -33,16 +34,32 @@ SERVE_OPTIONS = {
     "--default-url": "PROCESSOR_DEFAULT_URL",
     "--fallback-url": "PROCESSOR_FALLBACK_URL",
 }
+BALANCE_OPTIONS = {
+    "--listen": "PAYCORE_BALANCER_LISTEN",
+    "--instances": "PAYCORE_BALANCER_INSTANCES",
+}
 
 
-def _serve(arguments: argparse.Namespace) -> int:
-    for option, variable in SERVE_OPTIONS.items():
+def _set_environment(arguments: argparse.Namespace, options: dict[str, str]) -> None:
+    for option, variable in options.items():
         value = getattr(arguments, option.lstrip("-").replace("-", "_"))
         if value is not None:
             os.environ[variable] = value
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    _set_environment(arguments, SERVE_OPTIONS)
     from paycore.service.app import run
 
     run()
+    return EXIT_OK
+
+
+def _balance(arguments: argparse.Namespace) -> int:
+    _set_environment(arguments, BALANCE_OPTIONS)
+    from paycore.service.balancer import main
+
+    main()
     return EXIT_OK
 
 
@@ -121,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     for option, variable in SERVE_OPTIONS.items():
         serve.add_argument(option, help=f"sets {variable}")
     serve.set_defaults(handler=_serve)
+
+    balance = commands.add_parser("balance", help="run the load balancer in front of the instances")
+    for option, variable in BALANCE_OPTIONS.items():
+        balance.add_argument(option, help=f"sets {variable}")
+    balance.set_defaults(handler=_balance)
 
     # Listed for --help; its arguments go to the emulator untouched (see main).
     commands.add_parser("processor", add_help=False,

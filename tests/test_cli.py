@@ -17,7 +17,8 @@ def paycore(*arguments: str, timeout: float = 20) -> subprocess.CompletedProcess
     return subprocess.run([*PAYCORE, *arguments], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["processor"], ["stack"], ["summary"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["balance"], ["processor"], ["stack"], ["summary"],
+                                     ["bench"]])
 def test_every_command_has_help(command):
     finished = paycore(*command, "--help")
     assert finished.returncode == 0
@@ -93,3 +94,18 @@ def test_instance_logs_are_json_lines_and_quiet_per_request(tmp_path, running_st
     assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any("listening" in line["message"] for line in lines)
     assert len(lines) < 10  # 20 requests logged nothing
+
+
+def test_balance_hands_connections_to_the_instances_it_is_given(tmp_path, running_stack):
+    port = free_port()
+    balancer = subprocess.Popen([*PAYCORE, "balance", "--listen", f"127.0.0.1:{port}",
+                                 "--instances", running_stack.stack.handoff_path(1)],
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for_tcp("127.0.0.1", port, process=balancer)
+        assert paycore("summary", "--url", f"http://127.0.0.1:{port}").returncode == 0
+        balancer.send_signal(signal.SIGTERM)
+        assert balancer.wait(10) == 0
+    finally:
+        balancer.kill()
+        balancer.wait()
