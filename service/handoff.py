@@ -62,7 +62,7 @@ class HandoffListener:
             return
         # Started here rather than in a task: its transport then exists at once
         # and reads the client's request in this loop turn's poll, a turn earlier.
-        _start(self._loop.connect_accepted_socket(self._protocol_factory, connection))
+        _start(self._loop.connect_accepted_socket(self._protocol_factory, connection), connection)
 
     def _drop_channel(self, channel: socket.socket) -> None:
         self._loop.remove_reader(channel.fileno())
@@ -80,14 +80,20 @@ class HandoffListener:
                 self._drop_channel(channel)
 
 
-def _start(handshake: Coroutine[Any, Any, Any]) -> None:
-    """Step a coroutine that awaits only futures, from their callbacks, as a task would."""
+def _start(handshake: Coroutine[Any, Any, Any], connection: socket.socket) -> None:
+    """Step the handshake as a task would: now, then each time what it awaits
+    is done. If it fails, the connection is closed: its client sees the end
+    at once instead of waiting for an answer."""
     try:
         awaited = handshake.send(None)
     except StopIteration:
         return
     except Exception as error:  # noqa: BLE001 - one connection's failure, logged
+        connection.close()
         log.warning("could not serve a handed-over connection: %r", error)
         return
-    awaited._asyncio_future_blocking = False
-    awaited.add_done_callback(lambda _: _start(handshake))
+    if isinstance(awaited, asyncio.Future):
+        awaited._asyncio_future_blocking = False
+        awaited.add_done_callback(lambda _: _start(handshake, connection))
+    else:  # a bare yield: another turn of the loop
+        asyncio.get_running_loop().call_soon(_start, handshake, connection)

@@ -248,3 +248,24 @@ def test_the_balancer_refuses_to_start_without_instances():
                               capture_output=True, text=True, timeout=30)
     assert finished.returncode != 0
     assert "PAYCORE_BALANCER_INSTANCES" in finished.stderr
+
+
+def test_a_handshake_that_fails_is_logged_and_the_listener_serves_on(instances, balance, caplog):
+    instances.start("a")
+    balancer = balance("a")
+
+    def failing_factory() -> asyncio.Protocol:
+        raise RuntimeError("no protocol today")
+
+    listener = instances.listeners["a"]
+    serving = listener._protocol_factory
+    listener._protocol_factory = failing_factory
+    with socket.create_connection(balancer.address, timeout=5) as client:
+        client.sendall(b"who")
+        try:
+            assert client.recv(64) == b""  # the connection is dropped, not left hanging
+        except ConnectionResetError:
+            pass
+    assert "could not serve a handed-over connection" in caplog.text
+    listener._protocol_factory = serving
+    assert ask(balancer) == b"a"
