@@ -169,8 +169,9 @@ class Balancer:
 
     def stop(self) -> None:
         """Make serve_forever return: shutting the listener down wakes its accept."""
-        self._stopping = True
-        self._listener.shutdown(socket.SHUT_RDWR)
+        if not self._stopping:
+            self._stopping = True
+            self._listener.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._listener.close()

@@ -269,3 +269,15 @@ def test_a_handshake_that_fails_is_logged_and_the_listener_serves_on(instances, 
     assert "could not serve a handed-over connection" in caplog.text
     listener._protocol_factory = serving
     assert ask(balancer) == b"a"
+
+
+def test_connections_outlive_the_balancer_that_handed_them_over(instances, balance):
+    instances.start("a")
+    balancer = balance("a")
+    with socket.create_connection(balancer.address, timeout=5) as client:
+        client.sendall(b"who")
+        assert client.recv(64) == b"a"
+        balancer.stop()
+        balancer.close()
+        client.sendall(b"who")
+        assert client.recv(64) == b"a"
