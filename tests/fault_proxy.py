@@ -132,12 +132,17 @@ class FaultProxy:
 
     def _full_accept_queue(self) -> list[socket.socket]:
         """A listener with room for one pending connection, taken by our own: Linux then
-        drops every SYN, and a client's connect waits for its own timeout."""
+        drops every SYN, and a client's connect waits for its own timeout. The filler
+        connects without blocking this loop: an instance reconnecting at that moment
+        may take the room first, and then the filler's own SYN is dropped too."""
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(0)
-        return [listener, socket.create_connection(("127.0.0.1", self.port))]
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", self.port))
+        return [listener, filler]
 
     async def _shutdown(self) -> None:
         await self._switch(Fault.REFUSE)
