@@ -16,7 +16,7 @@ from .accept import PaymentIntake
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
-from .handoff import HandoffListener
+from .handoff import HandoffListener, claim_socket_path
 from .health import HealthMonitor
 from .http_server import HttpProtocol
 from .metrics import GaugeSources, Metrics, MetricsEndpoint
@@ -35,11 +35,9 @@ async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer | Ha
         return HandoffListener(address[len("handoff:"):], protocol_factory)
     if address.startswith("unix:"):
         path = address[len("unix:"):]
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)
+        claim_socket_path(path)
         server = await loop.create_unix_server(protocol_factory, path, backlog=4096)
-        os.chmod(path, 0o666)  # the load balancer may run as another user
+        os.chmod(path, 0o666)  # its clients (tools, another container) may run as another user
         return server
     host, _, port = address.rpartition(":")
     return await loop.create_server(protocol_factory, host or "0.0.0.0", int(port),

@@ -81,10 +81,13 @@ class InstanceChannel:
         return False
 
     def disconnect(self, error: OSError) -> None:
+        self.close()
+        self._mark(False, error)
+
+    def close(self) -> None:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        self._mark(False, error)
 
     def _mark(self, up: bool, error: OSError | None = None) -> None:
         if up != self._up:
@@ -176,9 +179,7 @@ class Balancer:
     def close(self) -> None:
         self._listener.close()
         for instance in self.instances:
-            if instance.channel is not None:
-                instance.channel.close()
-                instance.channel = None
+            instance.close()
 
 
 def _address(text: str) -> tuple[str, int]:

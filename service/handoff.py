@@ -16,15 +16,21 @@ from paycore.core.connection_handoff import receive_connections
 log = logging.getLogger("paycore.handoff")
 
 
+def claim_socket_path(path: str) -> None:
+    """Make room to bind a unix socket at path: its directory, and no socket
+    left there by an earlier run of this instance."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
 class HandoffListener:
     def __init__(self, path: str, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         self._protocol_factory = protocol_factory
         self._loop = asyncio.get_running_loop()
         self._channels: set[socket.socket] = set()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)
+        claim_socket_path(path)
         self._listener.bind(path)
         os.chmod(path, 0o666)  # the balancer may run as another user
         self._listener.listen(64)
