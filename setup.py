@@ -28,7 +28,7 @@ extensions = [
 ]
 
 setup(
-    packages=["paycore", "paycore.core", "paycore.emulator", "paycore.service"],
+    packages=["paycore", "paycore.core", "paycore.emulator", "paycore.service", "paycore.service.store", "paycore.service.store.embedded"],
     package_dir={"paycore.service": "service"},
     package_data={"paycore.core": ["*.pyi"], "paycore": ["py.typed"]},
     ext_modules=cythonize(

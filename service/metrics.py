@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from .connections import ConnectionGuard
     from .delivery import Dispatcher
-    from .journal import JournalWriter
+    from .store.embedded.journal import JournalWriter
     from .router import Router
 
 # The route label of an answered request. UNROUTED: refused by the HTTP layer

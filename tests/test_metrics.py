@@ -20,7 +20,7 @@ from paycore.service.http_server import HttpProtocol
 from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
 from paycore.service.processor_client import Outcome
 from paycore.service.router import Router
-from paycore.service.store.embedded import EmbeddedStore
+from paycore.service.store.embedded.store import EmbeddedStore
 from test_compose import instances
 from test_journal_writer import FailingFirstWrites
 from test_service import payment, post_many
