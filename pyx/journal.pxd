@@ -124,6 +124,7 @@ cdef class Journal:
                          int64_t requested_at_ms, uint32_t generation) except 0
     cdef int write_batch(self, RecordBuffer* batch) noexcept nogil
     cdef int start_segment(self) noexcept nogil
+    cdef int write_checkpoint(self, int fd, const SegmentHeader* header, int64_t* size) noexcept nogil
     cdef int _remember_segment_raw(self, uint64_t first_seq) noexcept nogil
     cdef void serve_raw(self) noexcept nogil
     cdef void finish_serving(self) noexcept nogil

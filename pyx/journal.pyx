@@ -11,8 +11,8 @@ from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_RDONLY, O_TRUNC, O_WRONLY
 from posix.fcntl cimport open as open_file
-from posix.time cimport nanosleep, timespec
-from posix.unistd cimport close, fsync, ftruncate, read, write
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.unistd cimport close, fsync, pwrite, read, write
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
@@ -32,6 +32,7 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from "<fcntl.h>" nogil:
     int openat(int dirfd, const char* path, int flags, ...)
+    int posix_fallocate(int fd, long offset, long length)
     int renameat(int olddirfd, const char* oldpath, int newdirfd, const char* newpath)
     int unlinkat(int dirfd, const char* path, int flags)
 
@@ -60,11 +61,19 @@ cdef extern from *:
     static inline void journal_store(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline int journal_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void journal_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void journal_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
     """
     uint64_t atomic_load "journal_load"(const uint64_t* pointer) nogil
     void atomic_store "journal_store"(uint64_t* pointer, uint64_t value) nogil
     int atomic_load_int "journal_load_int"(const int* pointer) nogil
     void atomic_store_int "journal_store_int"(int* pointer, int value) nogil
+    void cpu_relax "journal_cpu_relax"() nogil
 
 
 cdef enum:
@@ -117,16 +126,17 @@ cdef bint record_is_valid(const JournalRecord* record) noexcept nogil:
             and ACCEPTED <= record.kind <= OUTSTANDING and record.processor <= 1)
 
 
-cdef int write_all(int fd, const char* data, Py_ssize_t size) noexcept nogil:
+cdef int write_all(int fd, const char* data, Py_ssize_t size, int64_t offset) noexcept nogil:
     """0, or -1 with errno set; a short write is continued, EINTR retried."""
     cdef Py_ssize_t written
     while size > 0:
-        written = write(fd, data, size)
+        written = pwrite(fd, data, size, offset)
         if written < 0:
             if errno == EINTR:
                 continue
             return -1
         data += written
+        offset += written
         size -= written
     return 0
 
@@ -576,11 +586,11 @@ cdef class Journal:
         cdef int error
         if batch.count == 0:
             return 0
-        if (write_all(self.segment_fd, <const char*>batch.records, size) != 0
+        # Written in place: a failed or torn write leaves records that do not
+        # check out, and the next try writes over them.
+        if (write_all(self.segment_fd, <const char*>batch.records, size, self.segment_size) != 0
                 or (self.sync and fdatasync(self.segment_fd) != 0)):
-            error = errno
-            ftruncate(self.segment_fd, self.segment_size)
-            atomic_store_int(&self.write_errno, error)
+            atomic_store_int(&self.write_errno, errno)
             return -1
         self.segment_size += size
         for i in range(batch.count):
@@ -601,15 +611,12 @@ cdef class Journal:
         cdef uint64_t first_seq = atomic_load(&self.durable_seq) + 1
         cdef char temporary[SEGMENT_NAME_MAX]
         cdef char final[SEGMENT_NAME_MAX]
-        cdef JournalRecord chunk[CHECKPOINT_CHUNK_RECORDS]
         cdef SegmentHeader header
-        cdef OutstandingEntry* entry
-        cdef Py_ssize_t i, filled = 0
         cdef int64_t size = sizeof(SegmentHeader)
-        cdef int fd, failed = 0
+        cdef int fd, error
         segment_name(temporary, first_seq, True)
         segment_name(final, first_seq, False)
-        fd = openat(self.directory_fd, temporary, O_WRONLY | O_APPEND | O_CREAT | O_TRUNC | O_CLOEXEC, FILE_MODE)
+        fd = openat(self.directory_fd, temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, FILE_MODE)
         if fd < 0:
             atomic_store_int(&self.write_errno, errno)
             return -1
@@ -618,24 +625,19 @@ cdef class Journal:
         header.version = JOURNAL_VERSION
         header.record_size = sizeof(JournalRecord)
         header.first_seq = first_seq
-        failed = write_all(fd, <const char*>&header, sizeof(SegmentHeader))
-        i = 0
-        while failed == 0 and i < self.index.capacity:
-            entry = &self.index.entries[i]
-            i += 1
-            if entry.occupied:
-                fill_record(&chunk[filled], OUTSTANDING, 0, entry.uuid, entry.processor, entry.flags,
-                            entry.cents, entry.requested_at_ms, 0)
-                filled += 1
-            if filled == CHECKPOINT_CHUNK_RECORDS or (filled > 0 and i == self.index.capacity):
-                failed = write_all(fd, <const char*>chunk, filled * sizeof(JournalRecord))
-                size += filled * sizeof(JournalRecord)
-                filled = 0
-        if (failed != 0 or (self.sync and fdatasync(fd) != 0)
-                or renameat(self.directory_fd, temporary, self.directory_fd, final) != 0
-                or (self.sync and fsync(self.directory_fd) != 0)
-                or self._remember_segment_raw(first_seq) != 0):
-            atomic_store_int(&self.write_errno, errno)
+        # Allocated up front: an fdatasync then flushes data only, not the
+        # file's growing size and extents (a quarter of the time on ext4).
+        error = posix_fallocate(fd, 0, self.segment_limit)
+        if error == 0:
+            error = self.write_checkpoint(fd, &header, &size)
+        if error == 0 and ((self.sync and fdatasync(fd) != 0)
+                           or renameat(self.directory_fd, temporary, self.directory_fd, final) != 0
+                           or (self.sync and fsync(self.directory_fd) != 0)):
+            error = errno
+        if error == 0 and self._remember_segment_raw(first_seq) != 0:
+            error = 12  # ENOMEM
+        if error != 0:
+            atomic_store_int(&self.write_errno, error)
             close(fd)
             unlinkat(self.directory_fd, temporary, 0)
             return -1
@@ -643,6 +645,27 @@ cdef class Journal:
             close(self.segment_fd)
         self.segment_fd = fd
         self.segment_size = size
+        return 0
+
+    cdef int write_checkpoint(self, int fd, const SegmentHeader* header, int64_t* size) noexcept nogil:
+        """The header, then one OUTSTANDING record per payment in the index;
+        0, or the errno of the failed write. size: bytes written."""
+        cdef JournalRecord chunk[CHECKPOINT_CHUNK_RECORDS]
+        cdef OutstandingEntry* entry
+        cdef Py_ssize_t i, filled = 0
+        if write_all(fd, <const char*>header, sizeof(SegmentHeader), 0) != 0:
+            return errno
+        for i in range(self.index.capacity):
+            entry = &self.index.entries[i]
+            if entry.occupied:
+                fill_record(&chunk[filled], OUTSTANDING, 0, entry.uuid, entry.processor, entry.flags,
+                            entry.cents, entry.requested_at_ms, 0)
+                filled += 1
+            if filled == CHECKPOINT_CHUNK_RECORDS or (filled > 0 and i == self.index.capacity - 1):
+                if write_all(fd, <const char*>chunk, filled * sizeof(JournalRecord), size[0]) != 0:
+                    return errno
+                size[0] += filled * sizeof(JournalRecord)
+                filled = 0
         return 0
 
     cdef void delete_committed_segments(self) noexcept nogil:
@@ -707,6 +730,24 @@ cdef class Journal:
         if taken != 0:
             raise MemoryError("journal batch")
         return count
+
+    def wait_durable(self, uint64_t seq, int64_t budget_ns) -> bool:
+        """Spin, without the GIL, until the writer has made seq durable or
+        budget_ns has passed: cheaper than a round trip through the event
+        loop when the write takes a few microseconds."""
+        cdef timespec now
+        cdef int64_t deadline, spins = 0
+        with nogil:
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            deadline = now.tv_sec * 1000000000 + now.tv_nsec + budget_ns
+            while atomic_load(&self.durable_seq) < seq:
+                cpu_relax()
+                spins += 1
+                if spins % 64 == 0:
+                    clock_gettime(CLOCK_MONOTONIC, &now)
+                    if now.tv_sec * 1000000000 + now.tv_nsec >= deadline:
+                        break
+        return atomic_load(&self.durable_seq) >= seq
 
     def drain_event(self) -> None:
         """Reset event_fd once its readiness was seen."""

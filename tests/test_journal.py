@@ -147,8 +147,9 @@ def test_a_torn_record_ends_its_segment_and_the_next_segment_still_counts(tmp_pa
         serving.journal.accepted(torn, 200)
         serving.write()
     (first,) = segment_files(tmp_path)
-    with open(tmp_path / first, "r+b") as file:
-        file.truncate(os.path.getsize(tmp_path / first) - RECORD_SIZE // 2)
+    with open(tmp_path / first, "r+b") as file:  # the second record's second half never reached the disk
+        file.seek(HEADER_SIZE + RECORD_SIZE + RECORD_SIZE // 2)
+        file.write(bytes(RECORD_SIZE // 2))
     later = new_id()
     with Serving(tmp_path) as serving:  # starts a new segment: the torn one stays behind it
         serving.journal.accepted(later, 300)
@@ -226,8 +227,7 @@ def test_a_failed_write_is_retried_and_nothing_before_it_counts_as_durable(tmp_p
             journal = serving.journal
             journal.accepted(new_id(), 100)
             serving.write()
-            size = os.path.getsize(tmp_path / segment_files(tmp_path)[0])
-            resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (HEADER_SIZE + RECORD_SIZE, hard))
             journal.accepted(new_id(), 200)
             journal.submit()
             assert select.select([journal.event_fd], [], [], 5)[0]
