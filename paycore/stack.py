@@ -200,6 +200,11 @@ class Stack:
     def instance_shared_dir(self, index: int) -> Path:
         return self.shared_dir if self.store_url == "embedded" else self.shared_dir / f"host-{index}"
 
+    def instance_data_dir(self, index: int) -> Path:
+        """The journal and payments record, on disk: one per host."""
+        data = self.run_dir / "data"
+        return data if self.store_url == "embedded" else data / f"host-{index}"
+
     def handoff_path(self, index: int) -> str:
         return str(self.socket_dir / f"api-{index}.handoff")
 
@@ -209,6 +214,7 @@ class Stack:
             "PAYCORE_LISTEN": f"unix:{self.socket_path(index)},handoff:{self.handoff_path(index)}",
             "PAYCORE_STORE": self.store_url,
             "PAYCORE_SHARED_DIR": str(self.instance_shared_dir(index)),
+            "PAYCORE_DATA_DIR": str(self.instance_data_dir(index)),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
             **self.settings.instance_env,

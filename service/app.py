@@ -19,6 +19,7 @@ from .delivery import Dispatcher
 from .handoff import HandoffListener, claim_socket_path
 from .health import HealthMonitor
 from .http_server import HttpProtocol
+from .lookup import PaymentLookup
 from .metrics import GaugeSources, Metrics, MetricsEndpoint
 from .processor_client import ProcessorClient
 from .router import PROCESSOR_NAMES, Router
@@ -61,7 +62,7 @@ class Instance:
         self.health = HealthMonitor(self.store.health, self.clients, self.router,
                                     settings.health_interval_ms)
         self.intake = PaymentIntake(self.store)
-        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics)
+        self.routes = Routes(self.intake, Summary(self.store), PaymentLookup(self.store), self.store, self.metrics)
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 # The route label of an answered request. UNROUTED: refused by the HTTP layer
 # before any route saw it (malformed, too large, too slow, too many connections).
-ROUTES = ("/payments", "/payments-summary", "/purge-payments", "/metrics", "other", "unrouted")
-PAYMENTS, SUMMARY, PURGE, METRICS, OTHER, UNROUTED = range(len(ROUTES))
+ROUTES = ("/payments", "/payments-summary", "/payments/{id}", "/purge-payments", "/metrics", "other", "unrouted")
+PAYMENTS, SUMMARY, LOOKUP, PURGE, METRICS, OTHER, UNROUTED = range(len(ROUTES))
 HIGHEST_STATUS = 599
 # Every answer starts "HTTP/1.1 NNN": the status digits are at 9, 10 and 11.
 STATUS_DIGITS_OFFSET = ord("0") * 111
@@ -147,11 +147,11 @@ class GaugeSources:
                 (("", self.dispatcher.unresolved),))
         if self.journal is not None:
             _family(text, "paycore_journal_backlog_records", "gauge",
-                    "Journal records appended and not yet written.", (("", self.journal.backlog),))
+                    "Journal records appended and not yet durable.", (("", self.journal.backlog),))
             _family(text, "paycore_journal_batches_total", "counter",
-                    "Journal writes (group commits).", (("", self.journal.batches),))
+                    "Journal writes (group commits).", (("", self.journal.journal.batches_written),))
             _family(text, "paycore_journal_records_total", "counter",
-                    "Journal records written.", (("", self.journal.records),))
+                    "Journal records written.", (("", self.journal.journal.records_written),))
         _family(text, "paycore_open_connections", "gauge",
                 "Client connections open, on every listener of this instance.",
                 (("", self.connections.open_connections),))

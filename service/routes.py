@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from . import responses
 from .accept import PaymentIntake
-from .metrics import OTHER, PAYMENTS, PURGE, SUMMARY, Metrics
+from .lookup import PaymentLookup
+from .metrics import LOOKUP, OTHER, PAYMENTS, PURGE, SUMMARY, Metrics
 from .store.base import Deferred, Store, then
 from .summary import Summary
 
 
 class Routes:
-    def __init__(self, intake: PaymentIntake, summary: Summary, store: Store, metrics: Metrics) -> None:
+    def __init__(self, intake: PaymentIntake, summary: Summary, lookup: PaymentLookup, store: Store,
+                 metrics: Metrics) -> None:
         self._intake = intake
         self._summary = summary
+        self._lookup = lookup
         self._store = store
         self._metrics = metrics
 
@@ -24,6 +27,10 @@ class Routes:
         elif path == b"/payments-summary":
             route = SUMMARY
             response = self._summary.respond(query) if method == b"GET" else responses.METHOD_NOT_ALLOWED
+        elif path.startswith(b"/payments/"):
+            route = LOOKUP
+            response = (self._lookup.respond(path[len(b"/payments/"):]) if method == b"GET"
+                        else responses.METHOD_NOT_ALLOWED)
         elif path == b"/purge-payments":
             route = PURGE
             # Every instance's share of the ledger and the accepted ids start over.

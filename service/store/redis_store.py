@@ -11,6 +11,7 @@ database:
                                      consumer per instance, named PAYCORE_INSTANCE
     paycore:entry            hash    uuid16 -> its pending entry id
     paycore:sent             hash    uuid16 -> "processor:requestedAt" of its recorded send
+    paycore:settled          hash    uuid16 -> "processor:requestedAt:cents" once settled
     paycore:lease:<instance> string  exists while the instance lives (PX store_lease_ms)
     paycore:ledger:seconds   zset    epoch seconds holding settled payments
     paycore:ledger:by_second hash    "<second>:<processor>:n" / ":c" -> count / cents
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +50,8 @@ import orjson
 from paycore.core.ring_queue import RingQueue
 
 from ..config import Settings
-from .base import Acceptance, PendingWork, Totals, Unresolved, Unsent
+from ..payment import Attempt, Payment
+from .base import Acceptance, PaymentStatus, PendingWork, Totals
 from .resp import Arg, RedisClient, RedisError, Script
 
 log = logging.getLogger("paycore.store")
@@ -57,6 +60,7 @@ IDS = b"paycore:ids"
 STREAM = b"paycore:pending"
 ENTRIES = b"paycore:entry"
 SENT = b"paycore:sent"
+SETTLED = b"paycore:settled"
 LEASE_PREFIX = b"paycore:lease:"
 LEDGER = (b"paycore:ledger:seconds", b"paycore:ledger:by_second", b"paycore:ledger:millis",
           b"paycore:ledger:by_milli", b"paycore:ledger:total")
@@ -108,7 +112,7 @@ return 1
 """)
 
 SETTLE = Script("""
--- KEYS: entries, stream, sent, seconds, by_second, millis, by_milli, total.
+-- KEYS: entries, stream, sent, settled, seconds, by_second, millis, by_milli, total.
 -- ARGV: group, uuid16, processor, second, millisecond, cents.
 -- Into the ledger only when this call acknowledges the entry: a payment counts once.
 local entry = redis.call('HGET', KEYS[1], ARGV[2])
@@ -119,16 +123,23 @@ if acknowledged == 1 then
     redis.call('HINCRBY', hash, prefix .. ARGV[3] .. ':n', 1)
     redis.call('HINCRBY', hash, prefix .. ARGV[3] .. ':c', ARGV[6])
   end
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
-  add(KEYS[5], ARGV[4] .. ':')
-  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[5])
-  add(KEYS[7], ARGV[5] .. ':')
-  add(KEYS[8], '')
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[4])
+  add(KEYS[6], ARGV[4] .. ':')
+  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[5])
+  add(KEYS[8], ARGV[5] .. ':')
+  add(KEYS[9], '')
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[3] .. ':' .. ARGV[5] .. ':' .. ARGV[6])
 end
 redis.call('XDEL', KEYS[2], entry)
 redis.call('HDEL', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 return acknowledged
+""")
+
+LOOKUP = Script("""
+-- KEYS: ids, settled. ARGV: uuid16.
+-- Answers {cents or false, "processor:requestedAt:cents" or false}.
+return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1])}
 """)
 
 SUMMARY = Script("""
@@ -248,6 +259,17 @@ def _nothing(_reply: Any) -> None:
     return None
 
 
+def _status(correlation_id: bytes) -> Callable[[list[bytes | None]], PaymentStatus | None]:
+    def status(reply: list[bytes | None]) -> PaymentStatus | None:
+        cents, settled = reply
+        if settled is not None:
+            processor, requested_at_ms, settled_cents = (int(part) for part in settled.split(b":"))
+            payment = Payment(correlation_id, settled_cents)
+            return PaymentStatus(payment, Attempt(payment, processor, requested_at_ms))
+        return None if cents is None else PaymentStatus(Payment(correlation_id, int(cents)), None)
+    return status
+
+
 def _totals(sums: list[int]) -> Totals:
     return (sums[0], sums[1] * CENTS_SPLIT + sums[2], sums[3], sums[4] * CENTS_SPLIT + sums[5])
 
@@ -271,18 +293,18 @@ def summary_ranges(from_ms: int | None, to_ms: int | None) -> list[Arg]:
     return ranges
 
 
-def split_taken(flat: list[bytes]) -> tuple[list[Unsent], list[Unresolved]]:
+def split_taken(flat: list[bytes]) -> tuple[list[Payment], list[Attempt]]:
     """Claimed entries (uuid16, cents, recorded send or b'') into never sent
     and sent with an unknown outcome."""
-    unsent: list[Unsent] = []
-    unresolved: list[Unresolved] = []
+    unsent: list[Payment] = []
+    unresolved: list[Attempt] = []
     for index in range(0, len(flat), 3):
-        uuid16, cents, sent = flat[index], int(flat[index + 1]), flat[index + 2]
+        payment, sent = Payment(flat[index], int(flat[index + 1])), flat[index + 2]
         if sent:
             processor, _, requested_at_ms = sent.partition(b":")
-            unresolved.append((uuid16, cents, int(processor), int(requested_at_ms)))
+            unresolved.append(Attempt(payment, int(processor), int(requested_at_ms)))
         else:
-            unsent.append((uuid16, cents))
+            unsent.append(payment)
     return unsent, unresolved
 
 
@@ -337,6 +359,8 @@ def _turn_time(reply: bytes | None) -> float | None:
 
 class RedisStore:
     journal = None  # what Redis answers is durable: no journal per instance
+    # Settles wait in memory while Redis is away, however many: nothing to keep room in.
+    settlement_room = sys.maxsize
 
     def __init__(self, settings: Settings) -> None:
         self._instance = settings.instance.encode()
@@ -373,8 +397,8 @@ class RedisStore:
         self._tasks = [asyncio.ensure_future(task()) for task in
                        (self._feed, self._keep_lease, self._take_over_dead)]
 
-    def accept(self, uuid16: bytes, cents: int) -> asyncio.Future:
-        return self._client.run(ACCEPT, (IDS, ENTRIES, STREAM), (uuid16, cents), convert=Acceptance)
+    def accept(self, payment: Payment) -> asyncio.Future:
+        return self._client.run(ACCEPT, (IDS, ENTRIES, STREAM), payment, convert=Acceptance)
 
     def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
         # What Redis has answered is as durable as this store gets.
@@ -383,15 +407,16 @@ class RedisStore:
     def flush_waiting(self) -> None:
         self._client.flush()
 
-    def sending(self, uuid16: bytes, processor: int, requested_at_ms: int) -> asyncio.Future:
+    def sending(self, attempt: Attempt) -> asyncio.Future:
         return self._client.run(SENDING, (ENTRIES, STREAM, SENT),
-                                (GROUP, self._instance, uuid16, b"%d:%d" % (processor, requested_at_ms)),
+                                (GROUP, self._instance, attempt.payment.correlation_id,
+                                 b"%d:%d" % (attempt.processor, attempt.requested_at_ms)),
                                 convert=bool)
 
-    def settle(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
+    def settle(self, attempt: Attempt) -> None:
         self._settles_in_flight += 1
         self._settles_done.clear()
-        self._send_settle((uuid16, processor, requested_at_ms, cents), self._retry_min_s)
+        self._send_settle(attempt, self._retry_min_s)
 
     @property
     def settles_in_flight(self) -> int:
@@ -401,9 +426,13 @@ class RedisStore:
     def summary(self, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
         return self._client.run(SUMMARY, LEDGER, summary_ranges(from_ms, to_ms), convert=_totals)
 
+    def lookup(self, correlation_id: bytes) -> asyncio.Future:
+        return self._client.run(LOOKUP, (IDS, SETTLED), (correlation_id,), convert=_status(correlation_id))
+
     def purge(self) -> asyncio.Future:
-        # The pending payments' stream and maps stay: they are still delivered.
-        return self._client.execute(b"UNLINK", IDS, *LEDGER, convert=_nothing)
+        # The ids, and the pending payments' stream and maps, stay: pending
+        # payments are still delivered, and none is paid or counted twice.
+        return self._client.execute(b"UNLINK", *LEDGER, convert=_nothing)
 
     async def close(self) -> None:
         """What this instance still holds stays pending under its name. The
@@ -427,20 +456,19 @@ class RedisStore:
         self.health.close()
         self._client.close()
 
-    def _send_settle(self, settlement: tuple[bytes, int, int, int], backoff_s: float) -> None:
-        uuid16, processor, requested_at_ms, cents = settlement
-        settled = self._client.run(SETTLE, (ENTRIES, STREAM, SENT, *LEDGER),
-                                   (GROUP, uuid16, processor, requested_at_ms // 1000,
-                                    requested_at_ms, cents))
-        settled.add_done_callback(lambda done: self._settle_answered(done, settlement, backoff_s))
+    def _send_settle(self, attempt: Attempt, backoff_s: float) -> None:
+        settled = self._client.run(SETTLE, (ENTRIES, STREAM, SENT, SETTLED, *LEDGER),
+                                   (GROUP, attempt.payment.correlation_id, attempt.processor,
+                                    attempt.requested_at_ms // 1000, attempt.requested_at_ms,
+                                    attempt.payment.cents))
+        settled.add_done_callback(lambda done: self._settle_answered(done, attempt, backoff_s))
 
-    def _settle_answered(self, done: asyncio.Future, settlement: tuple[bytes, int, int, int],
-                         backoff_s: float) -> None:
+    def _settle_answered(self, done: asyncio.Future, attempt: Attempt, backoff_s: float) -> None:
         error = done.exception()
         if error is not None and not self._closed:
             log.warning("settle not taken by Redis, retrying in %.2f s: %r", backoff_s, error)
             asyncio.get_running_loop().call_later(
-                backoff_s, self._send_settle, settlement, self._longer(backoff_s))
+                backoff_s, self._send_settle, attempt, self._longer(backoff_s))
             return
         self._settles_in_flight -= 1
         if self._settles_in_flight == 0:
@@ -461,7 +489,7 @@ class RedisStore:
     async def _renew_lease(self) -> None:
         await self._client.execute(b"SET", self._lease_key, b"1", b"PX", self._lease_ms)
 
-    async def _resume_own(self) -> tuple[list[Unsent], list[Unresolved]]:
+    async def _resume_own(self) -> tuple[list[Payment], list[Attempt]]:
         """What this instance had read before a restart and not settled."""
         taken: list[bytes] = []
         start = b"-"
@@ -511,11 +539,11 @@ class RedisStore:
     def _push(self, entries: list[list[Any]]) -> None:
         assert self._queue is not None and self._work is not None
         # The queue had room when they were asked for; a requeue may have taken it since.
-        overflow: list[Unsent] = []
+        overflow: list[Payment] = []
         for _, fields in entries:
             uuid16, cents = fields[1], int(fields[3])
             if not self._queue.push(uuid16, cents):
-                overflow.append((uuid16, cents))
+                overflow.append(Payment(uuid16, cents))
         if overflow:
             self._work.resume(overflow, [])
         self._work.notify()
