@@ -78,7 +78,7 @@ def test_summary_shape_and_purge(live):
     assert status == 200
     assert summary == {"default": {"totalRequests": 3, "totalAmount": 60.15},
                        "fallback": {"totalRequests": 0, "totalAmount": 0}}
-    status, _ = call(live.client(), "POST", "/purge-payments")
+    status, _ = call(live.client(), "POST", "/purge-payments", headers=live.admin_headers)
     assert status == 200
     assert live.summaries() == [ZERO, ZERO]
 
