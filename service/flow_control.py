@@ -14,7 +14,14 @@ socket buffers, and then in its own.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
+
+# The kernel's share of a connection's unsent answers (SO_SNDBUF, which Linux
+# doubles). Left to autotuning it grows to megabytes, and a client that reads
+# nothing gets tens of thousands of answers worked out before the high-water
+# mark below is reached; an answer here is a few hundred bytes.
+SEND_BUFFER_BYTES = 64 * 1024
 
 HIGH_WATER_BYTES = 64 * 1024
 LOW_WATER_BYTES = 16 * 1024
@@ -42,6 +49,9 @@ class FlowControl:
         self._stalled_sweeps = 0
         self.paused = 0
         transport.set_write_buffer_limits(high=HIGH_WATER_BYTES, low=LOW_WATER_BYTES)
+        connection = transport.get_extra_info("socket")
+        if connection is not None:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def pause_writing(self) -> None:
         """The transport's buffer passed the high-water mark."""
