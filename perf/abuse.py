@@ -46,7 +46,9 @@ class HostileCounts:
     pipelined_bytes: int = 0    # taken by the server (its socket buffers included)
 
 
-async def _pipeline(port: int, deadline: float, counts: HostileCounts) -> None:
+async def _reconnecting(port: int, deadline: float, counts: HostileCounts, behave) -> None:
+    """Open a connection and behave(connection, deadline, counts) on it until the
+    deadline; one the server drops is opened again."""
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:
         try:
@@ -57,10 +59,7 @@ async def _pipeline(port: int, deadline: float, counts: HostileCounts) -> None:
         counts.connections += 1
         connection.setblocking(False)
         try:
-            while loop.time() < deadline:
-                await asyncio.wait_for(loop.sock_sendall(connection, PIPELINED_CHUNK),
-                                       max(0.01, deadline - loop.time()))
-                counts.pipelined_bytes += len(PIPELINED_CHUNK)
+            await behave(connection, deadline, counts)
         except (OSError, asyncio.TimeoutError):
             pass
         finally:
@@ -68,33 +67,27 @@ async def _pipeline(port: int, deadline: float, counts: HostileCounts) -> None:
         await asyncio.sleep(RECONNECT_PAUSE_S)
 
 
-async def _slowloris(port: int, deadline: float, counts: HostileCounts) -> None:
+async def _pipeline(connection: socket.socket, deadline: float, counts: HostileCounts) -> None:
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:
-        try:
-            connection = socket.create_connection(("127.0.0.1", port))
-        except OSError:
-            await asyncio.sleep(RECONNECT_PAUSE_S)
-            continue
-        counts.connections += 1
-        connection.setblocking(False)
-        try:
-            for byte in SLOWLORIS_HEAD:
-                if loop.time() >= deadline:
-                    break
-                await loop.sock_sendall(connection, bytes([byte]))
-                await asyncio.sleep(SLOWLORIS_BYTE_INTERVAL_S)
-        except OSError:
-            pass
-        finally:
-            connection.close()
+        await asyncio.wait_for(loop.sock_sendall(connection, PIPELINED_CHUNK), max(0.01, deadline - loop.time()))
+        counts.pipelined_bytes += len(PIPELINED_CHUNK)
+
+
+async def _slowloris(connection: socket.socket, deadline: float, counts: HostileCounts) -> None:
+    loop = asyncio.get_running_loop()
+    for byte in SLOWLORIS_HEAD:
+        if loop.time() >= deadline:
+            return
+        await loop.sock_sendall(connection, bytes([byte]))
+        await asyncio.sleep(SLOWLORIS_BYTE_INTERVAL_S)
 
 
 async def _hostile(port: int, pipelining: int, slowloris: int, seconds: float) -> HostileCounts:
     counts = HostileCounts()
     deadline = asyncio.get_running_loop().time() + seconds
-    await asyncio.gather(*(_pipeline(port, deadline, counts) for _ in range(pipelining)),
-                         *(_slowloris(port, deadline, counts) for _ in range(slowloris)))
+    await asyncio.gather(*(_reconnecting(port, deadline, counts, _pipeline) for _ in range(pipelining)),
+                         *(_reconnecting(port, deadline, counts, _slowloris) for _ in range(slowloris)))
     return counts
 
 
