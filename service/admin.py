@@ -10,7 +10,7 @@ import hmac
 class Verdict(enum.Enum):
     ALLOWED = 0
     NO_TOKEN_CONFIGURED = 1   # refused whatever the request carries: 403
-    NOT_AUTHENTICATED = 2     # credentials missing or wrong: 401
+    NOT_AUTHENTICATED = 2     # credentials missing or wrong: 403 too (SPEC §8)
 
 
 class AdminToken:

@@ -63,8 +63,7 @@ REQUEST_TIMEOUT = error_response(408, "request not received in time")
 TOO_MANY_CONNECTIONS = error_response(503, "too many connections", b"Retry-After: 1\r\n")
 BAD_REQUEST = error_response(400, "malformed HTTP request")
 PURGED = fixed_response(200, orjson.dumps({"message": "all payments purged"}))
-UNAUTHORIZED = error_response(401, "this needs the admin token: Authorization: Bearer <token>",
-                              b'WWW-Authenticate: Bearer realm="paycore admin"\r\n')
+ADMIN_TOKEN_REQUIRED = error_response(403, "this needs the admin token: Authorization: Bearer <token>")
 FORBIDDEN = error_response(403, "no admin token is configured (PAYCORE_ADMIN_TOKEN): purging is disabled")
 STORE_UNAVAILABLE = error_response(503, "payment store unavailable, retry shortly", b"Retry-After: 1\r\n")
 

@@ -10,7 +10,7 @@ from .store.base import Deferred, Store, then
 from .summary import Summary
 
 
-_REFUSED = {Verdict.NO_TOKEN_CONFIGURED: responses.FORBIDDEN, Verdict.NOT_AUTHENTICATED: responses.UNAUTHORIZED}
+_REFUSED = {Verdict.NO_TOKEN_CONFIGURED: responses.FORBIDDEN, Verdict.NOT_AUTHENTICATED: responses.ADMIN_TOKEN_REQUIRED}
 
 
 class Routes:

@@ -71,13 +71,8 @@ def test_with_a_token_a_purge_needs_it(live):
     assert call(live.client(), "POST", "/payments", payment(str(uuid.uuid4())))[0] == 202
     processed = live.wait_until_processed(1)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN}):
-        status, _ = call(live.client(), "POST", "/purge-payments", headers=headers)
-        assert status == 401
-    connection = live.client()
-    connection.request("POST", "/purge-payments")
-    response = connection.getresponse()
-    response.read()
-    assert response.getheader("WWW-Authenticate", "").startswith("Bearer")
+        status, body = call(live.client(), "POST", "/purge-payments", headers=headers)
+        assert status == 403 and "Authorization: Bearer" in body["error"]
     assert live.summaries() == [as_summary(processed)] * 2
     assert call(live.client(), "POST", "/purge-payments", headers=live.admin_headers)[0] == 200
     assert live.summaries() == [ZERO, ZERO]
