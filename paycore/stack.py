@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -112,6 +113,9 @@ class StackSettings:
     # With Redis, each instance gets a shared directory of its own, as on separate hosts.
     store: str = "embedded"
     quiet: bool = False
+    # The instances' PAYCORE_ADMIN_TOKEN, which POST /purge-payments needs
+    # (Authorization: Bearer <token>); a fresh one per stack unless given.
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     # docker-compose service name ("load-balancer", "api1", ...) -> cgroup
     # directories its process joins before it starts, to hold it to the limits.
     cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -217,6 +221,7 @@ class Stack:
             "PAYCORE_DATA_DIR": str(self.instance_data_dir(index)),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
+            "PAYCORE_ADMIN_TOKEN": self.settings.admin_token,
             **self.settings.instance_env,
         }
         if os.path.exists(self.socket_path(index)):
@@ -293,6 +298,7 @@ def main() -> None:
         fallback_url=os.environ.get("PROCESSOR_FALLBACK_URL"),
         run_dir=run_dir,
         store=os.environ.get("PAYCORE_STORE", "embedded"),
+        **({"admin_token": os.environ["PAYCORE_ADMIN_TOKEN"]} if os.environ.get("PAYCORE_ADMIN_TOKEN") else {}),
     ))
     stopping = False
 
@@ -307,6 +313,8 @@ def main() -> None:
     store = "embedded store" if stack.store_url == "embedded" else f"store {stack.store_url}"
     print(f"paycore: {stack.url} (processors {processors}; {store}); shared state, journals and "
           f"metrics sockets in {stack.shared_dir}; Ctrl-C stops everything", flush=True)
+    print(f"paycore: to purge: curl -X POST -H 'Authorization: Bearer {stack.settings.admin_token}' "
+          f"{stack.url}/purge-payments (PAYCORE_ADMIN_TOKEN sets the token)", flush=True)
     while not stopping:
         time.sleep(0.2)
     stack.stop()
