@@ -50,6 +50,9 @@ class Settings:
     # journal_sync, it survives the machine too.
     journal_dir: str = field(default_factory=lambda: _env("PAYCORE_JOURNAL_DIR", ""))
     journal_sync: bool = field(default_factory=lambda: _env_int("PAYCORE_JOURNAL_SYNC", 0) != 0)
+    # The payments record keeps settled payments from this many whole days
+    # back; 0: all of them, for ever.
+    retention_days: int = field(default_factory=lambda: _env_int("PAYCORE_RETENTION_DAYS", 0))
     # Prometheus metrics (GET /metrics), unix:/path or host:port; empty: none.
     # By default a socket next to the shared state: unique per instance even when
     # all instances share one network namespace (the local stack, concurrent test
@@ -97,6 +100,8 @@ class Settings:
             object.__setattr__(self, "journal_dir", self.shared_dir)
         if self.metrics_listen is None:
             object.__setattr__(self, "metrics_listen", f"unix:{self.shared_dir}/metrics-{self.instance}.sock")
+        if self.retention_days < 0:
+            raise SystemExit(f"PAYCORE_RETENTION_DAYS must be 0 (keep everything) or more, got {self.retention_days}")
         # A unix socket path is taken over at start: the API's socket would serve metrics.
         if self.metrics_listen in self.listen:
             raise SystemExit(f"PAYCORE_METRICS_LISTEN must not be one of PAYCORE_LISTEN: {self.metrics_listen}")
