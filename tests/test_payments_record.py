@@ -292,6 +292,24 @@ def test_each_instance_has_its_committed_sequence_and_empty_batches_advance_it(t
     close(a), close(b)
 
 
+def test_the_first_instance_to_commit_a_correlation_id_holds_it(tmp_path):
+    path = tmp_path / "payments.db"
+    first = Settlement(uuid.uuid4().bytes, 100, 0, BASE_MS, 0, 1)
+    second = first._replace(cents=200, processor=1, requested_at_ms=BASE_MS + 7_000)
+
+    async def scenario():
+        async with running(path, "a") as (a, a_commits), running(path, "b") as (b, b_commits):
+            a.submit([first], 1)
+            await a_commits.reach(1)
+            b.submit([second], 1)
+            await b_commits.reach(1)
+            for record in (a, b):
+                assert (await record.summary(0, None, None))[0] == (1, 100, 0, 0)
+                assert await record.lookup([first.correlation_id]) == {
+                    first.correlation_id: Attempt(Payment(first.correlation_id, 100), 0, BASE_MS)}
+    asyncio.run(scenario())
+
+
 def test_close_commits_what_was_submitted_and_a_reopened_record_has_it_all(tmp_path):
     rng = random.Random(11)
     model = Model()

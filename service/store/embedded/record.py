@@ -101,12 +101,13 @@ class PaymentsRecord:
     def submit(self, settlements: list[Settlement], through_seq: int) -> None:
         """Hand a batch to the writer: the instance's journal is durable
         through through_seq and these are its settlements not handed yet (an
-        empty batch only moves the committed sequence)."""
-        self._running(self._writer).submit(settlements, through_seq)
+        empty batch only moves the committed sequence). The list is the
+        record's from then on: the caller must not change it."""
+        self._running_writer().submit(settlements, through_seq)
 
     def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future[dict[bytes, Attempt]]:
         """A future of the ids the record holds, at any age, as settled."""
-        return self._running(self._reader).lookup(correlation_ids)
+        return self._running_reader().lookup(correlation_ids)
 
     def summary(self, generation: int, from_ms: int | None,
                 to_ms: int | None) -> asyncio.Future[tuple[Totals, dict[str, int]]]:
@@ -114,12 +115,12 @@ class PaymentsRecord:
         [from_ms, to_ms] (inclusive, None unbounded), and every instance's
         committed sequence as of the same read: settlements with a higher
         sequence are not in the totals."""
-        return self._running(self._reader).summary(generation, from_ms, to_ms)
+        return self._running_reader().summary(generation, from_ms, to_ms)
 
     def purge(self) -> asyncio.Future[int]:
         """A future of a new purge generation, resolved once it is durable.
         Payments stay: a correlationId is never paid twice after a purge either."""
-        return self._running(self._writer).purge()
+        return self._running_writer().purge()
 
     async def close(self) -> None:
         """Commit what was submitted, stop the threads, close the connections."""
@@ -140,10 +141,15 @@ class PaymentsRecord:
             raise RuntimeError("payments record: not open, or already started")
         return self._reader.connection
 
-    def _running(self, worker: _Writer | _Reader | None) -> Any:
-        if worker is None or not self._started:
+    def _running_writer(self) -> _Writer:
+        if self._writer is None or not self._started:
             raise RuntimeError("payments record: not started, or closed")
-        return worker
+        return self._writer
+
+    def _running_reader(self) -> _Reader:
+        if self._reader is None or not self._started:
+            raise RuntimeError("payments record: not started, or closed")
+        return self._reader
 
 
 class _Writer:

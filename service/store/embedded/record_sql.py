@@ -133,26 +133,29 @@ INSERT INTO committed VALUES (?1, ?2)
 ON CONFLICT DO UPDATE SET journal_seq = max(journal_seq, excluded.journal_seq)
 """
 
-# ?1: the generation; then (level, first start, last start) per bucket run and
-# (from, to) per edge. Unused runs and edges are given empty ranges. Nothing
-# below retained_from counts: retention deletes rows and buckets there in
-# slices, and a whole day at a time, so every bucket lies wholly on one side.
+# Nothing below retained_from counts: retention deletes rows and buckets there
+# in slices, a whole day at a time, so every bucket lies wholly on one side.
 _FLOOR = "(SELECT value FROM meta WHERE key = 'retained_from')"
-_BUCKET_RUN = ("SELECT processor, count AS n, cents_low AS low, cents_high AS high FROM buckets"
-               " WHERE level = ?{} AND start_ms BETWEEN max(?{}, " + _FLOOR + ") AND ?{} AND generation = ?1")
-_EDGE = (f"SELECT processor, 1, cents & {LOW_MASK}, cents >> 32 FROM payments"
-         " WHERE requested_at_ms BETWEEN max(?{}, " + _FLOOR + ") AND ?{} AND generation = ?1")
-_RUN_PARAMS = 2 + 3 * MAX_BUCKET_RUNS
-SUMMARY = (
-    "SELECT NULL, processor, sum(n), sum(low), sum(high) FROM ("
-    + " UNION ALL ".join(
-        [_BUCKET_RUN.format(2 + 3 * run, 3 + 3 * run, 4 + 3 * run) for run in range(MAX_BUCKET_RUNS)]
-        + [_EDGE.format(_RUN_PARAMS + 2 * edge, _RUN_PARAMS + 1 + 2 * edge) for edge in range(MAX_EDGES)])
-    + ") GROUP BY processor"
-    " UNION ALL SELECT instance, NULL, journal_seq, NULL, NULL FROM committed"
-)
-_EMPTY_RUN = (0, 1, 0)
-_EMPTY_EDGE = (1, 0)
+
+
+def _summary_statement(runs: int, edges: int) -> str:
+    """?1: the generation; then (level, first start, last start) per bucket
+    run and (from, to) per edge; then every instance's committed sequence."""
+    parts = [f"SELECT processor, count AS n, cents_low AS low, cents_high AS high FROM buckets"
+             f" WHERE level = ?{2 + 3 * run} AND start_ms BETWEEN max(?{3 + 3 * run}, {_FLOOR})"
+             f" AND ?{4 + 3 * run} AND generation = ?1" for run in range(runs)]
+    first = 2 + 3 * runs
+    parts += [f"SELECT processor, 1 AS n, cents & {LOW_MASK} AS low, cents >> 32 AS high FROM payments"
+              f" WHERE requested_at_ms BETWEEN max(?{first + 2 * edge}, {_FLOOR})"
+              f" AND ?{first + 1 + 2 * edge} AND generation = ?1" for edge in range(edges)]
+    totals = ("SELECT NULL, processor, sum(n), sum(low), sum(high) FROM ("
+              + " UNION ALL ".join(parts) + ") GROUP BY processor UNION ALL ") if parts else ""
+    return totals + "SELECT instance, NULL, journal_seq, NULL, NULL FROM committed"
+
+
+# One per shape of range plan, each prepared once.
+SUMMARIES = {(runs, edges): _summary_statement(runs, edges)
+             for runs in range(MAX_BUCKET_RUNS + 1) for edges in range(MAX_EDGES + 1)}
 
 RETAIN_FROM = "UPDATE meta SET value = max(value, ?1) WHERE key = 'retained_from'"
 DELETE_OLD_PAYMENTS = """
@@ -299,14 +302,13 @@ def summary(connection: sqlite3.Connection, generation: int, from_ms: int | None
     statement, so from one snapshot."""
     plan = plan_range(-UNBOUNDED_MS if from_ms is None else max(from_ms, -UNBOUNDED_MS),
                       UNBOUNDED_MS if to_ms is None else min(to_ms, UNBOUNDED_MS))
-    params = [generation]
+    params = [generation] if plan.buckets or plan.edges else []  # an empty range reads only the sequences
     params.extend(chain.from_iterable(plan.buckets))
-    params.extend(_EMPTY_RUN * (MAX_BUCKET_RUNS - len(plan.buckets)))
     params.extend(chain.from_iterable(plan.edges))
-    params.extend(_EMPTY_EDGE * (MAX_EDGES - len(plan.edges)))
     totals = [0, 0, 0, 0]
     committed = {}
-    for instance, processor, count_or_seq, low, high in connection.execute(SUMMARY, params):
+    statement = SUMMARIES[len(plan.buckets), len(plan.edges)]
+    for instance, processor, count_or_seq, low, high in connection.execute(statement, params):
         if instance is not None:
             committed[instance] = count_or_seq
         else:
