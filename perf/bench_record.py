@@ -9,8 +9,8 @@ the disk a payment takes. Medians of REPEATS runs where a figure is a rate.
    through the reader thread, on the plain host and with idle CPUs polling as
    `BENCH_LOW_LATENCY_HOST=1 make bench` has them; root) next to the
    in-memory ledger reading the same hour, one-day ranges, lookups.
-2. The writer: settlements/s it commits with the loop idle, process CPU per
-   settlement; and a busy uvloop loop running small work items back to back,
+2. The writer: settlements/s it commits with the loop idle, process CPU and
+   bytes written per settlement, into a new record and into the big one; and a busy uvloop loop running small work items back to back,
    their p99 without the writer, and while the writer commits 5,000
    settlements/s handed from that loop.
 3. Retention: deleting a day of a two-day record, slice by slice.
@@ -26,6 +26,7 @@ import asyncio
 import os
 import queue
 import random
+import resource
 import sqlite3
 import statistics
 import tempfile
@@ -47,7 +48,7 @@ START_MS = 1_752_537_600_000  # 2025-07-15T00:00:00Z
 BUILD_BATCH = 50_000
 REPEATS = 5
 QUERIES = 2000
-WRITER_SETTLEMENTS = 200_000
+WRITER_SETTLEMENTS = 100_000
 TARGET_RATE = 5_000          # settlements/s handed to the writer under the busy loop
 BUSY_SECONDS = 4.0
 WORK_ITEM_LOOPS = 150        # one work item: ~5 µs of Python
@@ -202,23 +203,32 @@ def summaries(path: str) -> None:
     print(f"lookup, direct: 1 id {lookups[1]:.0f} µs, 64 ids (half held) {lookups[64]:.0f} µs")
 
 
-async def writer_throughput(path: str) -> tuple[float, float]:
-    """Settlements/s committed with the loop idle, and process CPU µs per settlement."""
-    rng = random.Random(3)
-    batch_size = 100
-    batches = WRITER_SETTLEMENTS // batch_size
+class Throughput(NamedTuple):
+    per_s: float
+    cpu_us: float         # process CPU per settlement
+    written_bytes: float  # per settlement: WAL frames, then checkpoints into the file
+
+
+async def writer_throughput(path: str) -> Throughput:
+    """The writer's throughput with the loop idle. New payments each time,
+    after what earlier runs left."""
+    batches = WRITER_SETTLEMENTS // 100
     record = PaymentsRecord(path, "writer", sync=False)
     record.open()
+    first = record.committed_seq()
+    rng = random.Random(first)
+    prepared = [synthetic(rng, 100, START_MS + DAY_MS + i * 20, 20, 0) for i in range(batches)]
     done = asyncio.Event()
-    record.start(asyncio.get_running_loop(), lambda seq: done.set() if seq == batches else None)
-    prepared = [synthetic(rng, batch_size, START_MS + DAY_MS + i * 20, 20, 0) for i in range(batches)]
+    record.start(asyncio.get_running_loop(), lambda seq: done.set() if seq == first + batches else None)
     cpu, wall = time.process_time(), time.perf_counter()
-    for seq, settlements in enumerate(prepared, 1):
+    written = resource.getrusage(resource.RUSAGE_SELF).ru_oublock
+    for seq, settlements in enumerate(prepared, first + 1):
         record.submit(settlements, seq)
     await done.wait()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    written = (resource.getrusage(resource.RUSAGE_SELF).ru_oublock - written) * 512
     await record.close()
-    return WRITER_SETTLEMENTS / wall, cpu / WRITER_SETTLEMENTS * 1e6
+    return Throughput(WRITER_SETTLEMENTS / wall, cpu / WRITER_SETTLEMENTS * 1e6, written / WRITER_SETTLEMENTS)
 
 
 class BusyLoop(NamedTuple):
@@ -368,16 +378,13 @@ def main() -> None:
         disk_report(path)
         summaries(path)
 
-        rates, cpus = [], []
-        for run in range(REPEATS):
-            rate, cpu = uvloop.run(writer_throughput(os.path.join(scratch, f"writer-{run}.db")))
-            rates.append(rate)
-            cpus.append(cpu)
-        print(f"writer, loop idle, empty record: {statistics.median(rates):,.0f} settlements/s, "
-              f"{statistics.median(cpus):.1f} µs process CPU per settlement")
-        big_rate, big_cpu = uvloop.run(writer_throughput(path))
-        print(f"writer, loop idle, into the big record: {big_rate:,.0f} settlements/s, "
-              f"{big_cpu:.1f} µs process CPU per settlement")
+        into_new = [uvloop.run(writer_throughput(os.path.join(scratch, f"writer-{run}.db")))
+                    for run in range(REPEATS)]
+        into_big = [uvloop.run(writer_throughput(path)) for _ in range(REPEATS)]
+        for name, runs in (("a new record", into_new), ("the big record", into_big)):
+            print(f"writer, loop idle, into {name}: {statistics.median(run.per_s for run in runs):,.0f} "
+                  f"settlements/s, {statistics.median(run.cpu_us for run in runs):.1f} µs process CPU and "
+                  f"{statistics.median(run.written_bytes for run in runs) / 1024:.1f} KiB written per settlement")
 
         alone = [uvloop.run(busy_loop(None)) for _ in range(REPEATS)]
         beside = [busy_beside_writer(scratch) for _ in range(REPEATS)]

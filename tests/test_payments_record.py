@@ -478,7 +478,8 @@ def test_the_view_shows_payments_as_an_operator_reads_them(tmp_path):
         at = datetime.datetime.fromtimestamp(payment.requested_at_ms / 1000, datetime.timezone.utc)
         assert rows[str(uuid.UUID(bytes=payment.correlation_id))] == (
             f"{payment.cents // 100}.{payment.cents % 100:02d}", ("default", "fallback")[payment.processor],
-            at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{payment.requested_at_ms % 1000:03d}Z", 0)
+            at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{payment.requested_at_ms % 1000:03d}Z", 0,
+            payment.requested_at_ms)
 
 
 def read_committed(process: subprocess.Popen, until) -> list[int]:

@@ -91,7 +91,8 @@ SELECT lower(substr(hex(correlation_id), 1, 8) || '-' || substr(hex(correlation_
        printf('%d.%02d', cents / 100, cents % 100) AS amount,
        CASE processor WHEN 0 THEN 'default' WHEN 1 THEN 'fallback' END AS processor,
        strftime('%Y-%m-%dT%H:%M:%fZ', requested_at_ms / 1000.0, 'unixepoch') AS requested_at,
-       generation
+       generation,
+       requested_at_ms
 FROM payments;
 """
 
