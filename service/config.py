@@ -64,7 +64,8 @@ class Settings:
         default_factory=lambda: _env_int("PAYCORE_IDEMPOTENCY_CAPACITY", 2_160_000))
     # Settlements an instance holds in shared memory until the record commits them.
     ledger_tail_capacity: int = field(default_factory=lambda: _env_int("PAYCORE_LEDGER_TAIL_CAPACITY", 65536))
-    # Days of payments the record keeps; 0: all of them.
+    # The payments record keeps settled payments from this many whole days
+    # back; 0: all of them, for ever.
     retention_days: int = field(default_factory=lambda: _env_int("PAYCORE_RETENTION_DAYS", 0))
     # Prometheus metrics (GET /metrics), unix:/path or host:port; empty: none.
     # By default a socket next to the shared state: unique per instance even when
@@ -113,6 +114,8 @@ class Settings:
         # Derived from the settings they follow, whether those came from the environment or not.
         if self.metrics_listen is None:
             object.__setattr__(self, "metrics_listen", f"unix:{self.shared_dir}/metrics-{self.instance}.sock")
+        if self.retention_days < 0:
+            raise SystemExit(f"PAYCORE_RETENTION_DAYS must be 0 (keep everything) or more, got {self.retention_days}")
         # A unix socket path is taken over at start: the API's socket would serve metrics.
         if self.metrics_listen in self.listen:
             raise SystemExit(f"PAYCORE_METRICS_LISTEN must not be one of PAYCORE_LISTEN: {self.metrics_listen}")
