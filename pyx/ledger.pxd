@@ -9,10 +9,10 @@
 # index, never by pointer, so every process can map the file anywhere.
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+from paycore.core.instance_registry cimport REGISTRY_SLOTS, RegistrySlot
+
 cdef enum:
     PROCESSOR_COUNT = 2        # 0 = default, 1 = fallback
-    REGISTRY_SLOTS = 64
-    INSTANCE_NAME_MAX = 56
     NODES_OFFSET = 128         # RegionHeader padded so nodes start cache-line aligned
     NIL = -1                   # the empty link / no pending record
 
@@ -59,11 +59,6 @@ cdef struct RegionHeader:
     int32_t root               # 48
     int32_t reserved           # 52
     PendingRecord pending      # 56
-
-
-cdef struct RegistrySlot:
-    uint64_t name_length       # 0 while free; stored last, with release
-    char name[INSTANCE_NAME_MAX]
 
 
 cdef struct ControlHeader:

@@ -6,12 +6,11 @@ writes. Any instance answers the global summary by reading every region under
 its seqlock, so a range query costs O(log n) per region and takes no lock.
 """
 import os
-import re
 
 from libc.errno cimport EACCES, EAGAIN, ENOENT, errno
 from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memset
 from posix.fcntl cimport F_RDLCK, F_UNLCK, F_WRLCK, O_CLOEXEC, O_CREAT, O_RDONLY, O_RDWR, SEEK_SET
 from posix.fcntl cimport fcntl, flock
 from posix.fcntl cimport open as open_file
@@ -19,6 +18,7 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, ftruncate
 
+from paycore.core.instance_registry cimport check_instance_name, register_instance
 from paycore.core.posix_files cimport open_or_raise, raise_os_error
 
 
@@ -78,7 +78,6 @@ cdef uint64_t REGION_MAGIC = 0x524744454c594150ULL   # "PAYLEDGR"
 cdef uint64_t CONTROL_MAGIC = 0x434744454c594150ULL  # "PAYLEDGC"
 
 CONTROL_FILE = "ledger-control.shm"
-_INSTANCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % INSTANCE_NAME_MAX)
 
 assert sizeof(RegionHeader) <= NODES_OFFSET
 
@@ -509,8 +508,7 @@ cdef class Ledger:
         self.own_slot = -1
 
     def __init__(self, str directory, str instance, Py_ssize_t initial_capacity=65536):
-        if _INSTANCE_NAME.fullmatch(instance) is None:
-            raise ValueError(f"instance name must be 1-{INSTANCE_NAME_MAX} of [A-Za-z0-9_.-]: {instance!r}")
+        check_instance_name(instance)
         if not 1 <= initial_capacity <= MAX_CAPACITY:
             raise ValueError(f"initial_capacity must be in [1, {MAX_CAPACITY}]")
         self.directory = directory
@@ -598,19 +596,10 @@ cdef class Ledger:
         end_write(header)
 
     cdef int _register(self) except -1:
-        cdef bytes name = self.instance.encode("ascii")
-        cdef RegistrySlot* entry
-        cdef int slot
-        for slot in range(REGISTRY_SLOTS):
-            entry = &self.control.slots[slot]
-            if entry.name_length == 0:
-                memcpy(entry.name, <const char*>name, len(name))
-                store_release(&entry.name_length, len(name))
-            elif entry.name_length != <uint64_t>len(name) or memcmp(entry.name, <const char*>name, len(name)) != 0:
-                continue
-            self.own_slot = slot
-            return 0
-        raise RuntimeError(f"the ledger registry in {self.directory} is full ({REGISTRY_SLOTS} instances)")
+        self.own_slot = register_instance(self.control.slots, self.instance)
+        if self.own_slot < 0:
+            raise RuntimeError(f"the ledger registry in {self.directory} is full ({REGISTRY_SLOTS} instances)")
+        return 0
 
     cdef int _open_peer(self, int slot) except -1:
         """Map the region of a registered peer; 0 while its file is not there yet."""
