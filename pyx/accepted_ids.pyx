@@ -511,7 +511,7 @@ cdef ClaimResult insert(AcceptedIds ids, const Key* key, int64_t cents, bint dur
             found = vacant
         elif outcome == PROBE_ABSENT:
             prefetch_to_write(&ids.payloads[vacant.index])
-            outcome = find_older(ids, epoch, column, epoch, key, &found)
+            outcome = find_older(ids, epoch, column, key, &found)
         if outcome == PROBE_STALE:
             continue
         if outcome == PROBE_NO_ROOM:
@@ -583,15 +583,15 @@ cdef Probe find_live(AcceptedIds ids, int64_t epoch, const Key* key, Entry* foun
     cdef uint64_t column = column_of(ids, epoch)
     cdef Probe outcome = probe(ids, epoch, column, key, found)
     if outcome == PROBE_ABSENT or outcome == PROBE_NO_ROOM:
-        return find_older(ids, epoch, column, epoch, key, found)
+        return find_older(ids, epoch, column, key, found)
     return outcome
 
 
-cdef Probe find_older(AcceptedIds ids, int64_t newer, uint64_t column, int64_t epoch, const Key* key,
+cdef Probe find_older(AcceptedIds ids, int64_t epoch, uint64_t column, const Key* key,
                       Entry* found) noexcept nogil:
-    """The key's newest entry in the live epochs older than `newer` (whose
-    column is given): FOUND, ABSENT or STALE."""
-    cdef int64_t older = newer - 1
+    """The key's newest entry in the live epochs before `epoch` (whose column
+    is given): FOUND, ABSENT or STALE."""
+    cdef int64_t older = epoch - 1
     cdef Probe outcome
     while older >= oldest_live(ids, epoch):
         column = previous_column(ids, column)
