@@ -19,7 +19,6 @@ from paycore.core.accepted_ids import (
 
 # The file layout, as the shared-memory tests need to reach into it.
 HEADER_BYTES = 4480
-VERSION_OFFSET = 8
 PAYLOAD_BYTES = 24
 STATE_MASK = 7
 WRITING = 1
