@@ -17,9 +17,7 @@
 # mid-append leaves an entry nobody sees.
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
-cdef enum:
-    REGISTRY_SLOTS = 64
-    INSTANCE_NAME_MAX = 56
+from paycore.core.instance_registry cimport REGISTRY_SLOTS, RegistrySlot
 
 
 cdef struct TailEntry:
@@ -41,11 +39,6 @@ cdef struct TailHeader:
     uint64_t padding_to_tail[7]
     uint64_t tail              # entries below it are published
     uint64_t padding_to_entries[7]
-
-
-cdef struct RegistrySlot:
-    uint64_t name_length       # 0 while free; stored last, with release
-    char name[INSTANCE_NAME_MAX]
 
 
 cdef struct ControlHeader:

@@ -1,17 +1,17 @@
 """The settlements the payments record has not committed yet, per instance,
 in shared memory that every instance of the host reads (see the .pxd)."""
 import os
-import re
 
 from libc.errno cimport EACCES, EAGAIN, ENOENT, errno
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcpy, memset
 from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CREAT, O_RDONLY, O_RDWR, SEEK_SET, fcntl, flock
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, ftruncate
 
+from paycore.core.instance_registry cimport check_instance_name, register_instance
 from paycore.core.posix_files cimport open_or_raise, raise_os_error
 
 
@@ -48,7 +48,6 @@ cdef uint64_t CONTROL_MAGIC = 0x43544e43594150ULL   # "PAYCNTC"
 
 CONTROL_FILE = "ledger-tail-control.shm"
 DEFAULT_CAPACITY = 65536
-_INSTANCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % INSTANCE_NAME_MAX)
 _LOW_BITS = 0xFFFFFFFF
 
 
@@ -105,9 +104,17 @@ cdef bint ring_is_valid(const TailHeader* header, size_t mapped_size) noexcept n
             and ring_file_size(header.capacity) <= mapped_size)
 
 
+cdef Py_ssize_t published(const RingView* view) noexcept nogil:
+    """How many entries the ring holds now (published, not dropped)."""
+    cdef const TailHeader* header = ring_header(view)
+    cdef uint64_t head = load_acquire(&header.head)
+    cdef uint64_t count = load_acquire(&header.tail) - head
+    return <Py_ssize_t>min(count, <uint64_t>header.capacity)
+
+
 cdef Py_ssize_t copy_ring(const RingView* view, TailEntry* out, Py_ssize_t room) noexcept nogil:
     """Copy the ring's published entries that were not dropped while copying;
-    how many, at most room (a ring is never fuller than its capacity)."""
+    how many, or -1 when more than `room` are published (copy again, with more room)."""
     cdef const TailHeader* header = ring_header(view)
     cdef const TailEntry* entries = ring_entries(view)
     cdef int64_t capacity = header.capacity
@@ -117,8 +124,10 @@ cdef Py_ssize_t copy_ring(const RingView* view, TailEntry* out, Py_ssize_t room)
     cdef Py_ssize_t count = 0
     if tail - head > <uint64_t>capacity:
         head = tail - capacity
+    if tail - head > <uint64_t>room:
+        return -1
     index = head
-    while index < tail and count < room:
+    while index < tail:
         out[count] = entries[index % <uint64_t>capacity]
         count += 1
         index += 1
@@ -202,8 +211,7 @@ cdef class LedgerTail:
         self.own_slot = -1
 
     def __init__(self, str directory, str instance, int64_t capacity=DEFAULT_CAPACITY):
-        if _INSTANCE_NAME.fullmatch(instance) is None:
-            raise ValueError(f"instance name must be 1-{INSTANCE_NAME_MAX} of [A-Za-z0-9_.-]: {instance!r}")
+        check_instance_name(instance)
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.directory = directory
@@ -269,19 +277,9 @@ cdef class LedgerTail:
         store_release(&header.magic, TAIL_MAGIC)
 
     def _register(self):
-        cdef bytes name = self.instance.encode("ascii")
-        cdef RegistrySlot* entry
-        cdef int slot
-        for slot in range(REGISTRY_SLOTS):
-            entry = &self.control.slots[slot]
-            if entry.name_length == 0:
-                memcpy(entry.name, <const char*>name, len(name))
-                store_release(&entry.name_length, len(name))
-            elif entry.name_length != <uint64_t>len(name) or memcmp(entry.name, <const char*>name, len(name)) != 0:
-                continue
-            self.own_slot = slot
-            return
-        raise RuntimeError(f"the ledger tail registry in {self.directory} is full ({REGISTRY_SLOTS} instances)")
+        self.own_slot = register_instance(self.control.slots, self.instance)
+        if self.own_slot < 0:
+            raise RuntimeError(f"the ledger tail registry in {self.directory} is full ({REGISTRY_SLOTS} instances)")
 
     def _ensure_open(self):
         if self.control == NULL:
@@ -361,7 +359,7 @@ cdef class LedgerTail:
         cdef RingView* view
         cdef CopiedRing* copied
         cdef int slot
-        cdef int64_t capacity
+        cdef Py_ssize_t room
         snapshot.names = []
         for slot in range(REGISTRY_SLOTS):
             # Slots are taken in order and never freed: the first free one ends the list.
@@ -370,12 +368,17 @@ cdef class LedgerTail:
             view = &self.own if slot == self.own_slot else self._peer(slot)
             if view == NULL:
                 continue
-            capacity = ring_header(view).capacity
             copied = &snapshot.rings[snapshot.ring_count]
-            copied.entries = <TailEntry*>malloc(max(capacity, 1) * sizeof(TailEntry))
-            if copied.entries == NULL:
-                raise MemoryError("ledger tail snapshot")
-            copied.count = copy_ring(view, copied.entries, capacity)
+            copied.count = -1
+            # Sized to what the ring holds now, with room for a few more appended meanwhile.
+            room = published(view) + 64
+            while copied.count < 0:
+                free(copied.entries)
+                copied.entries = <TailEntry*>malloc(room * sizeof(TailEntry))
+                if copied.entries == NULL:
+                    raise MemoryError("ledger tail snapshot")
+                copied.count = copy_ring(view, copied.entries, room)
+                room = 2 * room
             copied.slot = slot
             snapshot.ring_count += 1
             snapshot.names.append(self._slot_name(slot))
