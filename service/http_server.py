@@ -41,9 +41,12 @@ class RequestHandler(Protocol):
 
 
 class Durability(Protocol):
-    """When answers may leave (the store, or its journal)."""
+    """When answers may leave (the store, or its journal): a connection's
+    answers wait for what its own requests made the store promise, nothing else."""
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None: ...
+    promised: int
+
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None: ...
 
     def flush_waiting(self) -> None: ...
 
@@ -68,6 +71,7 @@ class HttpProtocol(asyncio.Protocol):
         "_metrics",
         "_owed",
         "_parser",
+        "_promised",
         "_request_sweeps",
         "_routes",
         "_started_at",
@@ -81,6 +85,7 @@ class HttpProtocol(asyncio.Protocol):
                  metrics: Metrics) -> None:
         self._routes = routes
         self._durability = durability
+        self._promised = 0  # what this connection's answers wait for the store to hold
         self._guard = guard
         self._limits = guard.limits
         self._metrics = metrics
@@ -282,7 +287,10 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        promised = self._durability.promised
         response = self._routes.handle(self._parser.get_method(), self._url, body, self._authorization)
+        if self._durability.promised != promised:
+            self._promised = self._durability.promised
         ending = self._ending
         if ending is None and isinstance(response, bytes) and not self._unanswered:
             # The request path: an answer known at once, nothing before it.
@@ -328,7 +336,8 @@ class HttpProtocol(asyncio.Protocol):
         started_at, unless None (refused before any route saw it)."""
         if ending is not None:
             response = responses.with_connection(response, ending)
-        self._durability.after_durable(self._write, transport, response, ending is CLOSE, started_at)
+        self._durability.after_durable(self._promised, self._write, transport, response, ending is CLOSE,
+                                       started_at)
 
     def _write(self, transport: asyncio.Transport, response: bytes, hang_up: bool,
                started_at: float | None) -> None:

@@ -118,7 +118,7 @@ async def accept(store: Store, uuid16: bytes, cents: int) -> Acceptance:
     store.flush_waiting()
     acceptance = await resolve(acceptance)
     answered = asyncio.get_running_loop().create_future()
-    store.after_durable(answered.set_result, None)
+    store.after_durable(store.promised, answered.set_result, None)
     store.flush_waiting()
     await answered  # as the HTTP layer does: the answer leaves once the store holds the payment
     return acceptance
@@ -159,7 +159,7 @@ def test_no_instance_says_already_accepted_before_the_claim_is_durable(deploymen
         payment = Payment(uuid.uuid4().bytes, 1995)
         events = []
         claimed = first.accept(payment)
-        first.after_durable(events.append, "claim durable")
+        first.after_durable(first.promised, events.append, "claim durable")
         duplicate = second.accept(payment)
         if isinstance(duplicate, asyncio.Future):
             duplicate.add_done_callback(lambda _: events.append("duplicate answered"))
@@ -195,8 +195,8 @@ def test_an_answer_waits_for_the_store_to_hold_the_payment(deployment_settings):
         store = await deployment.start("a")
         answered = []
         acceptance = await resolve(store.accept(Payment(uuid.uuid4().bytes, 100)))
-        store.after_durable(answered.append, "first")
-        store.after_durable(answered.append, "second")
+        store.after_durable(store.promised, answered.append, "first")
+        store.after_durable(store.promised, answered.append, "second")
         store.flush_waiting()
         await eventually(lambda: len(answered) == 2, "answers never released")
         assert acceptance == Acceptance.ACCEPTED

@@ -114,13 +114,17 @@ class Store(Protocol):
         """Before serving: hand `work` what this instance left pending before a
         restart, and from then on feed pending payments onto `queue`."""
 
-    def accept(self, payment: Payment) -> Deferred[Acceptance]:
-        """Claim the id and, when it is new, make the payment pending. The
-        answer that promises it must wait for `after_durable`."""
+    # Grows each time accept() makes a promise that its answer may give only
+    # once the store holds it: the mark to pass to after_durable.
+    promised: int
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        """callback(*args) once every acceptance and send so far is durable:
-        at once when nothing waits. Callbacks run in the order given."""
+    def accept(self, payment: Payment) -> Deferred[Acceptance]:
+        """Claim the id and, when it is new, make the payment pending. An
+        answer known at once promises it only after `after_durable(promised)`."""
+
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None:
+        """callback(*args) once the store holds everything promised up to the
+        mark `promise` (a value `promised` had): at once when it does already."""
 
     def flush_waiting(self) -> None:
         """End of a batch (a read, a dispatcher pass): write what waits now."""

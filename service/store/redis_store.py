@@ -361,6 +361,7 @@ class RedisStore:
     journal = None  # what Redis answers is durable: no journal per instance
     # Settles wait in memory while Redis is away, however many: nothing to keep room in.
     settlement_room = sys.maxsize
+    promised = 0  # what Redis has answered it holds: an answer never waits
 
     def __init__(self, settings: Settings) -> None:
         self._instance = settings.instance.encode()
@@ -400,7 +401,7 @@ class RedisStore:
     def accept(self, payment: Payment) -> asyncio.Future:
         return self._client.run(ACCEPT, (IDS, ENTRIES, STREAM), payment, convert=Acceptance)
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None:
         # What Redis has answered is as durable as this store gets.
         callback(*args)
 

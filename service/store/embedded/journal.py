@@ -72,9 +72,11 @@ class JournalWriter:
         """Records appended and not yet durable."""
         return self._journal.appended_seq - self._durable_seq
 
-    def accepted(self, payment: Payment) -> None:
-        self._journal.accepted(payment.correlation_id, payment.cents)
+    def accepted(self, payment: Payment) -> int:
+        """The record's sequence number: what an answer promising it waits for."""
+        seq = self._journal.accepted(payment.correlation_id, payment.cents)
         self._schedule_flush()
+        return seq
 
     def sending(self, attempt: Attempt) -> None:
         self._journal.sending(attempt.payment.correlation_id, attempt.processor, attempt.requested_at_ms)
@@ -91,10 +93,10 @@ class JournalWriter:
         self._journal.discarded(payment.correlation_id)
         self._schedule_flush()
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        """callback(*args) once every record appended so far is durable: at
-        once when none waits. Callbacks run in the order given."""
-        seq = self._journal.appended_seq
+    def after_durable(self, seq: int, callback: Callable[..., Any], *args: Any) -> None:
+        """callback(*args) once every record up to seq is durable: at once if
+        it is. Released in the order given: a callback given after one that
+        waits for a later batch waits for that batch too (a batch or two)."""
         if seq <= self._durable_seq:
             callback(*args)
         else:

@@ -23,11 +23,11 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
-from ...payment import Attempt
+from ...payment import Attempt, Payment
 from ..base import Totals
 from . import record_sql
 from .record_ranges import DAY_MS
@@ -82,6 +82,9 @@ class PaymentsRecord:
 
     def settled_among(self, correlation_ids: Sequence[bytes]) -> dict[bytes, Attempt]:
         return record_sql.settled_among(self._idle_reader(), correlation_ids)
+
+    def settled_since(self, from_ms: int) -> Iterator[Payment]:
+        return record_sql.settled_since(self._idle_reader(), from_ms)
 
     def record_recovered(self, settlements: Sequence[Settlement], through_seq: int) -> None:
         """Commit now what the journal replayed (correlationIds already held count nothing)."""

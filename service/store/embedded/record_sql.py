@@ -296,6 +296,14 @@ def settled_among(connection: sqlite3.Connection, correlation_ids: Sequence[byte
     return found
 
 
+def settled_since(connection: sqlite3.Connection, from_ms: int) -> Iterator[Payment]:
+    """Every payment the record holds with requestedAt at or after from_ms, oldest first."""
+    for correlation_id, cents in connection.execute(
+            "SELECT correlation_id, cents FROM payments WHERE requested_at_ms >= ? ORDER BY requested_at_ms",
+            (from_ms,)):
+        yield Payment(correlation_id, cents)
+
+
 def summary(connection: sqlite3.Connection, generation: int, from_ms: int | None,
             to_ms: int | None) -> tuple[Totals, dict[str, int]]:
     """Totals of `generation` for requestedAt in [from_ms, to_ms] (inclusive,

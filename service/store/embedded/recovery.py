@@ -12,7 +12,10 @@ state consistent with them.
 - The accepted-id table may have been lost with the shared directory, or
   hold claims this instance made and never made durable: the outstanding ids
   are remembered again, and its claims the journal does not hold are
-  abandoned, so a client's retry of those is accepted.
+  abandoned, so a client's retry of those is accepted. A table found empty
+  (the shared directory lost, as at a host's reboot) is refilled from the
+  record with the payments of the idempotency window, so a retry within it
+  is still answered "already accepted".
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from paycore.core.journal import Journal
 from paycore.core.ledger_tail import LedgerTail
 
 from ...payment import Attempt, Payment
-from .record import PaymentsRecord, Settlement
+from .record import PaymentsRecord, Settlement, wall_clock_ms
 
 log = logging.getLogger("paycore.recovery")
 
@@ -72,6 +75,14 @@ def recover(journal: Journal, record: PaymentsRecord, tail: LedgerTail, ids: Acc
             abandoned += 1
     for payment in (*resumed.unsent, *(attempt.payment for attempt in resumed.unresolved)):
         ids.remember(payment.correlation_id, payment.cents)
+    if ids.live_ids == 0:
+        refilled = 0
+        for payment in record.settled_since(wall_clock_ms() - ids.window_ms):
+            ids.remember(payment.correlation_id, payment.cents)
+            refilled += 1
+        if refilled:
+            log.warning("the accepted-id table was empty: %d ids of the idempotency window "
+                        "remembered again from the payments record", refilled)
     if resumed.unsent or resumed.unresolved or abandoned:
         log.warning("resuming %d unsent payments and %d with an unknown outcome from the journal; "
                     "%d claims never made durable abandoned",

@@ -64,6 +64,7 @@ class EmbeddedStore:
                                      sync=settings.journal_sync, retention_days=settings.retention_days)
         self.health = FileHealthBoard(settings.shared_dir)
         self.journal: JournalWriter | None = None
+        self.promised = 0  # the journal sequence number of the last acceptance
         self._queue: RingQueue | None = None
         self._work: PendingWork | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,9 +110,9 @@ class EmbeddedStore:
         claim = self.ids.claim(payment.correlation_id, payment.cents)
         if claim == CLAIMED:
             self._queue.push(payment.correlation_id, payment.cents)
-            self.journal.accepted(payment)
+            self.promised = self.journal.accepted(payment)
             # Before the answer, which the caller queues after this.
-            self.journal.after_durable(self.ids.confirm, payment.correlation_id)
+            self.journal.after_durable(self.promised, self.ids.confirm, payment.correlation_id)
             self._work.notify()
             return Acceptance.ACCEPTED
         if claim == IN_PROGRESS:
@@ -127,10 +128,14 @@ class EmbeddedStore:
         if acceptance is None and self._loop.time() < deadline:
             self._loop.call_later(CLAIM_POLL_S, self._claim_again, payment, answer, deadline)
             return
-        answer.set_result(Acceptance.BUSY if acceptance is None else acceptance)
+        if acceptance is Acceptance.ACCEPTED:
+            # Answered later than the request was read: the answer waits here.
+            self.journal.after_durable(self.promised, answer.set_result, acceptance)
+        else:
+            answer.set_result(Acceptance.BUSY if acceptance is None else acceptance)
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        self.journal.after_durable(callback, *args)
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None:
+        self.journal.after_durable(promise, callback, *args)
 
     def flush_waiting(self) -> None:
         self.journal.flush_waiting()
