@@ -345,6 +345,42 @@ def test_pipelined_requests_are_answered_in_order(start_emulator: StartEmulator)
         assert connection.recv(1) == b""  # closed after the malformed request
 
 
+def test_a_payments_file_keeps_every_payment_answered_200_across_a_kill(tmp_path) -> None:
+    payments_file = str(tmp_path / "default.log")
+    kept = [str(uuid.uuid4()) for _ in range(3)]
+    with EmulatorProcess("--payments-file", payments_file) as emulator:
+        for number, correlation_id in enumerate(kept):
+            assert pay(emulator, correlation_id, f"1.0{number}", f"2025-07-15T12:00:00.00{number}Z") == 200
+        before = summary(emulator)
+        assert (before["totalRequests"], before["totalAmount"]) == (3, 3.03)
+        emulator.kill()
+    with EmulatorProcess("--payments-file", payments_file) as emulator:
+        assert summary(emulator) == before
+        assert summary(emulator, "?from=2025-07-15T12:00:00.001Z")["totalRequests"] == 2
+        status, _, body = call(emulator, "GET", f"/payments/{kept[1]}")
+        assert (status, json.loads(body)) == (200, {"correlationId": kept[1], "amount": 1.01,
+                                                    "requestedAt": "2025-07-15T12:00:00.001Z"})
+        assert pay(emulator, kept[0]) == 422
+        assert call(emulator, "POST", "/admin/purge-payments", token=TOKEN)[0] == 200
+        emulator.kill()
+    with EmulatorProcess("--payments-file", payments_file) as emulator:
+        assert summary(emulator)["totalRequests"] == 0
+        assert pay(emulator, kept[0]) == 200
+
+
+def test_a_line_torn_by_a_kill_is_dropped_and_the_file_goes_on(tmp_path) -> None:
+    payments_file = tmp_path / "default.log"
+    whole = str(uuid.uuid4())
+    payments_file.write_text(f"{whole} 2005 {REQUESTED_AT}\n{uuid.uuid4()} 20")
+    with EmulatorProcess("--payments-file", str(payments_file)) as emulator:
+        assert summary(emulator)["totalRequests"] == 1
+        assert pay(emulator, str(uuid.uuid4())) == 200
+        emulator.kill()
+    with EmulatorProcess("--payments-file", str(payments_file)) as emulator:
+        assert summary(emulator)["totalRequests"] == 2
+        assert pay(emulator, whole) == 422
+
+
 def test_exits_cleanly_on_sigterm() -> None:
     emulator = EmulatorProcess()
     assert emulator.stop() == 0

@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import uvloop
 
@@ -56,6 +57,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-inflight", type=int, default=_env("MAX_INFLIGHT", DEFAULT_MAX_INFLIGHT))
     parser.add_argument("--max-queued", type=int, default=_env("MAX_QUEUED", DEFAULT_MAX_QUEUED))
+    parser.add_argument(
+        "--payments-file",
+        type=Path,
+        default=_env("PAYMENTS_FILE", "") or None,
+        help="keep the processed payments in this file, read back at start (default: in memory only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             health_interval=arguments.health_interval,
             max_inflight=arguments.max_inflight,
             max_queued=arguments.max_queued,
+            payments_file=arguments.payments_file,
         )
     except ValueError as error:
         print(f"paycore emulator: {error}", file=sys.stderr)
