@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from paycore.stack import Stack, StackSettings, free_ports
+from paycore.stack import Stack, StackSettings
 
 ADMIN_TOKEN = "123"
 
@@ -77,7 +77,7 @@ class RunningStack:
         """admin_urls: where the processors' admin and lookup calls go, when the
         instances reach the processors some other way (through a fault proxy)."""
         self.stack = stack
-        self.port = stack.settings.port
+        self.port = stack.port
         default_url, fallback_url = admin_urls or (stack.default_url, stack.fallback_url)
         self.default = Processor(default_url)
         self.fallback = Processor(fallback_url)
@@ -125,14 +125,13 @@ TEST_INSTANCE_ENV = {"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS"
 def quick_stack(processor_urls: tuple[str, str] | None = None,
                 admin_urls: tuple[str, str] | None = None, store: str = "embedded",
                 instances: int = 2, **instance_env: str):
-    """The real topology on free ports, tuned for tests. instance_env adds to or
+    """The real topology on ports the OS picks, tuned for tests. instance_env adds to or
     overrides the instances' environment. processor_urls: processors the caller
     runs (emulators are started otherwise), with admin_urls to reach them directly.
     store and instances: as in StackSettings."""
     default_url, fallback_url = processor_urls or (None, None)
-    port, default_port, fallback_port = free_ports(3)
     settings = StackSettings(
-        port=port, default_port=default_port, fallback_port=fallback_port, quiet=True,
+        port=0, default_port=0, fallback_port=0, quiet=True,
         default_url=default_url, fallback_url=fallback_url, emulator_args=TEST_EMULATOR_ARGS,
         instance_env={**TEST_INSTANCE_ENV, **instance_env}, store=store, instances=instances,
     )

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -27,8 +28,6 @@ PERF = Path(__file__).resolve().parent.parent / "perf"
 sys.path.insert(0, str(PERF))
 
 from report import read_requests  # noqa: E402
-
-from paycore.stack import free_port  # noqa: E402
 
 UUID_V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -163,8 +162,11 @@ def test_start_vus_begin_together(binaries, tmp_path, constant_server):
 
 
 def test_refused_connections_fail_and_retry_after_think_time(binaries, tmp_path):
-    run = run_loadgen(binaries, tmp_path, free_port(), "--duration", "1", "--max-vus", "5",
-                      "--think-ms", "50")
+    # A port that is bound and not listening refuses every connection.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        run = run_loadgen(binaries, tmp_path, closed.getsockname()[1], "--duration", "1", "--max-vus", "5",
+                          "--think-ms", "50")
     assert len(run.rows) >= 20
     assert all(row.status == 0 for row in run.rows)
     assert run.summary["failed"] == run.summary["requests"] == len(run.rows)

@@ -16,8 +16,8 @@ from paycore.emulator.config import (
     DEFAULT_TOKEN,
     ProcessorConfig,
 )
-from paycore.emulator.process import LISTENING
 from paycore.emulator.processor import PaymentProcessor
+from paycore.ready import announce
 
 
 def _env(name: str, default: object) -> str:
@@ -76,12 +76,13 @@ async def run(host: str, port: int, config: ProcessorConfig) -> None:
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(
-        f"{LISTENING} http://{url_host}:{bound_port} (fee {config.fee}, token {config.token}, "
+        f"paycore emulator listening on http://{url_host}:{bound_port} (fee {config.fee}, token {config.token}, "
         f"delay {config.delay_ms} ms, failure {'on' if config.failing else 'off'}, "
         f"health interval {config.health_interval:g} s)",
         file=sys.stderr,
         flush=True,
     )
+    announce([f"{url_host}:{bound_port}"])
     await stop.wait()
     server.close()
 
