@@ -7,32 +7,31 @@ instance also listens on a unix socket of its own, for asking one instance
 directly (tests, tools). Every child says where it listens once it does
 (paycore.ready): a port 0 is chosen by the child that binds it.
 
-`python -m paycore.stack` runs it in the foreground until Ctrl-C or SIGTERM;
-tests and benchmarks use the Stack class.
+`python -m paycore.stack` (`make run`) runs it in the foreground until Ctrl-C
+or SIGTERM, with its state kept in a run directory (paycore.layout) and
+resumed at the next start; tests and benchmarks use the Stack class.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from paycore.layout import StateLayout
 from paycore.ready import start_listening
 from paycore.redis_server import RedisServer
 
-REPO = Path(__file__).resolve().parents[1]
 INSTANCES = 2  # as docker-compose.yml runs
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1
 PROCESSORS = (("default", "0.07"), ("fallback", "0.10"))
-TMPFS = "/dev/shm"
 
 
 @dataclass
@@ -43,6 +42,8 @@ class StackSettings:
     fallback_port: int = 8002
     default_url: str | None = None
     fallback_url: str | None = None
+    # Where the stack keeps its state across starts (paycore.layout); None:
+    # scratch directories on tmpfs, removed at stop.
     run_dir: Path | None = None
     # Extra environment for the service instances (e.g. shorter timeouts in tests).
     instance_env: dict[str, str] = field(default_factory=dict)
@@ -66,14 +67,11 @@ class Stack:
         ports = [port for port in self._tcp_ports() if port]
         if len(set(ports)) < len(ports):
             raise ValueError(f"the stack's TCP ports must differ: {ports}")
-        self._own_run_dir = self.settings.run_dir is None
-        self.run_dir = Path(self.settings.run_dir or tempfile.mkdtemp(prefix="paycore-"))
-        # The instances' shared state and journals: a fresh directory on tmpfs
-        # (/dev/shm), as docker-compose.yml mounts it, removed at stop; a journal
-        # write on a disk filesystem can stall for a second when the disk does.
-        self.shared_dir = Path(tempfile.mkdtemp(
-            prefix="paycore-shared-", dir=TMPFS if os.path.isdir(TMPFS) else None))
-        self.socket_dir = self.run_dir / "sockets"
+        self.layout = (StateLayout.kept_in(self.settings.run_dir) if self.settings.run_dir
+                       else StateLayout.scratch())
+        self.run_dir = self.layout.run_dir
+        self.shared_dir = self.layout.shared
+        self.socket_dir = self.layout.sockets
         # Known once the processes listen (start()).
         self.port = 0
         self.url = ""
@@ -115,11 +113,10 @@ class Stack:
         return start_listening(command, STARTUP_TIMEOUT_S, **self._options(env, service))
 
     def start(self) -> Stack:
-        for directory in (self.shared_dir, self.socket_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        self.layout.create()
         try:
             if self.settings.store == "redis":
-                self.redis = RedisServer(self.run_dir / "redis").start(
+                self.redis = RedisServer(self.layout.redis).start(
                     lambda command: self._spawn(command, "redis"))
                 self.store_url = self.redis.url
             if self.emulated:
@@ -134,10 +131,10 @@ class Stack:
 
     def _start_processors(self) -> None:
         urls = []
-        for (_, fee), port in zip(PROCESSORS, (self.settings.default_port, self.settings.fallback_port)):
+        for (name, fee), port in zip(PROCESSORS, (self.settings.default_port, self.settings.fallback_port)):
             process, (address,) = self._launch(
                 [sys.executable, "-m", "paycore.emulator", "--host", "127.0.0.1", "--port", str(port),
-                 "--fee", fee, *self.settings.emulator_args])
+                 "--fee", fee, *self.layout.emulator_args(name), *self.settings.emulator_args])
             self.processors.append(process)
             urls.append(f"http://{address}")
         self.default_url, self.fallback_url = urls
@@ -157,6 +154,7 @@ class Stack:
             "PAYCORE_LISTEN": f"unix:{self.socket_path(index)},handoff:{self.handoff_path(index)}",
             "PAYCORE_STORE": self.store_url,
             "PAYCORE_SHARED_DIR": str(self.instance_shared_dir(index)),
+            **self.layout.instance_env(),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
             **self.settings.instance_env,
@@ -190,9 +188,7 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
-        if self._own_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        shutil.rmtree(self.shared_dir, ignore_errors=True)
+        self.layout.release()
 
     def __enter__(self) -> Stack:
         return self.start()
@@ -223,33 +219,45 @@ def _stop_with_parent() -> None:
         pass
 
 
-def main() -> None:
+def _port(variable: str, default: int) -> int:
+    return int(os.environ.get(variable, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="paycore stack",
+        description="Run the local topology in the foreground until Ctrl-C or SIGTERM. Its state "
+                    "(journals, the emulated processors' payments) is kept in PAYCORE_RUN_DIR "
+                    "(default: run/ in the current directory) and resumed at the next start.")
+    parser.add_argument("--clean", action="store_true",
+                        help="start from nothing: forget the state kept in the run directory")
+    arguments = parser.parse_args(argv)
     _stop_with_parent()
-    run_dir = Path(os.environ.get("PAYCORE_RUN_DIR", REPO / "run"))
     stack = Stack(StackSettings(
-        port=int(os.environ.get("PAYCORE_PORT", "9999")),
+        port=_port("PAYCORE_PORT", 9999),
+        default_port=_port("PAYCORE_DEFAULT_PORT", 8001),
+        fallback_port=_port("PAYCORE_FALLBACK_PORT", 8002),
         default_url=os.environ.get("PROCESSOR_DEFAULT_URL"),
         fallback_url=os.environ.get("PROCESSOR_FALLBACK_URL"),
-        run_dir=run_dir,
+        run_dir=Path(os.environ.get("PAYCORE_RUN_DIR", "run")),
         store=os.environ.get("PAYCORE_STORE", "embedded"),
     ))
-    stopping = False
-
-    def request_stop(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    if arguments.clean:
+        stack.layout.clear()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     stack.start()
-    processors = "emulated on 8001/8002" if stack.emulated else f"{stack.default_url}, {stack.fallback_url}"
+    emulated = ", emulated" if stack.emulated else ""
     store = "embedded store" if stack.store_url == "embedded" else f"store {stack.store_url}"
-    print(f"paycore: {stack.url} (processors {processors}; {store}); shared state, journals and "
-          f"metrics sockets in {stack.shared_dir}; Ctrl-C stops everything", flush=True)
-    while not stopping:
-        time.sleep(0.2)
+    print(f"paycore: serving on {stack.url}; processors {stack.default_url} (default), "
+          f"{stack.fallback_url} (fallback){emulated}; {store}; state kept in {stack.run_dir}, "
+          f"shared state and metrics sockets in {stack.shared_dir}; Ctrl-C stops everything",
+          flush=True)
+    stopping.wait()
     stack.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,15 @@ from paycore.stack import Stack, StackSettings
 ADMIN_TOKEN = "123"
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         super().__init__("localhost", timeout=timeout)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import call
+from conftest import alive, call
 
 from paycore.stack import Stack, StackSettings
 
@@ -22,15 +21,6 @@ pids = [stack.balancer.pid, *(p.pid for p in stack.processors), *(p.pid for p in
 print(" ".join(map(str, pids)), stack.run_dir, stack.shared_dir, flush=True)
 sys.stdin.read()
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_killed_owner_takes_its_stack_with_it():
