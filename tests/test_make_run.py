@@ -32,13 +32,16 @@ class StackProcess:
     group of its own, a run directory, the current directory elsewhere. It
     has what RunningStack reads of a Stack."""
 
-    def __init__(self, run_dir: Path, *options: str, **environment: str) -> None:
+    def __init__(self, run_dir: Path, *options: str, python: str = sys.executable,
+                 base_env: dict[str, str] | None = None, **environment: str) -> None:
+        """python: the interpreter to run it with; base_env: the environment
+        to start from (this process's by default)."""
         self.run_dir = run_dir
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "paycore.stack", *options], cwd=run_dir.parent, text=True,
+            [python, "-m", "paycore.stack", *options], cwd=run_dir.parent, text=True,
             stdout=subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "PAYCORE_RUN_DIR": str(run_dir), "PAYCORE_PORT": "0",
-                 "PAYCORE_DEFAULT_PORT": "0", "PAYCORE_FALLBACK_PORT": "0",
+            env={**(os.environ if base_env is None else base_env), "PAYCORE_RUN_DIR": str(run_dir),
+                 "PAYCORE_PORT": "0", "PAYCORE_DEFAULT_PORT": "0", "PAYCORE_FALLBACK_PORT": "0",
                  "PAYCORE_LOG_LEVEL": "WARNING", **environment})
         # Each process it starts has a bounded time to listen: the line comes, or the end.
         ready = READY.search(self.process.stdout.readline())
@@ -106,8 +109,8 @@ def start(tmp_path):
     run_dir = tmp_path / "run"
     started: list[StackProcess] = []
 
-    def start_stack(*options: str, **environment: str) -> StackProcess:
-        started.append(StackProcess(run_dir, *options, **environment))
+    def start_stack(*options: str, **keywords) -> StackProcess:
+        started.append(StackProcess(run_dir, *options, **keywords))
         return started[-1]
 
     yield start_stack
