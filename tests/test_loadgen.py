@@ -283,7 +283,10 @@ def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_pat
     run = Run(subprocess.CompletedProcess(loadgen.args, 0, stdout, stderr), out)
     assert len(run.rows) >= 3 and {row.status for row in run.rows} == {202}
     assert all(row.read_latency_us >= 100_000 for row in run.rows)
-    assert all(row.latency_us < 50_000 for row in run.rows)
+    # Each answer arrived before the 100 ms stop and was read after it: however
+    # long the server took to answer, the stop is not in the latency. (Slack for
+    # the realtime clock's slewing against the monotonic one over those 100 ms.)
+    assert [row for row in run.rows if row.read_latency_us - row.latency_us < 99_000] == []
     assert run.summary["unstamped"] == 0
 
 VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out", "x.csv"]
