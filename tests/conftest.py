@@ -4,16 +4,50 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import random
 import socket
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
 
 from paycore.stack import Stack, StackSettings
 
 ADMIN_TOKEN = "123"
+
+# Random test data comes from test_random, seeded again before each test from
+# PAYCORE_TEST_SEED and the test's id: the same data on every run, other data
+# in each test; a failing test's report says how to get its data again.
+TEST_SEED = os.environ.get("PAYCORE_TEST_SEED", "2025")
+test_random = random.Random()
+settings.register_profile("seeded", derandomize=True)
+settings.load_profile("seeded")
+
+
+def pytest_report_header() -> str:
+    return f"random test data: PAYCORE_TEST_SEED={TEST_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_test_data(request) -> None:
+    test_random.seed(f"{TEST_SEED}:{request.node.nodeid}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("random test data",
+                                f"PAYCORE_TEST_SEED={TEST_SEED}, seeded again for {item.nodeid}"))
+
+
+def random_uuid() -> uuid.UUID:
+    return uuid.UUID(int=test_random.getrandbits(128), version=4)
 
 
 def alive(pid: int) -> bool:

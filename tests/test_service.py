@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import aiohttp
 import pytest
 
-from conftest import RunningStack, call
+from conftest import RunningStack, call, random_uuid
 
 ZERO = {"default": {"totalRequests": 0, "totalAmount": 0},
         "fallback": {"totalRequests": 0, "totalAmount": 0}}
@@ -16,7 +15,7 @@ ZERO = {"default": {"totalRequests": 0, "totalAmount": 0},
 
 def payment(correlation_id: str | None = None, amount: str = "20.05") -> bytes:
     return b'{"correlationId":"%s","amount":%s}' % (
-        (correlation_id or str(uuid.uuid4())).encode(), amount.encode())
+        (correlation_id or str(random_uuid())).encode(), amount.encode())
 
 
 async def post_many(port: int, bodies: list[bytes], concurrency: int = 50) -> list[int]:
@@ -39,7 +38,7 @@ async def post_many(port: int, bodies: list[bytes], concurrency: int = 50) -> li
 
 
 def accept_all(live: RunningStack, count: int, concurrency: int = 50) -> list[str]:
-    ids = [str(uuid.uuid4()) for _ in range(count)]
+    ids = [str(random_uuid()) for _ in range(count)]
     statuses = asyncio.run(post_many(live.port, [payment(i) for i in ids], concurrency))
     assert all(200 <= status < 300 for status in statuses), set(statuses)
     return ids
@@ -60,7 +59,7 @@ def assert_ledgers_match_processors(live: RunningStack, query: str = "") -> dict
 # --- endpoints -------------------------------------------------------------
 
 def test_payment_is_accepted_then_processed_by_default(live):
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     status, _ = call(live.client(), "POST", "/payments", payment(correlation_id))
     assert status == 202
     processed = live.wait_until_processed(1)
@@ -104,7 +103,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(live):
 
 # --- bad input changes nothing --------------------------------------------
 
-ID = str(uuid.uuid4())
+ID = str(random_uuid())
 MALFORMED = [
     (b"", 400), (b"{", 400), (b"not json", 400), (b"[]", 422), (b"null", 422), (b"{}", 422),
     (b'{"amount": 20.05}', 422),
@@ -154,7 +153,7 @@ def test_bad_summary_bounds_are_refused(live):
 # --- duplicates --------------------------------------------------------------
 
 def test_same_correlation_id_twice_is_processed_once(live):
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     # Round robin sends the two posts to different instances: both must know.
     statuses = [call(live.client(), "POST", "/payments", payment(correlation_id))[0] for _ in range(4)]
     assert statuses[0] == 202 and all(200 <= status < 300 for status in statuses)

@@ -3,11 +3,10 @@ The service must neither lose it nor let a second processor have it too."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
-from conftest import RunningStack, call, quick_stack
+from conftest import RunningStack, call, quick_stack, random_uuid
 from test_service import accept_all, assert_ledgers_match_processors, payment
 
 
@@ -29,7 +28,7 @@ def test_timed_out_payments_stored_late_are_recorded_once(impatient):
     live.default.set_delay(2000)
     ids = []
     for _ in range(30):
-        ids.append(str(uuid.uuid4()))
+        ids.append(str(random_uuid()))
         assert call(live.client(), "POST", "/payments", payment(ids[-1]))[0] == 202
         time.sleep(0.02)
     time.sleep(3)  # the first attempts land at the default after the service gave up
