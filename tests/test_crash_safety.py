@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import RunningStack, UnixHTTPConnection, call, quick_stack, random_uuid, test_random
-from test_service import assert_ledgers_match_processors, payment
+from test_service import assert_ledgers_catch_up, assert_ledgers_match_processors, payment
 from test_unknown_outcomes import held_by
 
 LOAD_CLIENTS = 8
@@ -91,20 +91,6 @@ def assert_exactly_once(live: RunningStack, accepted: list[str], unanswered: lis
     assert_ledgers_catch_up(live)
 
 
-def assert_ledgers_catch_up(live: RunningStack, timeout_s: float = 15.0) -> dict:
-    """The ledgers agree with the processors within timeout_s. The outcome reaches
-    a ledger after the processor answers: a payment whose answer was lost, or
-    whose SETTLED record had not been written when its instance died, learns it
-    from a resend or a lookup, a few backoffs later."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return assert_ledgers_match_processors(live)
-        except AssertionError:
-            time.sleep(0.2)
-    return assert_ledgers_match_processors(live)
-
-
 def assert_load_paid_exactly_once(live: RunningStack, load: Load) -> None:
     """After kills under load: enough payments went through for the kills to
     matter, and each is paid exactly once once the default is fast again."""
@@ -178,8 +164,7 @@ def test_the_summary_and_accepted_ids_survive_losing_the_shared_directory(tmp_pa
         for index, correlation_id in enumerate(ids):
             assert call(live.instance(1 + index % 2), "POST", "/payments", payment(correlation_id))[0] == 202
         wait_until_held(live, ids)
-        time.sleep(0.5)
-        before = assert_ledgers_match_processors(live)
+        before = assert_ledgers_catch_up(live)
         for index in (1, 2):
             live.stack.stop_instance(index, signal.SIGKILL)
         for name in os.listdir(live.stack.shared_dir):
