@@ -30,12 +30,14 @@ build: $(BUILT)
 # docker-compose checks the compose file in the tests; clang, with its
 # libFuzzer and AddressSanitizer runtimes, builds the body parser for fuzzing;
 # redis-server runs the Redis store in the tests (and `PAYCORE_STORE=redis
-# make run`). Installed once, as root or through sudo.
+# make run`); curl is one of the HTTP clients the tests use. Installed once,
+# as root or through sudo.
 system-deps:
-	@command -v docker-compose >/dev/null && command -v clang >/dev/null && command -v redis-server >/dev/null || { \
+	@command -v docker-compose >/dev/null && command -v clang >/dev/null && command -v redis-server >/dev/null \
+	  && command -v curl >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    $$SUDO apt-get install -y -qq docker-compose clang libclang-rt-dev redis-server >/dev/null; }
+	    $$SUDO apt-get install -y -qq docker-compose clang libclang-rt-dev redis-server curl >/dev/null; }
 
 run: build system-deps
 	$(PY) -m paycore.stack

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -53,6 +54,9 @@ class StackSettings:
     # With Redis, each instance gets a shared directory of its own, as on separate hosts.
     store: str = "embedded"
     quiet: bool = False
+    # The instances' PAYCORE_ADMIN_TOKEN, which POST /purge-payments needs
+    # (Authorization: Bearer <token>); a fresh one per stack unless given.
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     # docker-compose service name ("load-balancer", "api1", ...) -> cgroup
     # directories its process joins before it starts, to hold it to the limits.
     cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -157,6 +161,7 @@ class Stack:
             **self.layout.instance_env(),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
+            "PAYCORE_ADMIN_TOKEN": self.settings.admin_token,
             **self.settings.instance_env,
         }
         self.instances[index], _ = self._launch([sys.executable, "-m", "paycore.service"], env,
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         fallback_url=os.environ.get("PROCESSOR_FALLBACK_URL"),
         run_dir=Path(os.environ.get("PAYCORE_RUN_DIR", "run")),
         store=os.environ.get("PAYCORE_STORE", "embedded"),
+        **({"admin_token": os.environ["PAYCORE_ADMIN_TOKEN"]} if os.environ.get("PAYCORE_ADMIN_TOKEN") else {}),
     ))
     if arguments.clean:
         stack.layout.clear()
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{stack.fallback_url} (fallback){emulated}; {store}; state kept in {stack.run_dir}, "
           f"shared state and metrics sockets in {stack.shared_dir}; Ctrl-C stops everything",
           flush=True)
+    print(f"paycore: to purge: curl -X POST -H 'Authorization: Bearer {stack.settings.admin_token}' "
+          f"{stack.url}/purge-payments (PAYCORE_ADMIN_TOKEN sets the token)", flush=True)
     stopping.wait()
     stack.stop()
     return 0

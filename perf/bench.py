@@ -146,7 +146,7 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
         with Stack(settings) as stack:
             processors = Processors(stack.default_url, stack.fallback_url)
             processors.purge()
-            scenario = Scenario(processors, stack.url, seconds)
+            scenario = Scenario(processors, stack.url, seconds, stack.settings.admin_token)
             scenario.purge_service()
             stack_processes = {"load-balancer": stack.balancer,
                                **{f"api{i}": p for i, p in stack.instances.items()},

@@ -14,6 +14,7 @@ from paycore.ready import announce
 
 from . import logs
 from .accept import PaymentIntake
+from .admin import AdminToken
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
@@ -70,7 +71,8 @@ class Instance:
         self.health = HealthMonitor(self.store.health, self.clients, self.router,
                                     settings.health_interval_ms)
         self.intake = PaymentIntake(self.store)
-        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics)
+        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics,
+                             AdminToken(settings.admin_token))
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))

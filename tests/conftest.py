@@ -143,10 +143,15 @@ class RunningStack:
     def processors_summary(self, query: str = "") -> dict:
         return {"default": self.default.summary(query), "fallback": self.fallback.summary(query)}
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """What POST /purge-payments needs: the stack's admin token."""
+        return {"Authorization": f"Bearer {self.stack.settings.admin_token}"}
+
     def reset(self) -> None:
         self.default.reset()
         self.fallback.reset()
-        assert call(self.client(), "POST", "/purge-payments")[0] == 200
+        assert call(self.client(), "POST", "/purge-payments", headers=self.admin_headers)[0] == 200
 
     def wait_until_processed(self, expected: int, timeout_s: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout_s

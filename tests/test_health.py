@@ -13,7 +13,7 @@ from paycore.service.health import HealthMonitor
 from paycore.service.metrics import Metrics
 from paycore.service.processor_client import ProcessorClient
 from paycore.service.router import DEFAULT, FALLBACK, Router
-from paycore.service.store.embedded_health import FileHealthBoard
+from paycore.service.store.embedded.health_board import FileHealthBoard
 
 WINDOW_S = 0.3
 INTERVAL_MS = 320

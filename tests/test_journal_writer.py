@@ -5,7 +5,7 @@ import os
 from conftest import random_uuid
 from paycore.core.journal import Journal, RecordKind, read_journal
 from paycore.core.ledger import Ledger
-from paycore.service.journal import JournalWriter
+from paycore.service.store.embedded.journal import JournalWriter
 
 
 class FailingFirstWrites:

@@ -19,7 +19,7 @@ from paycore.service.http_server import HttpProtocol
 from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
 from paycore.service.processor_client import Outcome
 from paycore.service.router import Router
-from paycore.service.store.embedded import EmbeddedStore
+from paycore.service.store.embedded.store import EmbeddedStore
 from test_compose import instances
 from test_journal_writer import FailingFirstWrites
 from test_service import payment, post_many
@@ -111,6 +111,18 @@ class RecordingTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
 
 class ScriptedClient:
     """A processor that answers the outcomes given, in order, and holds nothing."""
@@ -155,7 +167,7 @@ class Parts:
         return protocol, transport
 
     def scrape(self) -> dict[Series, float]:
-        head, _, body = self.endpoint.handle(b"GET", b"/metrics", b"").partition(b"\r\n\r\n")
+        head, _, body = self.endpoint.handle(b"GET", b"/metrics", b"", b"").partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
         return parse_exposition(body.decode())

@@ -2,7 +2,7 @@
 
 from conftest import random_uuid
 from paycore.core.journal import Journal, RecordKind, read_journal
-from paycore.service.recovery import recover, replay
+from paycore.service.store.embedded.recovery import recover, replay
 
 ACCEPTED, SENDING, SETTLED = RecordKind.ACCEPTED, RecordKind.SENDING, RecordKind.SETTLED
 DEFAULT, FALLBACK = 0, 1

@@ -9,7 +9,7 @@ __all__ = ["Acceptance", "Store", "open_store"]
 
 def open_store(settings: Settings) -> Store:
     if settings.store == "embedded":
-        from .embedded import EmbeddedStore
+        from .embedded.store import EmbeddedStore
         return EmbeddedStore(settings)
     if settings.store.startswith(("redis://", "redis+unix://")):
         from .redis_store import RedisStore

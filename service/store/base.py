@@ -8,7 +8,7 @@
 Two stores implement it and pass the same contract tests
 (tests/test_store_contract.py):
 
-- EmbeddedStore (service/store/embedded.py), the default: shared memory on one
+- EmbeddedStore (service/store/embedded/store.py), the default: shared memory on one
   host's tmpfs plus one journal per instance; no server.
 - RedisStore (service/store/redis_store.py), PAYCORE_STORE=redis://HOST:PORT/DB:
   any number of instances on any number of hosts.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from paycore.core.ring_queue import RingQueue
 
 if TYPE_CHECKING:
-    from ..journal import JournalWriter
+    from .embedded.journal import JournalWriter
 
 T = TypeVar("T")
 U = TypeVar("U")

@@ -59,7 +59,7 @@ class JournalWriter:
 
     def settled(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
         """Rides along with the next batch: nothing waits on it, and if a crash
-        loses it the restart asks the processor instead (service.recovery)."""
+        loses it the restart asks the processor instead (recovery.py)."""
         self._journal.settled(uuid16, processor, requested_at_ms, cents, self._ledger.generation)
 
     def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:

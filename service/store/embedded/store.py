@@ -1,7 +1,7 @@
 """The default store: every instance on one host shares memory-mapped files on
 tmpfs (the ledger's regions, the accepted ids, the health board), and each
-instance keeps its own journal of what it promised and sent (service.journal),
-replayed at its next start (service.recovery). No server to run."""
+instance keeps its own journal of what it promised and sent (journal.py),
+replayed at its next start (recovery.py). No server to run."""
 from __future__ import annotations
 
 import asyncio
@@ -15,11 +15,11 @@ from paycore.core.journal import Journal
 from paycore.core.ledger import Ledger
 from paycore.core.ring_queue import RingQueue
 
-from ..config import Settings
-from ..journal import JournalWriter
-from ..recovery import Replay, recover
-from .base import Acceptance, PendingWork, Totals
-from .embedded_health import FileHealthBoard
+from ...config import Settings
+from ..base import Acceptance, PendingWork, Totals
+from .health_board import FileHealthBoard
+from .journal import JournalWriter
+from .recovery import Replay, recover
 
 log = logging.getLogger("paycore.store")
 
