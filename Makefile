@@ -1,4 +1,5 @@
-# make run: the whole local stack in the foreground.  make test: the test suite.
+# make run: the whole local stack in the foreground, resuming the state kept in
+# $PAYCORE_RUN_DIR (run/); make run-clean: the same from nothing.  make test: the test suite.
 # Both install what they need on a fresh Debian machine with Python and a C compiler.
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run test build system-deps clean bench bench-calibrate flamegraph
+.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ system-deps:
 
 run: build system-deps
 	$(PY) -m paycore.stack
+
+run-clean: build system-deps
+	$(PY) -m paycore.stack --clean
 
 test: build system-deps
 	$(PY) -m pytest

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cgroups import CgroupJail, compose_limits
 
-from paycore.stack import Stack, StackSettings, free_ports
+from paycore.stack import Stack, StackSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,8 +182,7 @@ def production_stack(jail_prefix: str) -> Iterator[tuple[Stack, dict[str, int]]]
     jail = CgroupJail(limits, jail_prefix) if CgroupJail.available() else None
     if jail is None:
         print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
-    port, default_port, fallback_port = free_ports(3)
-    settings = StackSettings(port=port, default_port=default_port, fallback_port=fallback_port,
+    settings = StackSettings(port=0, default_port=0, fallback_port=0,
                              quiet=True, cgroups=jail.directories if jail else {},
                              instance_env={"PAYCORE_LOG_LEVEL": "WARNING"})
     try:
@@ -207,10 +206,10 @@ def abuse_round(stack: Stack, *, quiet_s: float, abuse_s: float, users: int, per
                 pipelining: int, slowloris: int) -> AbuseRound:
     """Payments alone for quiet_s, then for abuse_s beside the hostile clients
     (started a second before them, so every connection is in place)."""
-    quiet = asyncio.run(time_payments(stack.settings.port, users, per_user_per_s, quiet_s))
-    finish = run_hostile(stack.settings.port, pipelining, slowloris, abuse_s + 1)
+    quiet = asyncio.run(time_payments(stack.port, users, per_user_per_s, quiet_s))
+    finish = run_hostile(stack.port, pipelining, slowloris, abuse_s + 1)
     time.sleep(1)
-    abused = asyncio.run(time_payments(stack.settings.port, users, per_user_per_s, abuse_s))
+    abused = asyncio.run(time_payments(stack.port, users, per_user_per_s, abuse_s))
     hostile = finish()
     processes = {"load-balancer": stack.balancer, **{f"api{i}": p for i, p in stack.instances.items()}}
     ended = [name for name, process in processes.items() if process.poll() is not None]

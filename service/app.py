@@ -10,6 +10,7 @@ import signal
 import uvloop
 
 from paycore.core.ring_queue import RingQueue
+from paycore.ready import announce
 
 from . import logs
 from .accept import PaymentIntake
@@ -46,6 +47,14 @@ async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer | Ha
                                     backlog=4096, reuse_address=True)
 
 
+def _bound_address(address: str, server: asyncio.AbstractServer | HandoffListener) -> str:
+    """The address as clients reach it: a TCP port 0 becomes the one the OS chose."""
+    if address.startswith(("handoff:", "unix:")):
+        return address
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"{host}:{port}"
+
+
 class Instance:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -70,6 +79,7 @@ class Instance:
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
         self._servers: list[asyncio.AbstractServer | HandoffListener] = []
         self._metrics_server: asyncio.AbstractServer | None = None
+        self.addresses: list[str] = []
 
     async def start(self) -> None:
         await self.store.start(self.queue, self.dispatcher)
@@ -85,8 +95,10 @@ class Instance:
                 self.settings.metrics_listen,
                 lambda: HttpProtocol(self.metrics_endpoint, self.store, self.connections, self.metrics))
         self.connections.start()
+        self.addresses = [_bound_address(address, server)
+                          for address, server in zip(self.settings.listen, self._servers)]
         log.info("instance %s listening on %s, metrics on %s", self.settings.instance,
-                 ", ".join(self.settings.listen), self.settings.metrics_listen or "none")
+                 ", ".join(self.addresses), self.settings.metrics_listen or "none")
 
     def _undelivered(self) -> bool:
         return bool(len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved)
@@ -127,6 +139,8 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # After the handlers: whoever reads the announcement may signal at once.
+    announce(instance.addresses)
     await stopping.wait()
     await instance.stop()
 

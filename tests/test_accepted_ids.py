@@ -2,12 +2,12 @@ import ctypes
 import mmap
 import multiprocessing
 import os
-import random
 import struct
 import time
 
 import pytest
 
+from conftest import random_uuid, test_random
 from paycore.core.accepted_ids import (
     CLAIMED,
     CONFLICT,
@@ -30,16 +30,8 @@ fork = multiprocessing.get_context("fork")
 
 
 @pytest.fixture
-def rng():
-    seed = int(os.environ.get("PAYCORE_TEST_SEED", random.randrange(2**32)))
-    # Shown with a failure's output: PAYCORE_TEST_SEED=<seed> replays it.
-    print(f"seed {seed}")
-    return random.Random(seed)
-
-
-@pytest.fixture
-def new_id(rng):
-    return lambda: rng.randbytes(16)
+def new_id():
+    return lambda: random_uuid().bytes
 
 
 @pytest.fixture
@@ -381,11 +373,11 @@ def claim_in_step(path, worker, geometry, keys, clock_step, arrived, results):
 
 @pytest.mark.parametrize("subtables, capacity, clock_step", [
     (16, 15, 0), (5, 8, 0), (5, 400, 0), (16, 10**6, 5)])
-def test_processes_claim_each_key_once_while_epochs_race_by(path, rng, subtables, capacity, clock_step):
+def test_processes_claim_each_key_once_while_epochs_race_by(path, subtables, capacity, clock_step):
     """Each id is claimed by one worker alone, with the epoch moving as often
     as every claim (a sub-table of one id per epoch) or by the clock."""
     workers = max(2, min(4, len(os.sched_getaffinity(0))))
-    keys = [rng.randbytes(16) for _ in range(100_000)]
+    keys = [test_random.randbytes(16) for _ in range(100_000)]
     # Epochs of 5 ms when the clock moves.
     geometry = {"capacity": capacity, "window_ms": (subtables - 1) * 5, "subtables": subtables}
     arrived = fork.RawArray("q", workers)

@@ -10,7 +10,7 @@ from test_service import ZERO, as_summary, payment
 
 from paycore.service.admin import AdminToken, Verdict
 from paycore.service.config import Settings
-from paycore.stack import Stack, StackSettings, free_ports
+from paycore.stack import Stack, StackSettings
 
 TOKEN = "an-operator-token"
 
@@ -54,8 +54,7 @@ def test_the_token_is_not_in_the_settings_or_the_checks_repr():
 
 
 def test_without_a_token_configured_a_purge_is_refused_and_erases_nothing():
-    port, default_port, fallback_port = free_ports(3)
-    settings = StackSettings(port=port, default_port=default_port, fallback_port=fallback_port, quiet=True,
+    settings = StackSettings(port=0, default_port=0, fallback_port=0, quiet=True,
                              emulator_args=TEST_EMULATOR_ARGS, instance_env=TEST_INSTANCE_ENV, admin_token="")
     with Stack(settings) as stack:
         live = RunningStack(stack)

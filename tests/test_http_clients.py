@@ -38,8 +38,8 @@ BAD = [
     *(Exchange("POST", "/payments", body, status, JSON, closes=status == 413) for body, status in MALFORMED),
     *(Exchange(method, path, b"{}" if method != "GET" else None, status) for method, path, status in WRONG_ROUTES),
     Exchange("POST", "/payments", payment(), 431, {**JSON, "X-Padding": "a" * 9000}, closes=True),
-    Exchange("POST", "/purge-payments", None, 401),
-    Exchange("POST", "/purge-payments", None, 401, {"Authorization": "Bearer not-the-token"}),
+    Exchange("POST", "/purge-payments", None, 403),
+    Exchange("POST", "/purge-payments", None, 403, {"Authorization": "Bearer not-the-token"}),
 ]
 # A control character in a header value is malformed HTTP (400); aiohttp refuses to send it.
 MALFORMED_HTTP = Exchange("GET", "/payments-summary", None, 400, {"X-Bad": "a\x01b"}, closes=True)

@@ -1,16 +1,15 @@
 """The journal's segments, writer thread, checkpoints and recovery (pyx/journal.pyx)."""
 import os
-import random
 import resource
 import select
 import signal
 import subprocess
 import sys
 import threading
-import uuid
 
 import pytest
 
+from conftest import random_uuid, test_random
 from paycore.core.journal import Journal
 
 HEADER_SIZE = 32
@@ -19,7 +18,7 @@ NEVER_SENT = -1
 
 
 def new_id() -> bytes:
-    return uuid.uuid4().bytes
+    return random_uuid().bytes
 
 
 def recovered(directory, committed_seq=0, **options):
@@ -114,17 +113,17 @@ def test_sequence_numbers_go_on_after_a_restart_and_past_what_the_record_committ
 
 
 def test_full_segments_are_checkpointed_and_deleted_once_committed(tmp_path):
-    rng = random.Random(7)
+
     pending = {}
     with Serving(tmp_path, segment_bytes=HEADER_SIZE + 64 * RECORD_SIZE) as serving:
         journal = serving.journal
         last_settled = 0
         for round_number in range(40):
             for _ in range(10):
-                payment = rng.randbytes(16)
-                pending[payment] = rng.randrange(1, 10**6)
+                payment = test_random.randbytes(16)
+                pending[payment] = test_random.randrange(1, 10**6)
                 journal.accepted(payment, pending[payment])
-            for payment in rng.sample(sorted(pending), 5):
+            for payment in test_random.sample(sorted(pending), 5):
                 last_settled = journal.settled(payment, 0, round_number, pending.pop(payment), 0)
             serving.write()
         assert len(segment_files(tmp_path)) > 3

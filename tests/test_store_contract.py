@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
 
+from conftest import random_uuid
 from paycore.core.ring_queue import RingQueue
 from paycore.service.config import Settings
 from paycore.service.payment import Attempt, Payment
@@ -143,7 +143,7 @@ async def eventually(condition: Callable[[], bool], what: str, timeout_s: float 
 def test_an_id_is_accepted_once_whichever_instance_sees_it(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
-        uuid16 = uuid.uuid4().bytes
+        uuid16 = random_uuid().bytes
         assert await accept(first, uuid16, 1995) == Acceptance.ACCEPTED
         assert await accept(second, uuid16, 1995) == Acceptance.DUPLICATE
         assert await accept(first, uuid16, 1995) == Acceptance.DUPLICATE
@@ -156,7 +156,7 @@ def test_no_instance_says_already_accepted_before_the_claim_is_durable(deploymen
     the same id posted to another instance meanwhile waits for the claim."""
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
-        payment = Payment(uuid.uuid4().bytes, 1995)
+        payment = Payment(random_uuid().bytes, 1995)
         events = []
         claimed = first.accept(payment)
         first.after_durable(first.promised, events.append, "claim durable")
@@ -179,7 +179,7 @@ def test_every_accepted_payment_is_pending_on_exactly_one_instance(deployment_se
         stores = [await deployment.start(name) for name in ("a", "b", "c")]
         accepted = {}
         for index in range(90):
-            uuid16 = uuid.uuid4().bytes
+            uuid16 = random_uuid().bytes
             accepted[uuid16] = 100 + index
             assert await accept(stores[index % 3], uuid16, 100 + index) == Acceptance.ACCEPTED
         taken = await _take(deployment, len(accepted))
@@ -194,7 +194,7 @@ def test_an_answer_waits_for_the_store_to_hold_the_payment(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         store = await deployment.start("a")
         answered = []
-        acceptance = await resolve(store.accept(Payment(uuid.uuid4().bytes, 100)))
+        acceptance = await resolve(store.accept(Payment(random_uuid().bytes, 100)))
         store.after_durable(store.promised, answered.append, "first")
         store.after_durable(store.promised, answered.append, "second")
         store.flush_waiting()
@@ -212,7 +212,7 @@ def test_settled_payments_are_summed_exactly_for_every_instance(deployment_setti
         base_ms = 1_760_000_000_000
         payments = 400
         for _ in range(payments):
-            assert await accept(rng.choice(stores), uuid.uuid4().bytes, rng.randint(1, 100_000)) \
+            assert await accept(rng.choice(stores), random_uuid().bytes, rng.randint(1, 100_000)) \
                 == Acceptance.ACCEPTED
         # Sent and settled by the instance that took each payment from the pending ones.
         for store, payment in (await _take(deployment, payments)).values():
@@ -248,7 +248,7 @@ def test_settled_payments_are_summed_exactly_for_every_instance(deployment_setti
 def test_purge_forgets_the_ledger_not_the_ids_nor_the_pending_payments(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
-        settled, pending = uuid.uuid4().bytes, uuid.uuid4().bytes
+        settled, pending = random_uuid().bytes, random_uuid().bytes
         for uuid16 in (settled, pending):
             assert await accept(first, uuid16, 500) == Acceptance.ACCEPTED
         taken = await _take(deployment, 2)
@@ -274,7 +274,7 @@ def test_purge_forgets_the_ledger_not_the_ids_nor_the_pending_payments(deploymen
 def test_a_settled_payment_and_a_pending_one_can_be_looked_up(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
-        settled, pending, unknown = (uuid.uuid4().bytes for _ in range(3))
+        settled, pending, unknown = (random_uuid().bytes for _ in range(3))
         for uuid16 in (settled, pending):
             assert await accept(first, uuid16, 2005) == Acceptance.ACCEPTED
         taken = await _take(deployment, 2)
@@ -323,7 +323,7 @@ async def _wait_for_totals(store: Store, totals: tuple[int, int, int, int]) -> N
 def test_a_restarted_instance_resumes_what_it_left(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         store = await deployment.start("a")
-        unsent, sent, settled = (Payment(uuid.uuid4().bytes, 250) for _ in range(3))
+        unsent, sent, settled = (Payment(random_uuid().bytes, 250) for _ in range(3))
         for payment in (unsent, sent, settled):
             assert await accept(store, *payment) == Acceptance.ACCEPTED
         await eventually(lambda: len(deployment.queue("a")) == 3, "payments not queued")
