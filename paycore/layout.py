@@ -4,6 +4,7 @@ A run directory (`make run`: PAYCORE_RUN_DIR, default run/) keeps what must
 outlive the stack, so that a stack started again with it resumes:
 
     sockets/            the instances' hand-off and API sockets
+    logs/               each service's output, when the stack runs quiet (tests, benchmarks)
     state/data/         the instances' journals and payments record (PAYCORE_DATA_DIR)
     state/processors/   what each emulated processor recorded
     state/redis/        the Redis store's append-only file
@@ -55,6 +56,11 @@ class StateLayout:
     @property
     def state(self) -> Path:
         return self.run_dir / "state"
+
+    @property
+    def logs(self) -> Path:
+        """Each service's output, when the stack runs quiet."""
+        return self.run_dir / "logs"
 
     @property
     def data(self) -> Path:

@@ -94,8 +94,12 @@ class Stack:
         return (settings.port,)
 
     def _options(self, env: dict[str, str] | None, service: str | None) -> dict:
-        """How every child is started: its environment, output, session, cgroups."""
-        output = subprocess.DEVNULL if self.settings.quiet else None
+        """How every child is started: its environment, output, session, cgroups.
+        A quiet stack writes each service's log to logs/<service>.log instead."""
+        output = None
+        if self.settings.quiet:
+            self.layout.logs.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_path(service), "ab")  # noqa: SIM115 - the child keeps its own copy
         cgroups = self.settings.cgroups.get(service, ()) if service else ()
 
         def prepare_child() -> None:
@@ -108,13 +112,29 @@ class Stack:
         return {"env": {**os.environ, **(env or {})}, "stdout": output, "stderr": output,
                 "start_new_session": True, "preexec_fn": prepare_child}
 
+    def log_path(self, service: str | None) -> Path:
+        return self.layout.logs / f"{service or 'process'}.log"
+
     def _spawn(self, command: list[str], service: str | None = None) -> subprocess.Popen:
-        return subprocess.Popen(command, **self._options(None, service))
+        options = self._options(None, service)
+        try:
+            return subprocess.Popen(command, **options)
+        finally:
+            _close_log(options)
 
     def _launch(self, command: list[str], env: dict[str, str] | None = None,
                 service: str | None = None) -> tuple[subprocess.Popen, list[str]]:
         """A server process, once it listens, and the addresses it listens on."""
-        return start_listening(command, STARTUP_TIMEOUT_S, **self._options(env, service))
+        options = self._options(env, service)
+        try:
+            return start_listening(command, STARTUP_TIMEOUT_S, **options)
+        except (RuntimeError, TimeoutError) as error:
+            if not self.settings.quiet:
+                raise
+            log = self.log_path(service).read_text(errors="replace").splitlines()[-20:]
+            raise type(error)(f"{error}; the end of {self.log_path(service)}:\n" + "\n".join(log)) from error
+        finally:
+            _close_log(options)
 
     def start(self) -> Stack:
         self.layout.create()
@@ -216,6 +236,11 @@ def _stop(process: subprocess.Popen, signum: int) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def _close_log(options: dict) -> None:
+    if options["stderr"] is not None:
+        options["stderr"].close()
 
 
 def _stop_with_parent() -> None:

@@ -14,6 +14,7 @@
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+from paycore.core.accepted_ids cimport AcceptedIds
 from paycore.core.correlation_id cimport UUID_BYTES
 
 
@@ -111,6 +112,10 @@ cdef class Journal:
     cdef uint64_t* segment_starts   # first_seq of every segment on disk, oldest first
     cdef Py_ssize_t segment_count
     cdef Py_ssize_t segment_starts_capacity
+    # The ids of outstanding payments are remembered again in it at each new
+    # epoch, so a payment pending longer than the window stays known.
+    cdef AcceptedIds pending_ids
+    cdef int64_t pending_ids_epoch
 
     # Read with atomics across the two threads.
     cdef uint64_t durable_seq       # written by the writer
@@ -130,3 +135,4 @@ cdef class Journal:
     cdef void finish_serving(self) noexcept nogil
     cdef void notify_loop(self) noexcept nogil
     cdef void delete_committed_segments(self) noexcept nogil
+    cdef void remember_pending_ids(self) noexcept nogil

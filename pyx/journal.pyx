@@ -11,7 +11,7 @@ from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_RDONLY, O_TRUNC, O_WRONLY
 from posix.fcntl cimport open as open_file
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, nanosleep, timespec
 from posix.unistd cimport close, fsync, pwrite, read, write
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -51,6 +51,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_init(pthread_cond_t* condition, const void* attributes)
     int pthread_cond_destroy(pthread_cond_t* condition)
     int pthread_cond_wait(pthread_cond_t* condition, pthread_mutex_t* mutex)
+    int pthread_cond_timedwait(pthread_cond_t* condition, pthread_mutex_t* mutex, const timespec* deadline)
     int pthread_cond_signal(pthread_cond_t* condition)
 
 
@@ -512,6 +513,14 @@ cdef class Journal:
 
     # --- the writer thread ---------------------------------------------------------
 
+    def keep_pending_ids(self, AcceptedIds ids not None):
+        """From serve() on, remember the id of every outstanding payment in
+        `ids` again each time its epoch changes (ids must outlive serve())."""
+        if self.serving:
+            raise RuntimeError("keep_pending_ids() before serve()")
+        self.pending_ids = ids
+        self.pending_ids_epoch = ids.current_epoch()
+
     def serve(self):
         """The writer: run in a thread of its own until stop(). Starts a new
         segment with a checkpoint of the outstanding payments, then writes each
@@ -530,6 +539,7 @@ cdef class Journal:
 
     cdef void serve_raw(self) noexcept nogil:
         cdef bint stopping
+        cdef timespec deadline
         while self.start_segment() != 0:
             self.notify_loop()
             if atomic_load_int(&self.closing):
@@ -540,7 +550,16 @@ cdef class Journal:
         pthread_mutex_lock(&self.mutex)
         while True:
             while self.submitted.count == 0 and not self.closing and not self.deletion_due:
-                pthread_cond_wait(&self.work_ready, &self.mutex)
+                if self.pending_ids is None:
+                    pthread_cond_wait(&self.work_ready, &self.mutex)
+                    continue
+                # Woken at least once a second: an epoch also begins by the clock.
+                clock_gettime(CLOCK_REALTIME, &deadline)
+                deadline.tv_sec += 1
+                pthread_cond_timedwait(&self.work_ready, &self.mutex, &deadline)
+                pthread_mutex_unlock(&self.mutex)
+                self.remember_pending_ids()
+                pthread_mutex_lock(&self.mutex)
             self.deletion_due = False
             if self.submitted.count == 0:
                 if self.closing:
@@ -552,6 +571,8 @@ cdef class Journal:
             stopping = self.closing
             self.writing, self.submitted = self.submitted, self.writing
             pthread_mutex_unlock(&self.mutex)
+            # Before the batch is published: whoever sees it durable sees this done.
+            self.remember_pending_ids()
             while self.write_batch(&self.writing) != 0:
                 self.notify_loop()
                 if stopping:
@@ -667,6 +688,21 @@ cdef class Journal:
                 size[0] += filled * sizeof(JournalRecord)
                 filled = 0
         return 0
+
+    cdef void remember_pending_ids(self) noexcept nogil:
+        cdef int64_t epoch
+        cdef Py_ssize_t i
+        cdef OutstandingEntry* entry
+        if self.pending_ids is None:
+            return
+        epoch = self.pending_ids.current_epoch()
+        if epoch == self.pending_ids_epoch:
+            return
+        self.pending_ids_epoch = epoch
+        for i in range(self.index.capacity):
+            entry = &self.index.entries[i]
+            if entry.occupied:
+                self.pending_ids.remember_raw(entry.uuid, entry.cents)
 
     cdef void delete_committed_segments(self) noexcept nogil:
         """Every segment but the newest whose appended records the payments

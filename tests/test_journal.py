@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from conftest import random_uuid, test_random
+from paycore.core.accepted_ids import CLAIMED, DURABLE, AcceptedIds
 from paycore.core.journal import Journal
 
 HEADER_SIZE = 32
@@ -32,8 +33,10 @@ def recovered(directory, committed_seq=0, **options):
 class Serving:
     """A recovered journal with its writer running in a thread."""
 
-    def __init__(self, directory, committed_seq=0, **options) -> None:
+    def __init__(self, directory, committed_seq=0, pending_ids=None, **options) -> None:
         self.journal, self.settled = recovered(directory, committed_seq, **options)
+        if pending_ids is not None:
+            self.journal.keep_pending_ids(pending_ids)
         self.thread = threading.Thread(target=self.journal.serve)
         self.thread.start()
 
@@ -280,3 +283,28 @@ def test_a_writer_killed_mid_batch_leaves_every_batch_it_reported_durable(tmp_pa
     assert held[: reported] == list(range(1, reported + 1))
     assert held == list(range(1, len(held) + 1))  # a prefix: nothing after a gap
     journal.close()
+
+
+def test_the_ids_of_payments_pending_past_the_idempotency_window_stay_known(tmp_path):
+    ids = AcceptedIds(str(tmp_path / "accepted-ids"), "1", 1000, 4000)
+    ids._now_ms = 1_000_000_000
+    pending, settled = new_id(), new_id()
+    for uuid16, cents in ((pending, 100), (settled, 200)):
+        assert ids.claim(uuid16, cents) == CLAIMED
+        ids.confirm(uuid16)
+    with Serving(tmp_path / "journal", pending_ids=ids) as serving:
+        journal = serving.journal
+        journal.accepted(pending, 100)
+        journal.accepted(settled, 200)
+        journal.settled(settled, 0, 1, 200, 0)
+        serving.write()
+        for _ in range(3 * ids.subtables):  # three windows, an epoch at a time, each filled with new ids
+            ids._now_ms += ids.epoch_ms
+            journal.discarded(new_id())  # a batch: the writer looks at the epoch first
+            serving.write()
+            for _ in range(ids.capacity // (ids.subtables - 1) - 1):
+                other = new_id()
+                assert ids.claim(other, 1) == CLAIMED
+                ids.confirm(other)
+        assert ids.state(pending) == (DURABLE, 100)
+    ids.close()

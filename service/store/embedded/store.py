@@ -81,6 +81,7 @@ class EmbeddedStore:
         journal = Journal(self._journal_directory, self._settings.journal_sync,
                           self._settings.journal_segment_bytes)
         resumed = recover(journal, self.record, self.tail, self.ids)
+        journal.keep_pending_ids(self.ids)
         self._reported_seq = journal.durable_seq
         self.journal = JournalWriter(journal, self._journal_durable, self._settings.journal_spin_us)
         self.record.start(self._loop, self._record_committed)
