@@ -1,7 +1,19 @@
 /*
- * Closed-loop HTTP load generator replicating k6's "ramping-vus" executor for
- * POST /payments: virtual users (VUs) start on a linear ramp, each owns one
- * keep-alive connection and loops request -> complete response -> think time.
+ * HTTP load generator for POST /payments replicating two k6 executors:
+ *
+ * - "ramping-vus" (closed loop, the default): virtual users (VUs) start on a
+ *   linear ramp, each owns one keep-alive connection and loops request ->
+ *   complete response -> think time.
+ * - "constant-arrival-rate" (open loop, --rate): an iteration (one request)
+ *   starts every 1/rate s whatever the answers, on an idle VU taken first in
+ *   first out from a pool of --start-vus (k6's preAllocatedVUs) that grows up
+ *   to --max-vus while all are busy; an iteration that finds none is dropped
+ *   and counted, as k6 counts dropped_iterations. Each VU keeps its
+ *   connection between iterations.
+ *
+ * Every request carries a fresh correlationId. Answers other than 2xx are
+ * also counted by status and body (a 503 says why in its body).
+ * --progress-ms prints running totals as JSON lines while it runs.
  *
  * Single-threaded, epoll, non-blocking sockets, no allocation after start-up:
  * the generator's own latency floor has to stay far below what it measures.
@@ -42,6 +54,9 @@
 /* Big enough that a full 300 s run (about 2 MB of rows) is written once, at exit. */
 #define CSV_BUFFER_SIZE ((size_t)8 << 20)
 #define CSV_ROW_MAX 64
+/* what is kept of an answer's body when it is not a 2xx, to tell refusals apart */
+#define BODY_KEPT 160
+#define ANSWER_KINDS_MAX 16
 #define MASK60 ((UINT64_C(1) << 60) - 1)
 
 enum vu_state { VU_WAITING, VU_CONNECTING, VU_SENDING, VU_RECEIVING, VU_FINISHED };
@@ -52,6 +67,8 @@ struct response {
     int status;
     int64_t body_left; /* -1: the body runs until the server closes */
     bool close_after;
+    size_t body_len;   /* bytes of body kept (answers other than 2xx) */
+    char body[BODY_KEPT];
 };
 
 struct vu {
@@ -82,6 +99,9 @@ struct options {
     const char *amount;
     const char *path;
     const char *out;
+    double rate;          /* iterations per second; 0: ramping VUs */
+    long progress_ms;     /* 0: no progress lines */
+    const char *requested_at;
 };
 
 static struct options opt = {
@@ -104,7 +124,30 @@ static int64_t end_ns;
 static int64_t timeout_ns;
 static int64_t think_ns;
 
-static uint64_t requests, ok_2xx, failed, other_status;
+static uint64_t started, requests, ok_2xx, failed, other_status;
+
+/* constant arrival rate: idle VUs in a first-in first-out ring */
+static struct vu **idle;
+static long idle_head, idle_len;
+static long vus_used, busy_vus;
+static uint64_t arrivals, dropped;
+static int64_t next_arrival_ns, max_start_lag_ns;
+
+/* answers other than 2xx, by status and body */
+struct answer_kind {
+    int status;
+    size_t body_len;
+    char body[BODY_KEPT];
+    uint64_t count;
+};
+static struct answer_kind answer_kinds[ANSWER_KINDS_MAX];
+static int answer_kinds_len;
+static uint64_t answers_unsorted; /* beyond ANSWER_KINDS_MAX kinds */
+
+/* the 2xx latencies since the last progress line */
+static uint32_t *interval_counts;
+static uint64_t interval_ok;
+static int64_t next_progress_ns;
 /* Exact latency histograms at 1 us resolution: a 2xx never takes longer than the timeout.
    A response is timed to when it arrived (the kernel's receive timestamp of its
    last bytes) and, apart, to when this process got round to reading it. */
@@ -313,8 +356,29 @@ static int64_t ns_to_us(int64_t ns)
     return (ns + NS_PER_US / 2) / NS_PER_US;
 }
 
+static void count_answer(int status, const char *body, size_t body_len)
+{
+    for (int i = 0; i < answer_kinds_len; i++) {
+        struct answer_kind *kind = &answer_kinds[i];
+        if (kind->status == status && kind->body_len == body_len && memcmp(kind->body, body, body_len) == 0) {
+            kind->count++;
+            return;
+        }
+    }
+    if (answer_kinds_len == ANSWER_KINDS_MAX) {
+        answers_unsorted++;
+        return;
+    }
+    struct answer_kind *kind = &answer_kinds[answer_kinds_len++];
+    kind->status = status;
+    kind->body_len = body_len;
+    memcpy(kind->body, body, body_len);
+    kind->count = 1;
+}
+
 /* arrival_ns: from the request's write to the response's arrival, or -1 when unknown */
-static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status, bool new_connection)
+static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status, bool new_connection,
+                   const struct response *response)
 {
     int64_t read_latency_us = ns_to_us(done_ns - start_ns);
     /* without a usable timestamp the read time stands in */
@@ -330,8 +394,13 @@ static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int st
         ok_2xx++;
         latency_counts[latency_us]++;
         read_latency_counts[read_latency_us]++;
+        if (interval_counts) {
+            interval_counts[latency_us]++;
+            interval_ok++;
+        }
     } else {
         other_status++;
+        count_answer(status, response->body, response->body_len);
     }
     if (CSV_BUFFER_SIZE - csv_len < CSV_ROW_MAX)
         csv_flush();
@@ -385,9 +454,16 @@ static void end_request(struct vu *v, int64_t done_ns, int status)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
     int64_t arrival_ns = v->arrived_ns >= 0 ? v->arrived_ns - v->sent_ns : -1;
-    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection);
+    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection, &v->response);
     if (status == 0 || v->response.close_after)
         close_connection(v);
+    if (opt.rate > 0) {
+        unschedule(v);
+        v->state = VU_WAITING;
+        idle[(idle_head + idle_len++) % opt.max_vus] = v;
+        busy_vus--;
+        return;
+    }
     int64_t next_ns = done_ns + think_ns;
     if (next_ns >= end_ns) {
         finish_vu(v);
@@ -454,6 +530,7 @@ static enum connect_result open_connection(struct vu *v)
 
 static void start_iteration(struct vu *v, int64_t now)
 {
+    started++;
     v->iteration_ns = now;
     v->response = (struct response){0};
     schedule(v, now + timeout_ns);
@@ -586,6 +663,7 @@ static void receive(struct vu *v)
         return;
     }
     size_t body_bytes = (size_t)n;
+    const char *body = into;
     if (!r->head_done) {
         size_t scan_from = r->head_len >= 3 ? r->head_len - 3 : 0;
         r->head_len += (size_t)n;
@@ -602,6 +680,7 @@ static void receive(struct vu *v)
         }
         r->head_done = true;
         body_bytes = r->head_len - head_end;
+        body = v->head + head_end;
     }
     if (r->body_left < 0)
         return;
@@ -609,6 +688,11 @@ static void receive(struct vu *v)
         /* bytes beyond the response would be taken for the next one */
         r->close_after = true;
         body_bytes = (size_t)r->body_left;
+    }
+    if (r->status < 200 || r->status >= 300) {
+        size_t kept = body_bytes < BODY_KEPT - r->body_len ? body_bytes : BODY_KEPT - r->body_len;
+        memcpy(r->body + r->body_len, body, kept);
+        r->body_len += kept;
     }
     r->body_left -= (int64_t)body_bytes;
     if (r->body_left == 0)
@@ -655,18 +739,75 @@ static void stop_starting_iterations(int64_t now)
             finish_vu(&vus[i]);
 }
 
-/* Runs until every VU is done; a second SIGINT/SIGTERM abandons the requests in flight. */
+/* Open loop: the iterations due by now start, late ones as soon as they can. */
+static void start_due_arrivals(void)
+{
+    for (;;) {
+        int64_t now = now_ns();
+        if (next_arrival_ns > now || next_arrival_ns >= end_ns)
+            return;
+        if (now - next_arrival_ns > max_start_lag_ns)
+            max_start_lag_ns = now - next_arrival_ns;
+        arrivals++;
+        next_arrival_ns = origin_ns + (int64_t)((double)arrivals * NS_PER_S / opt.rate);
+        struct vu *v = NULL;
+        if (idle_len > 0) {
+            v = idle[idle_head];
+            idle_head = (idle_head + 1) % opt.max_vus;
+            idle_len--;
+        } else if (vus_used < opt.max_vus) {
+            v = &vus[vus_used++];
+        }
+        if (!v) {
+            dropped++;
+            continue;
+        }
+        busy_vus++;
+        start_iteration(v, now);
+    }
+}
+
+static bool all_done(int64_t now)
+{
+    if (opt.rate > 0)
+        return now >= end_ns && busy_vus == 0;
+    return finished_vus == opt.max_vus;
+}
+
+/* The next moment something is due (a VU's timer, the next arrival or the end of an
+   open-loop run, a progress line), or -1. */
+static int64_t next_due_ns(int64_t now)
+{
+    int64_t due = heap_len > 0 ? heap[0]->due_ns : -1;
+    if (opt.rate > 0 && now < end_ns) {
+        int64_t arrival_or_end = next_arrival_ns < end_ns ? next_arrival_ns : end_ns;
+        if (due < 0 || arrival_or_end < due)
+            due = arrival_or_end;
+    }
+    if (opt.progress_ms > 0 && (due < 0 || next_progress_ns < due))
+        due = next_progress_ns;
+    return due;
+}
+
+static void print_progress(int64_t now);
+
+/* Runs until every VU is done (open loop: until the end and the last answer); a second
+   SIGINT/SIGTERM abandons the requests in flight. */
 static bool run(int signal_fd)
 {
     struct epoll_event events[MAX_EVENTS];
     int signals = 0;
-    while (finished_vus < opt.max_vus) {
+    for (;;) {
+        int64_t now = now_ns();
+        if (all_done(now))
+            return true;
         /* Nanosecond timeouts: rounding wake-ups to whole milliseconds would fire
            every VU due within the same millisecond together, bursts that k6's
            timers do not make and that would inflate the tail being measured. */
         struct timespec timeout, *wait_for = NULL;
-        if (heap_len > 0) {
-            int64_t wait_ns = heap[0]->due_ns - now_ns();
+        int64_t due_ns = next_due_ns(now);
+        if (due_ns >= 0) {
+            int64_t wait_ns = due_ns - now;
             if (wait_ns < 0)
                 wait_ns = 0;
             timeout.tv_sec = wait_ns / NS_PER_S;
@@ -693,13 +834,17 @@ static bool run(int signal_fd)
             stop_starting_iterations(now_ns());
         }
         while (heap_len > 0) {
-            int64_t now = now_ns();
+            now = now_ns();
             if (heap[0]->due_ns > now)
                 break;
             on_timer(heap[0], now);
         }
+        if (opt.rate > 0)
+            start_due_arrivals();
+        now = now_ns();
+        if (opt.progress_ms > 0 && now >= next_progress_ns)
+            print_progress(now);
     }
-    return true;
 }
 
 /* ---- set-up and report ---- */
@@ -708,7 +853,8 @@ static void usage(void)
 {
     fputs("usage: loadgen --target HOST:PORT --duration SECONDS --max-vus N --out FILE.csv\n"
           "               [--start-vus 1] [--timeout-ms 1500] [--think-ms 1000]\n"
-          "               [--amount 20.05] [--path /payments]\n",
+          "               [--rate PER_SECOND (open loop; --think-ms unused)] [--progress-ms MS]\n"
+          "               [--amount 20.05] [--path /payments] [--requested-at ISO]\n",
           stderr);
 }
 
@@ -748,6 +894,28 @@ static bool is_amount(const char *text)
     return fraction > 0 && text[integer + 1 + fraction] == '\0';
 }
 
+/* printable ASCII without quotes or backslashes: it goes into the JSON body verbatim */
+static bool is_plain_text(const char *text)
+{
+    if (strlen(text) == 0 || strlen(text) > 64)
+        return false;
+    for (; *text; text++)
+        if (*text < ' ' || *text > '~' || *text == '"' || *text == '\\')
+            return false;
+    return true;
+}
+
+static bool parse_rate(const char *text, double *out)
+{
+    char *end;
+    errno = 0;
+    double value = strtod(text, &end);
+    if (errno || end == text || *end || !isfinite(value) || value <= 0 || value > 1e7)
+        return false;
+    *out = value;
+    return true;
+}
+
 static bool is_path(const char *text)
 {
     if (text[0] != '/' || strlen(text) > 2048)
@@ -765,7 +933,9 @@ static bool parse_options(int argc, char **argv)
         {"max-vus", required_argument, NULL, 'm'},    {"start-vus", required_argument, NULL, 's'},
         {"timeout-ms", required_argument, NULL, 'T'}, {"think-ms", required_argument, NULL, 'k'},
         {"amount", required_argument, NULL, 'a'},     {"path", required_argument, NULL, 'p'},
-        {"out", required_argument, NULL, 'o'},        {NULL, 0, NULL, 0},
+        {"out", required_argument, NULL, 'o'},        {"rate", required_argument, NULL, 'r'},
+        {"progress-ms", required_argument, NULL, 'P'}, {"requested-at", required_argument, NULL, 'R'},
+        {NULL, 0, NULL, 0},
     };
     int option, index = 0;
     while ((option = getopt_long(argc, argv, "", options, &index)) != -1) {
@@ -780,6 +950,9 @@ static bool parse_options(int argc, char **argv)
         case 'a': valid = is_amount(optarg); opt.amount = optarg; break;
         case 'p': valid = is_path(optarg); opt.path = optarg; break;
         case 'o': opt.out = optarg; break;
+        case 'r': valid = parse_rate(optarg, &opt.rate); break;
+        case 'P': valid = parse_long(optarg, 1, 3600000, &opt.progress_ms); break;
+        case 'R': valid = is_plain_text(optarg); opt.requested_at = optarg; break;
         default: return false;
         }
         if (!valid) {
@@ -833,7 +1006,11 @@ static char *build_requests(void)
 {
     static const char body_start[] = "{\"correlationId\":\"";
     static const char placeholder[] = "00000000-0000-4000-8000-000000000000";
-    size_t body_len = strlen(body_start) + UUID_LEN + strlen("\",\"amount\":") + strlen(opt.amount) + 1;
+    char requested_at[96] = "";
+    if (opt.requested_at)
+        snprintf(requested_at, sizeof requested_at, ",\"requestedAt\":\"%s\"", opt.requested_at);
+    size_t body_len = strlen(body_start) + UUID_LEN + strlen("\",\"amount\":") + strlen(opt.amount) +
+                      strlen(requested_at) + 1;
     int head_len = snprintf(NULL, 0,
                             "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                             "Content-Length: %zu\r\n\r\n",
@@ -845,8 +1022,8 @@ static char *build_requests(void)
         return NULL;
     snprintf(all, request_len + 1,
              "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-             "Content-Length: %zu\r\n\r\n%s%s\",\"amount\":%s}",
-             opt.path, opt.target, body_len, body_start, placeholder, opt.amount);
+             "Content-Length: %zu\r\n\r\n%s%s\",\"amount\":%s%s}",
+             opt.path, opt.target, body_len, body_start, placeholder, opt.amount, requested_at);
     for (long i = 1; i < opt.max_vus; i++)
         memcpy(all + request_len * (size_t)i, all, request_len);
     return all;
@@ -915,8 +1092,18 @@ static void start_ramp(int64_t duration_ns)
         } else {
             v->state = VU_WAITING;
             schedule(v, origin_ns + offset_ns);
+            vus_used++;
         }
     }
+}
+
+/* The pre-allocated VUs wait, without connections, for the first iterations. */
+static void start_arrivals(void)
+{
+    for (long i = 0; i < opt.start_vus; i++)
+        idle[idle_len++] = &vus[i];
+    vus_used = opt.start_vus;
+    next_arrival_ns = origin_ns;
 }
 
 static double seconds(struct timeval tv)
@@ -924,8 +1111,8 @@ static double seconds(struct timeval tv)
     return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
 }
 
-/* Nearest-rank percentiles over the 2xx latencies, as "<prefix>p50_us" and so on. */
-static void print_percentiles(const char *prefix, const uint32_t *counts)
+/* Nearest-rank percentiles over total 2xx latencies, as "<prefix>p50_us" and so on. */
+static void print_percentiles(const char *prefix, const uint32_t *counts, uint64_t total)
 {
     static const char *const names[] = {"p50_us", "p90_us", "p99_us", "p999_us", "max_us"};
     static const uint64_t permille[] = {500, 900, 990, 999, 1000};
@@ -935,28 +1122,74 @@ static void print_percentiles(const char *prefix, const uint32_t *counts)
     int next = 0;
     for (int64_t us = 0; us < latency_slots && next < COUNT; us++) {
         seen += counts[us];
-        while (next < COUNT && ok_2xx > 0 && seen >= (ok_2xx * permille[next] + 999) / 1000)
+        while (next < COUNT && total > 0 && seen >= (total * permille[next] + 999) / 1000)
             values[next++] = us;
     }
     for (int k = 0; k < COUNT; k++) {
-        if (ok_2xx > 0)
+        if (total > 0)
             printf(",\"%s%s\":%" PRId64, prefix, names[k], values[k]);
         else
             printf(",\"%s%s\":null", prefix, names[k]);
     }
 }
 
+/* The answers other than 2xx, by status and body: ,"answers":[{"status":503,"body":"...","count":N}] */
+static void print_answers(void)
+{
+    printf(",\"answers\":[");
+    for (int i = 0; i < answer_kinds_len; i++) {
+        const struct answer_kind *kind = &answer_kinds[i];
+        printf("%s{\"status\":%d,\"body\":\"", i ? "," : "", kind->status);
+        for (size_t k = 0; k < kind->body_len; k++) {
+            unsigned char c = (unsigned char)kind->body[k];
+            if (c == '"' || c == '\\')
+                printf("\\%c", c);
+            else if (c < ' ' || c > '~')
+                printf("\\u%04x", c);
+            else
+                putchar(c);
+        }
+        printf("\",\"count\":%" PRIu64 "}", kind->count);
+    }
+    printf("],\"answers_unsorted\":%" PRIu64, answers_unsorted);
+}
+
+/* Counters common to progress lines and the summary. */
+static void print_counters(int64_t elapsed_ns)
+{
+    printf("\"started\":%" PRIu64 ",\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
+           ",\"other_status\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"vus\":%ld,\"max_start_lag_us\":%" PRId64
+           ",\"duration_s\":%.3f",
+           started, requests, ok_2xx, failed, other_status, dropped, vus_used, ns_to_us(max_start_lag_ns),
+           (double)elapsed_ns / NS_PER_S);
+    print_answers();
+}
+
+/* Running totals; the percentiles are of the 2xx answers since the last line. */
+static void print_progress(int64_t now)
+{
+    printf("{\"progress\":true,");
+    print_counters(now - origin_ns);
+    print_percentiles("", interval_counts, interval_ok);
+    printf("}\n");
+    fflush(stdout);
+    memset(interval_counts, 0, (size_t)latency_slots * sizeof *interval_counts);
+    interval_ok = 0;
+    next_progress_ns += opt.progress_ms * NS_PER_MS;
+    if (next_progress_ns <= now)
+        next_progress_ns = now + opt.progress_ms * NS_PER_MS;
+}
+
 static void print_summary(int64_t elapsed_ns)
 {
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
-    printf("{\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
-           ",\"other_status\":%" PRIu64 ",\"unstamped\":%" PRIu64 ",\"duration_s\":%.3f,"
-           "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
-           requests, ok_2xx, failed, other_status, unstamped, (double)elapsed_ns / NS_PER_S,
-           seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
-    print_percentiles("", latency_counts);
-    print_percentiles("read_", read_latency_counts);
+    printf("{");
+    print_counters(elapsed_ns);
+    printf(",\"unstamped\":%" PRIu64 ",\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
+           unstamped, seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
+    print_percentiles("", latency_counts, ok_2xx);
+    print_percentiles("read_", read_latency_counts, ok_2xx);
     printf("}\n");
     fflush(stdout);
 }
@@ -983,7 +1216,11 @@ int main(int argc, char **argv)
     latency_counts = calloc((size_t)latency_slots, sizeof *latency_counts);
     read_latency_counts = calloc((size_t)latency_slots, sizeof *read_latency_counts);
     csv = malloc(CSV_BUFFER_SIZE);
-    if (!request_texts || !vus || !heap || !latency_counts || !read_latency_counts || !csv) {
+    idle = calloc((size_t)opt.max_vus, sizeof *idle);
+    if (opt.progress_ms > 0)
+        interval_counts = calloc((size_t)latency_slots, sizeof *interval_counts);
+    if (!request_texts || !vus || !heap || !latency_counts || !read_latency_counts || !csv || !idle ||
+        (opt.progress_ms > 0 && !interval_counts)) {
         fputs("loadgen: out of memory\n", stderr);
         return 1;
     }
@@ -1010,7 +1247,11 @@ int main(int argc, char **argv)
     int64_t duration_ns = (int64_t)(opt.duration_s * NS_PER_S);
     origin_ns = now_ns();
     end_ns = origin_ns + duration_ns;
-    start_ramp(duration_ns);
+    next_progress_ns = origin_ns + opt.progress_ms * NS_PER_MS;
+    if (opt.rate > 0)
+        start_arrivals();
+    else
+        start_ramp(duration_ns);
     bool completed = run(signal_fd);
     int64_t elapsed_ns = now_ns() - origin_ns;
 

@@ -1,6 +1,7 @@
-"""The C load generator (perf/loadgen.c) against its calibration server
+"""The C load generator (perf/loadgen.c), closed loop (ramping VUs) and open
+loop (constant arrival rate), against its calibration server
 (perf/constant_server.c) and against small Python servers that refuse, stall,
-split their answers or close after each one."""
+answer slowly, split their answers or close after each one."""
 from __future__ import annotations
 
 import contextlib
@@ -284,6 +285,86 @@ def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_pat
     assert all(row.latency_us < 50_000 for row in run.rows)
     assert run.summary["unstamped"] == 0
 
+def test_arrivals_start_on_schedule_whatever_the_answers(binaries, tmp_path, constant_server):
+    rate, duration_s = 500, 2.0
+    run = run_loadgen(binaries, tmp_path, constant_server, "--rate", str(rate), "--duration", str(duration_s),
+                      "--start-vus", "10", "--max-vus", "50")
+    summary, rows = run.summary, run.rows
+    assert summary["requests"] == summary["started"] == summary["ok_2xx"] == len(rows) == rate * duration_s
+    assert summary["dropped"] == 0 and summary["vus"] == 10
+    # iteration i starts at i / rate s, give or take the generator's wake-up
+    starts = sorted(row.start_us for row in rows)
+    assert max(abs(start - i * 1e6 / rate) for i, start in enumerate(starts)) < 5_000 + summary["max_start_lag_us"]
+    assert summary["max_start_lag_us"] < 50_000
+    # the pre-allocated VUs take turns (first in, first out), each on its own connection
+    assert sum(row.new_connection for row in rows) == 10
+
+
+def test_the_pool_grows_while_every_vu_waits_for_an_answer(binaries, tmp_path):
+    received = []
+
+    def answer_after_100_ms(connection, stream) -> None:
+        while (request := read_request(stream)) is not None:
+            received.append(request)
+            time.sleep(0.1)
+            connection.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+
+    with python_server(answer_after_100_ms) as (port, accepted):
+        run = run_loadgen(binaries, tmp_path, port, "--rate", "100", "--duration", "1", "--start-vus", "2",
+                          "--max-vus", "40", "--requested-at", "2025-07-15T12:00:00.000Z")
+        connections = len(accepted)
+    assert run.summary["ok_2xx"] == len(run.rows) == 100 and run.summary["dropped"] == 0
+    # about rate x latency VUs are busy at once: the pool grew from 2 to that, no further
+    assert 8 <= run.summary["vus"] == connections <= 16
+    assert all(row.latency_us >= 100_000 for row in run.rows)
+    payload = json.loads(received[0][2])
+    assert set(payload) == {"correlationId", "amount", "requestedAt"}
+    assert payload["requestedAt"] == "2025-07-15T12:00:00.000Z"
+
+
+def test_iterations_without_a_free_vu_are_dropped(binaries, tmp_path):
+    def never_answer(connection, stream) -> None:
+        while stream.read1(4096):
+            pass
+
+    with python_server(never_answer) as (port, _):
+        run = run_loadgen(binaries, tmp_path, port, "--rate", "100", "--duration", "1", "--max-vus", "5",
+                          "--timeout-ms", "1200")
+    summary = run.summary
+    assert summary["started"] == summary["failed"] == len(run.rows) == 5
+    assert summary["dropped"] == 95 and summary["ok_2xx"] == 0
+    assert all(1_200_000 <= row.latency_us < 1_500_000 for row in run.rows)
+
+
+def test_refusals_are_counted_by_body_and_progress_is_reported(binaries, tmp_path):
+    answers = [b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+               b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 22\r\n\r\n{"error":"queue full"}',
+               b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 20\r\n\r\n{"error":"shutdown"}']
+    served = []
+
+    def refuse_some(connection, stream) -> None:
+        while read_request(stream) is not None:
+            served.append(None)
+            connection.sendall(answers[0] if len(served) % 2 else answers[1 + len(served) % 4 // 2])
+
+    out = tmp_path / "results.csv"
+    with python_server(refuse_some) as (port, _):
+        completed = subprocess.run(
+            [str(binaries["loadgen"]), "--target", f"127.0.0.1:{port}", "--rate", "200", "--duration", "1",
+             "--max-vus", "1", "--progress-ms", "250", "--out", str(out)],
+            capture_output=True, text=True, timeout=20)
+    assert completed.returncode == 0, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    progress, summary = lines[:-1], lines[-1]
+    assert 3 <= len(progress) <= 5 and all(line["progress"] for line in progress)
+    assert [line["requests"] for line in progress] == sorted(line["requests"] for line in progress)
+    assert summary["requests"] == 200 and summary["ok_2xx"] == 100 and summary["other_status"] == 100
+    assert sorted((kind["body"], kind["count"]) for kind in summary["answers"]) == [
+        ('{"error":"queue full"}', 50), ('{"error":"shutdown"}', 50)]
+    assert {kind["status"] for kind in summary["answers"]} == {503}
+    assert progress[-1]["answers"] and progress[0]["p99_us"] is not None
+
+
 VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out", "x.csv"]
 
 
@@ -298,6 +379,10 @@ VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out"
     VALID + ["--amount", "1e3"],
     VALID + ["--path", "payments"],
     VALID + ["--bogus", "1"],
+    VALID + ["--rate", "0"],
+    VALID + ["--rate", "fast"],
+    VALID + ["--progress-ms", "0"],
+    VALID + ["--requested-at", 'a"b'],
 ])
 def test_bad_arguments_exit_2(binaries, tmp_path, args):
     completed = subprocess.run([str(binaries["loadgen"]), *args], capture_output=True, text=True,
