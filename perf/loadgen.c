@@ -13,7 +13,9 @@
  *
  * Every request carries a fresh correlationId. Answers other than 2xx are
  * also counted by status and body (a 503 says why in its body).
- * --progress-ms prints running totals as JSON lines while it runs.
+ * --progress-ms prints running totals as JSON lines while it runs. With
+ * --warmup the open loop runs that long first, unrecorded (but for a count
+ * of its 2xx answers): connections are open and paths warm when it counts.
  *
  * Single-threaded, epoll, non-blocking sockets, no allocation after start-up:
  * the generator's own latency floor has to stay far below what it measures.
@@ -43,7 +45,9 @@
 #include <unistd.h>
 
 #include "http_head.h"
+#include "parse_number.h"
 #include "stop_signals.h"
+#include "timer_heap.h"
 
 #define NS_PER_US 1000LL
 #define NS_PER_MS 1000000LL
@@ -75,8 +79,7 @@ struct vu {
     int fd;
     enum vu_state state;
     uint32_t watching;    /* the epoll interest of fd */
-    int heap_index;       /* -1 when no timer is pending */
-    int64_t due_ns;       /* next iteration start, or the deadline of the one in flight */
+    struct timer timer;   /* next iteration start, or the deadline of the one in flight */
     int64_t iteration_ns; /* iteration start, before any connect */
     bool new_connection;  /* this iteration opened the connection it uses */
     int64_t sent_ns;      /* immediately before the request's first write() */
@@ -100,6 +103,7 @@ struct options {
     const char *path;
     const char *out;
     double rate;          /* iterations per second; 0: ramping VUs */
+    double warmup_s;      /* open loop: unrecorded seconds before the duration */
     long progress_ms;     /* 0: no progress lines */
     const char *requested_at;
 };
@@ -109,8 +113,7 @@ static struct options opt = {
 };
 
 static struct vu *vus;
-static struct vu **heap;
-static int heap_len;
+static struct timer_heap timers;
 static long finished_vus;
 static int epoll_fd;
 
@@ -119,7 +122,9 @@ static socklen_t target_addrlen;
 static size_t request_len;
 static size_t uuid_offset;
 
-static int64_t origin_ns;
+static int64_t origin_ns; /* where the recorded run starts, after any warm-up */
+static int64_t first_arrival_ns;
+static uint64_t warmup_ok_2xx;
 static int64_t end_ns;
 static int64_t timeout_ns;
 static int64_t think_ns;
@@ -265,68 +270,23 @@ static void write_uuid(char *out)
     put_hex(out + 24, low & UINT64_C(0xffffffffffff), 12);
 }
 
-/* ---- timers: a binary min-heap of VUs keyed by due_ns ---- */
-
-static void heap_place(int index, struct vu *v)
-{
-    heap[index] = v;
-    v->heap_index = index;
-}
-
-static void heap_sift_up(int index)
-{
-    struct vu *v = heap[index];
-    while (index > 0) {
-        int parent = (index - 1) / 2;
-        if (heap[parent]->due_ns <= v->due_ns)
-            break;
-        heap_place(index, heap[parent]);
-        index = parent;
-    }
-    heap_place(index, v);
-}
-
-static void heap_sift_down(int index)
-{
-    struct vu *v = heap[index];
-    for (;;) {
-        int child = 2 * index + 1;
-        if (child >= heap_len)
-            break;
-        if (child + 1 < heap_len && heap[child + 1]->due_ns < heap[child]->due_ns)
-            child++;
-        if (heap[child]->due_ns >= v->due_ns)
-            break;
-        heap_place(index, heap[child]);
-        index = child;
-    }
-    heap_place(index, v);
-}
+/* ---- timers ---- */
 
 static void schedule(struct vu *v, int64_t due_ns)
 {
-    v->due_ns = due_ns;
-    if (v->heap_index < 0) {
-        heap_place(heap_len++, v);
-        heap_sift_up(v->heap_index);
-    } else {
-        heap_sift_up(v->heap_index);
-        heap_sift_down(v->heap_index);
-    }
+    timer_schedule(&timers, &v->timer, due_ns);
 }
 
 static void unschedule(struct vu *v)
 {
-    int index = v->heap_index;
-    if (index < 0)
-        return;
-    v->heap_index = -1;
-    struct vu *last = heap[--heap_len];
-    if (index < heap_len) {
-        heap_place(index, last);
-        heap_sift_up(index);
-        heap_sift_down(last->heap_index);
-    }
+    timer_cancel(&timers, &v->timer);
+}
+
+/* The VU whose timer is due first, or NULL. */
+static struct vu *first_due(void)
+{
+    struct timer *first = timer_first(&timers);
+    return first ? container_of(first, struct vu, timer) : NULL;
 }
 
 /* ---- results ---- */
@@ -450,11 +410,14 @@ static void watch(struct vu *v, uint32_t events)
 static void end_request(struct vu *v, int64_t done_ns, int status)
 {
     /* in flight, due_ns is the deadline: an answer completed after it is a timeout */
-    if (done_ns > v->due_ns)
+    if (done_ns > v->timer.due_ns)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
     int64_t arrival_ns = v->arrived_ns >= 0 ? v->arrived_ns - v->sent_ns : -1;
-    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection, &v->response);
+    if (v->iteration_ns >= origin_ns)
+        record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection, &v->response);
+    else
+        warmup_ok_2xx += status >= 200 && status < 300;
     if (status == 0 || v->response.close_after)
         close_connection(v);
     if (opt.rate > 0) {
@@ -530,7 +493,7 @@ static enum connect_result open_connection(struct vu *v)
 
 static void start_iteration(struct vu *v, int64_t now)
 {
-    started++;
+    started += now >= origin_ns;
     v->iteration_ns = now;
     v->response = (struct response){0};
     schedule(v, now + timeout_ns);
@@ -561,24 +524,6 @@ static void on_connect_ready(struct vu *v)
 }
 
 /* ---- response parsing ---- */
-
-static bool has_close_token(const char *value, const char *end)
-{
-    while (value < end) {
-        const char *comma = memchr(value, ',', (size_t)(end - value));
-        const char *token_end = comma ? comma : end;
-        const char *token = value;
-        while (token < token_end && http_is_blank(*token))
-            token++;
-        const char *last = token_end;
-        while (last > token && http_is_blank(last[-1]))
-            last--;
-        if (last - token == 5 && strncasecmp(token, "close", 5) == 0)
-            return true;
-        value = token_end + 1;
-    }
-    return false;
-}
 
 /* The status line and the headers that frame the body; head ends with the blank line. */
 static bool parse_head(struct response *r, const char *head, size_t len)
@@ -611,7 +556,7 @@ static bool parse_head(struct response *r, const char *head, size_t len)
             /* chunked framing is unsupported: the services measured always send Content-Length */
             return false;
         } else if (http_header_is(&header, "connection") &&
-                   has_close_token(header.value, header.value_end)) {
+                   http_has_token(header.value, header.value_end, "close")) {
             r->close_after = true;
         }
     }
@@ -749,7 +694,7 @@ static void start_due_arrivals(void)
         if (now - next_arrival_ns > max_start_lag_ns)
             max_start_lag_ns = now - next_arrival_ns;
         arrivals++;
-        next_arrival_ns = origin_ns + (int64_t)((double)arrivals * NS_PER_S / opt.rate);
+        next_arrival_ns = first_arrival_ns + (int64_t)((double)arrivals * NS_PER_S / opt.rate);
         struct vu *v = NULL;
         if (idle_len > 0) {
             v = idle[idle_head];
@@ -759,7 +704,7 @@ static void start_due_arrivals(void)
             v = &vus[vus_used++];
         }
         if (!v) {
-            dropped++;
+            dropped += now >= origin_ns;
             continue;
         }
         busy_vus++;
@@ -778,7 +723,7 @@ static bool all_done(int64_t now)
    open-loop run, a progress line), or -1. */
 static int64_t next_due_ns(int64_t now)
 {
-    int64_t due = heap_len > 0 ? heap[0]->due_ns : -1;
+    int64_t due = first_due() ? first_due()->timer.due_ns : -1;
     if (opt.rate > 0 && now < end_ns) {
         int64_t arrival_or_end = next_arrival_ns < end_ns ? next_arrival_ns : end_ns;
         if (due < 0 || arrival_or_end < due)
@@ -801,20 +746,10 @@ static bool run(int signal_fd)
         int64_t now = now_ns();
         if (all_done(now))
             return true;
-        /* Nanosecond timeouts: rounding wake-ups to whole milliseconds would fire
-           every VU due within the same millisecond together, bursts that k6's
-           timers do not make and that would inflate the tail being measured. */
-        struct timespec timeout, *wait_for = NULL;
-        int64_t due_ns = next_due_ns(now);
-        if (due_ns >= 0) {
-            int64_t wait_ns = due_ns - now;
-            if (wait_ns < 0)
-                wait_ns = 0;
-            timeout.tv_sec = wait_ns / NS_PER_S;
-            timeout.tv_nsec = wait_ns % NS_PER_S;
-            wait_for = &timeout;
-        }
-        int n = epoll_pwait2(epoll_fd, events, MAX_EVENTS, wait_for, NULL);
+        /* VUs due within the same millisecond start apart, as k6's timers start them:
+           bursts would inflate the tail being measured */
+        struct timespec timeout;
+        int n = epoll_pwait2(epoll_fd, events, MAX_EVENTS, timer_wait(next_due_ns(now), now, &timeout), NULL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -833,12 +768,9 @@ static bool run(int signal_fd)
                 return true;
             stop_starting_iterations(now_ns());
         }
-        while (heap_len > 0) {
-            now = now_ns();
-            if (heap[0]->due_ns > now)
-                break;
-            on_timer(heap[0], now);
-        }
+        struct vu *due;
+        while ((due = first_due()) && due->timer.due_ns <= (now = now_ns()))
+            on_timer(due, now);
         if (opt.rate > 0)
             start_due_arrivals();
         now = now_ns();
@@ -853,31 +785,16 @@ static void usage(void)
 {
     fputs("usage: loadgen --target HOST:PORT --duration SECONDS --max-vus N --out FILE.csv\n"
           "               [--start-vus 1] [--timeout-ms 1500] [--think-ms 1000]\n"
-          "               [--rate PER_SECOND (open loop; --think-ms unused)] [--progress-ms MS]\n"
+          "               [--rate PER_SECOND (open loop; --think-ms unused) [--warmup SECONDS]]\n"
+          "               [--progress-ms MS]\n"
           "               [--amount 20.05] [--path /payments] [--requested-at ISO]\n",
           stderr);
 }
 
-static bool parse_long(const char *text, long min, long max, long *out)
+/* A positive number of seconds or iterations per second, at most max. */
+static bool parse_positive(const char *text, double max, double *out)
 {
-    char *end;
-    errno = 0;
-    long value = strtol(text, &end, 10);
-    if (errno || end == text || *end || value < min || value > max)
-        return false;
-    *out = value;
-    return true;
-}
-
-static bool parse_seconds(const char *text, double *out)
-{
-    char *end;
-    errno = 0;
-    double value = strtod(text, &end);
-    if (errno || end == text || *end || !isfinite(value) || value <= 0 || value > 1e6)
-        return false;
-    *out = value;
-    return true;
+    return parse_double(text, 0, max, out) && *out > 0;
 }
 
 /* digits, optionally a point and more digits: it goes into the JSON body verbatim */
@@ -905,17 +822,6 @@ static bool is_plain_text(const char *text)
     return true;
 }
 
-static bool parse_rate(const char *text, double *out)
-{
-    char *end;
-    errno = 0;
-    double value = strtod(text, &end);
-    if (errno || end == text || *end || !isfinite(value) || value <= 0 || value > 1e7)
-        return false;
-    *out = value;
-    return true;
-}
-
 static bool is_path(const char *text)
 {
     if (text[0] != '/' || strlen(text) > 2048)
@@ -935,6 +841,7 @@ static bool parse_options(int argc, char **argv)
         {"amount", required_argument, NULL, 'a'},     {"path", required_argument, NULL, 'p'},
         {"out", required_argument, NULL, 'o'},        {"rate", required_argument, NULL, 'r'},
         {"progress-ms", required_argument, NULL, 'P'}, {"requested-at", required_argument, NULL, 'R'},
+        {"warmup", required_argument, NULL, 'w'},
         {NULL, 0, NULL, 0},
     };
     int option, index = 0;
@@ -942,7 +849,7 @@ static bool parse_options(int argc, char **argv)
         bool valid = true;
         switch (option) {
         case 't': opt.target = optarg; break;
-        case 'd': valid = parse_seconds(optarg, &opt.duration_s); break;
+        case 'd': valid = parse_positive(optarg, 1e6, &opt.duration_s); break;
         case 'm': valid = parse_long(optarg, 1, 65535, &opt.max_vus); break;
         case 's': valid = parse_long(optarg, 0, 65535, &opt.start_vus); break;
         case 'T': valid = parse_long(optarg, 1, 60000, &opt.timeout_ms); break;
@@ -950,7 +857,8 @@ static bool parse_options(int argc, char **argv)
         case 'a': valid = is_amount(optarg); opt.amount = optarg; break;
         case 'p': valid = is_path(optarg); opt.path = optarg; break;
         case 'o': opt.out = optarg; break;
-        case 'r': valid = parse_rate(optarg, &opt.rate); break;
+        case 'r': valid = parse_positive(optarg, 1e7, &opt.rate); break;
+        case 'w': valid = parse_positive(optarg, 1e6, &opt.warmup_s); break;
         case 'P': valid = parse_long(optarg, 1, 3600000, &opt.progress_ms); break;
         case 'R': valid = is_plain_text(optarg); opt.requested_at = optarg; break;
         default: return false;
@@ -962,6 +870,10 @@ static bool parse_options(int argc, char **argv)
     }
     if (optind < argc || !opt.target || !opt.out || opt.duration_s == 0 || opt.max_vus == 0) {
         fputs("loadgen: --target, --duration, --max-vus and --out are required\n", stderr);
+        return false;
+    }
+    if (opt.warmup_s > 0 && opt.rate == 0) {
+        fputs("loadgen: --warmup needs --rate\n", stderr);
         return false;
     }
     if (opt.start_vus > opt.max_vus) {
@@ -1103,7 +1015,7 @@ static void start_arrivals(void)
     for (long i = 0; i < opt.start_vus; i++)
         idle[idle_len++] = &vus[i];
     vus_used = opt.start_vus;
-    next_arrival_ns = origin_ns;
+    next_arrival_ns = first_arrival_ns;
 }
 
 static double seconds(struct timeval tv)
@@ -1159,9 +1071,9 @@ static void print_counters(int64_t elapsed_ns)
 {
     printf("\"started\":%" PRIu64 ",\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
            ",\"other_status\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"vus\":%ld,\"max_start_lag_us\":%" PRId64
-           ",\"duration_s\":%.3f",
+           ",\"duration_s\":%.3f,\"warmup_ok_2xx\":%" PRIu64,
            started, requests, ok_2xx, failed, other_status, dropped, vus_used, ns_to_us(max_start_lag_ns),
-           (double)elapsed_ns / NS_PER_S);
+           (double)elapsed_ns / NS_PER_S, warmup_ok_2xx);
     print_answers();
 }
 
@@ -1180,11 +1092,13 @@ static void print_progress(int64_t now)
         next_progress_ns = now + opt.progress_ms * NS_PER_MS;
 }
 
-static void print_summary(int64_t elapsed_ns)
+/* origin_unix_ms: the start of the recorded run on the realtime clock, for asking the
+   processors what they recorded since */
+static void print_summary(int64_t elapsed_ns, int64_t origin_unix_ms)
 {
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
-    printf("{");
+    printf("{\"origin_unix_ms\":%" PRId64 ",", origin_unix_ms);
     print_counters(elapsed_ns);
     printf(",\"unstamped\":%" PRIu64 ",\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
            unstamped, seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
@@ -1212,21 +1126,21 @@ int main(int argc, char **argv)
     latency_slots = opt.timeout_ms * 1000 + 1;
     char *request_texts = build_requests();
     vus = calloc((size_t)opt.max_vus, sizeof *vus);
-    heap = calloc((size_t)opt.max_vus, sizeof *heap);
+    timer_heap_reserve(&timers, (int)opt.max_vus);
     latency_counts = calloc((size_t)latency_slots, sizeof *latency_counts);
     read_latency_counts = calloc((size_t)latency_slots, sizeof *read_latency_counts);
     csv = malloc(CSV_BUFFER_SIZE);
     idle = calloc((size_t)opt.max_vus, sizeof *idle);
     if (opt.progress_ms > 0)
         interval_counts = calloc((size_t)latency_slots, sizeof *interval_counts);
-    if (!request_texts || !vus || !heap || !latency_counts || !read_latency_counts || !csv || !idle ||
+    if (!request_texts || !vus || !latency_counts || !read_latency_counts || !csv || !idle ||
         (opt.progress_ms > 0 && !interval_counts)) {
         fputs("loadgen: out of memory\n", stderr);
         return 1;
     }
     for (long i = 0; i < opt.max_vus; i++) {
         vus[i].fd = -1;
-        vus[i].heap_index = -1;
+        vus[i].timer.heap_index = -1;
         vus[i].request = request_texts + request_len * (size_t)i;
     }
 
@@ -1245,7 +1159,9 @@ int main(int argc, char **argv)
     memcpy(csv, header, sizeof header - 1);
     csv_len = sizeof header - 1;
     int64_t duration_ns = (int64_t)(opt.duration_s * NS_PER_S);
-    origin_ns = now_ns();
+    first_arrival_ns = now_ns();
+    origin_ns = first_arrival_ns + (int64_t)(opt.warmup_s * NS_PER_S);
+    int64_t origin_unix_ms = (real_now_ns() + (origin_ns - now_ns())) / NS_PER_MS;
     end_ns = origin_ns + duration_ns;
     next_progress_ns = origin_ns + opt.progress_ms * NS_PER_MS;
     if (opt.rate > 0)
@@ -1260,7 +1176,7 @@ int main(int argc, char **argv)
         close(timestamps_fd);
     if (fclose(csv_file) != 0)
         csv_error = true;
-    print_summary(elapsed_ns);
+    print_summary(elapsed_ns, origin_unix_ms);
     if (csv_error) {
         fprintf(stderr, "loadgen: writing %s failed\n", opt.out);
         return 1;

@@ -25,15 +25,10 @@
  * Build: gcc -O2 -Wall -Wextra -o build/processor perf/processor.c
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <math.h>
 #include <stdarg.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,17 +36,18 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "http_head.h"
+#include "parse_number.h"
 #include "stop_signals.h"
+#include "tcp_server.h"
+#include "timer_heap.h"
 
 #define NS_PER_MS 1000000LL
 #define NS_PER_S 1000000000LL
 #define US_PER_S 1000000LL
-#define MAX_EVENTS 256
 #define HEAD_MAX (64 * 1024)
 #define BODY_MAX (1024 * 1024)
 #define IN_INITIAL 4096
@@ -163,30 +159,33 @@ static void text_cents(struct text *t, money cents)
     text_printf(t, ".%02u", fraction);
 }
 
-/* A JSON string's contents as orjson writes them. */
-static void text_json_escaped(struct text *t, const char *s, size_t len)
+enum escaping { JSON_STRING_CONTENTS, PYTHON_REPR_CONTENTS };
+
+/* Text inside the quotes of a JSON string as orjson writes it, or of a Python repr()
+   quoted with quote. */
+static void text_escaped(struct text *t, const char *s, size_t len, enum escaping how, char quote)
 {
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\') {
+        const char *named = c == '\n' ? "\\n" : c == '\r' ? "\\r" : c == '\t' ? "\\t"
+                            : how == JSON_STRING_CONTENTS && c == '\b' ? "\\b"
+                            : how == JSON_STRING_CONTENTS && c == '\f' ? "\\f" : NULL;
+        if (c == '\\' || c == (unsigned char)quote) {
             char escaped[2] = {'\\', (char)c};
             text_add(t, escaped, 2);
-        } else if (c == '\n') {
-            text_str(t, "\\n");
-        } else if (c == '\r') {
-            text_str(t, "\\r");
-        } else if (c == '\t') {
-            text_str(t, "\\t");
-        } else if (c == '\b') {
-            text_str(t, "\\b");
-        } else if (c == '\f') {
-            text_str(t, "\\f");
-        } else if (c < 0x20) {
-            text_printf(t, "\\u%04x", c);
+        } else if (named) {
+            text_str(t, named);
+        } else if (c < 0x20 || (how == PYTHON_REPR_CONTENTS && c == 0x7f)) {
+            text_printf(t, how == JSON_STRING_CONTENTS ? "\\u%04x" : "\\x%02x", c);
         } else {
             text_add(t, &s[i], 1);
         }
     }
+}
+
+static void text_json_escaped(struct text *t, const char *s, size_t len)
+{
+    text_escaped(t, s, len, JSON_STRING_CONTENTS, '"');
 }
 
 /* Python's repr() of a str, for the messages that quote what was sent. */
@@ -194,23 +193,7 @@ static void text_repr(struct text *t, const char *s, size_t len)
 {
     char quote = memchr(s, '\'', len) && !memchr(s, '"', len) ? '"' : '\'';
     text_add(t, &quote, 1);
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c == '\\' || c == (unsigned char)quote) {
-            char escaped[2] = {'\\', (char)c};
-            text_add(t, escaped, 2);
-        } else if (c == '\n') {
-            text_str(t, "\\n");
-        } else if (c == '\r') {
-            text_str(t, "\\r");
-        } else if (c == '\t') {
-            text_str(t, "\\t");
-        } else if (c < 0x20 || c == 0x7f) {
-            text_printf(t, "\\x%02x", c);
-        } else {
-            text_add(t, &s[i], 1);
-        }
-    }
+    text_escaped(t, s, len, PYTHON_REPR_CONTENTS, quote);
     text_add(t, &quote, 1);
 }
 
@@ -1175,16 +1158,13 @@ struct parsed_payment {
 struct pending_payment {
     struct conn *conn;
     struct parsed_payment payment;
-    int heap_index;
-    int64_t due_ns;
+    struct timer timer; /* while it holds an in-flight slot: when it is done */
     struct pending_payment *next_queued;
 };
 
 static int epoll_fd;
-static char listener_tag, signal_tag;
 
-static struct pending_payment **timers;
-static int timers_len, timers_capacity;
+static struct timer_heap processing;
 static long inflight;
 static struct pending_payment *queued_head, *queued_tail;
 static long queued;
@@ -1194,50 +1174,6 @@ static int health_line_len;
 static bool health_started;
 static int64_t health_origin_ns, health_last_window = -1;
 static int64_t health_timer_ns, health_timer_window; /* 0: no timer */
-
-static void timer_place(int index, struct pending_payment *p)
-{
-    timers[index] = p;
-    p->heap_index = index;
-}
-
-static void timer_push(struct pending_payment *p)
-{
-    if (timers_len == timers_capacity) {
-        timers_capacity = timers_capacity ? timers_capacity * 2 : 64;
-        timers = must_realloc(timers, (size_t)timers_capacity * sizeof *timers);
-    }
-    int index = timers_len++;
-    while (index > 0) {
-        int parent = (index - 1) / 2;
-        if (timers[parent]->due_ns <= p->due_ns)
-            break;
-        timer_place(index, timers[parent]);
-        index = parent;
-    }
-    timer_place(index, p);
-}
-
-static struct pending_payment *timer_pop(void)
-{
-    struct pending_payment *top = timers[0];
-    struct pending_payment *last = timers[--timers_len];
-    int index = 0;
-    for (;;) {
-        int child = 2 * index + 1;
-        if (child >= timers_len)
-            break;
-        if (child + 1 < timers_len && timers[child + 1]->due_ns < timers[child]->due_ns)
-            child++;
-        if (timers[child]->due_ns >= last->due_ns)
-            break;
-        timer_place(index, timers[child]);
-        index = child;
-    }
-    if (timers_len > 0)
-        timer_place(index, last);
-    return top;
-}
 
 static void serve(struct conn *c);
 static void after_io(struct conn *c);
@@ -1312,8 +1248,7 @@ static void settle(const struct parsed_payment *p, struct answer *a)
 
 static void start_processing(struct pending_payment *p)
 {
-    p->due_ns = now_ns() + config.delay_ms * NS_PER_MS;
-    timer_push(p);
+    timer_schedule(&processing, &p->timer, now_ns() + config.delay_ms * NS_PER_MS);
 }
 
 /* The slot goes to the first payment in line, or back to the pool. */
@@ -1412,7 +1347,7 @@ static bool post_payment(struct conn *c, const struct request *r, struct answer 
     }
     p->conn = c;
     p->payment = payment;
-    p->heap_index = -1;
+    p->timer.heap_index = -1;
     c->awaited = p;
     if (slot_free) {
         inflight++;
@@ -1735,25 +1670,6 @@ static bool dispatch(struct conn *c, const struct request *r, struct answer *a)
 
 enum parse_result { PARSE_INCOMPLETE, PARSE_DONE, PARSE_MALFORMED, PARSE_TOO_LARGE };
 
-static bool has_token(const char *value, const char *end, const char *token)
-{
-    size_t len = strlen(token);
-    while (value < end) {
-        const char *comma = memchr(value, ',', (size_t)(end - value));
-        const char *item_end = comma ? comma : end;
-        const char *item = value;
-        while (item < item_end && http_is_blank(*item))
-            item++;
-        const char *last = item_end;
-        while (last > item && http_is_blank(last[-1]))
-            last--;
-        if ((size_t)(last - item) == len && strncasecmp(item, token, len) == 0)
-            return true;
-        value = item_end + 1;
-    }
-    return false;
-}
-
 /* The request at the start of data; *consumed is its length in bytes (head only, for a
    body too large to keep). */
 static enum parse_result parse_request(const char *data, size_t len, struct request *r, size_t *consumed,
@@ -1805,8 +1721,8 @@ static enum parse_result parse_request(const char *data, size_t len, struct requ
         } else if (http_header_is(&header, "transfer-encoding")) {
             return PARSE_MALFORMED;
         } else if (http_header_is(&header, "connection")) {
-            close_asked |= has_token(header.value, header.value_end, "close");
-            keep_alive_asked |= has_token(header.value, header.value_end, "keep-alive");
+            close_asked |= http_has_token(header.value, header.value_end, "close");
+            keep_alive_asked |= http_has_token(header.value, header.value_end, "keep-alive");
         } else if (http_header_is(&header, "x-rinha-token")) {
             r->token = header.value;
             r->token_len = (size_t)(header.value_end - header.value);
@@ -1885,17 +1801,10 @@ static void serve(struct conn *c)
 
 static bool flush(struct conn *c)
 {
-    while (c->out_sent < c->out.len) {
-        ssize_t n = write(c->fd, c->out.data + c->out_sent, c->out.len - c->out_sent);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EAGAIN;
-        }
-        c->out_sent += (size_t)n;
-    }
-    c->out.len = 0;
-    c->out_sent = 0;
+    if (!tcp_write_pending(c->fd, c->out.data, c->out.len, &c->out_sent))
+        return false;
+    if (c->out_sent == c->out.len)
+        c->out.len = c->out_sent = 0;
     return true;
 }
 
@@ -1921,8 +1830,9 @@ static void after_io(struct conn *c)
     }
 }
 
-static void on_connection(struct conn *c, uint32_t events)
+static void on_connection(void *data, uint32_t events)
 {
+    struct conn *c = data;
     if (events & (EPOLLERR | EPOLLHUP) || ((events & EPOLLRDHUP) && (c->awaited || c->in_health_line))) {
         close_conn(c);
         return;
@@ -1945,90 +1855,33 @@ static void on_connection(struct conn *c, uint32_t events)
     after_io(c);
 }
 
-static void accept_all(int listener)
+static void accepted(int fd)
 {
-    for (;;) {
-        int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
-            return;
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        struct conn *c = calloc(1, sizeof *c);
-        if (!c) {
-            close(fd);
-            continue;
-        }
-        c->fd = fd;
-        c->watching = EPOLLIN | EPOLLRDHUP;
-        struct epoll_event ev = {.events = c->watching, .data.ptr = c};
-        if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
-            close_conn(c);
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        close(fd);
+        return;
     }
+    c->fd = fd;
+    c->watching = EPOLLIN | EPOLLRDHUP;
+    struct epoll_event ev = {.events = c->watching, .data.ptr = c};
+    if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        close_conn(c);
 }
 
 /* ---- set-up ---- */
 
-static int open_listener(void)
-{
-    char port[16];
-    snprintf(port, sizeof port, "%ld", config.port);
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *found;
-    int rc = getaddrinfo(config.host, port, &hints, &found);
-    if (rc != 0) {
-        fprintf(stderr, "processor: cannot resolve %s: %s\n", config.host, gai_strerror(rc));
-        return -1;
-    }
-    int fd = socket(found->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-        bind(fd, found->ai_addr, found->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
-        perror("processor: listen");
-        freeaddrinfo(found);
-        return -1;
-    }
-    freeaddrinfo(found);
-    return fd;
-}
-
 /* The reference's start-up line: whoever starts the emulator reads the port from it. */
 static void announce(int listener)
 {
-    struct sockaddr_storage bound;
-    socklen_t bound_len = sizeof bound;
-    char shown[INET6_ADDRSTRLEN];
-    getsockname(listener, (struct sockaddr *)&bound, &bound_len);
-    int port;
-    const char *open = "", *close_bracket = "";
-    if (bound.ss_family == AF_INET6) {
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&bound;
-        inet_ntop(AF_INET6, &in6->sin6_addr, shown, sizeof shown);
-        port = ntohs(in6->sin6_port);
-        open = "[";
-        close_bracket = "]";
-    } else {
-        struct sockaddr_in *in4 = (struct sockaddr_in *)&bound;
-        inet_ntop(AF_INET, &in4->sin_addr, shown, sizeof shown);
-        port = ntohs(in4->sin_port);
-    }
+    char shown[64];
+    int port = tcp_bound_address(listener, shown, sizeof shown);
     fprintf(stderr,
-            "paycore emulator listening on http://%s%s%s:%d (fee %s, token %s, delay %" PRId64
+            "paycore emulator listening on http://%s:%d (fee %s, token %s, delay %" PRId64
             " ms, failure %s, health interval %g s)\n",
-            open, shown, close_bracket, port, config.fee_text, config.token, config.delay_ms,
-            config.failing ? "on" : "off", config.health_interval_s);
+            shown, port, config.fee_text, config.token, config.delay_ms, config.failing ? "on" : "off",
+            config.health_interval_s);
     fflush(stderr);
-}
-
-static bool parse_long(const char *text, long min, long max, long *out)
-{
-    char *end;
-    errno = 0;
-    long value = strtol(text, &end, 10);
-    if (errno || end == text || *end || value < min || value > max)
-        return false;
-    *out = value;
-    return true;
 }
 
 /* A fee such as 0.07: digits, optionally a point and up to 9 more. */
@@ -2068,7 +1921,6 @@ static bool parse_options(int argc, char **argv)
     while ((option = getopt_long(argc, argv, "", options, &index)) != -1) {
         bool valid = true;
         long value;
-        char *end;
         switch (option) {
         case 'h': config.host = optarg; break;
         case 'p': valid = parse_long(optarg, 0, 65535, &config.port); break;
@@ -2076,11 +1928,7 @@ static bool parse_options(int argc, char **argv)
         case 't': token = optarg; break;
         case 'd': valid = parse_long(optarg, 0, INT32_MAX, &value); config.delay_ms = value; break;
         case 'F': config.failing = true; break;
-        case 'H':
-            config.health_interval_s = strtod(optarg, &end);
-            valid = end != optarg && !*end && isfinite(config.health_interval_s) && config.health_interval_s >= 0 &&
-                    config.health_interval_s < 1e6;
-            break;
+        case 'H': valid = parse_double(optarg, 0, 1e6, &config.health_interval_s); break;
         case 'i': valid = parse_long(optarg, 1, 1000000, &config.max_inflight); break;
         case 'q': valid = parse_long(optarg, 0, 1000000, &config.max_queued); break;
         case 'e': valid = parse_long(optarg, 1, 1000000000, &config.expected_payments); break;
@@ -2115,48 +1963,31 @@ int main(int argc, char **argv)
         perror("processor: epoll/signalfd");
         return 1;
     }
-    int listener = open_listener();
+    char port[16];
+    snprintf(port, sizeof port, "%ld", config.port);
+    int listener = tcp_listen("processor", config.host, port);
     if (listener < 0)
         return 1;
-    struct epoll_event listen_event = {.events = EPOLLIN, .data.ptr = &listener_tag};
-    struct epoll_event signal_event = {.events = EPOLLIN, .data.ptr = &signal_tag};
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, listener, &listen_event);
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, signal_fd, &signal_event);
+    if (!tcp_server_watch(epoll_fd, listener, signal_fd)) {
+        perror("processor: epoll_ctl");
+        return 1;
+    }
     announce(listener);
-
-    struct epoll_event events[MAX_EVENTS];
     for (;;) {
-        int64_t next_ns = -1;
-        if (timers_len > 0)
-            next_ns = timers[0]->due_ns;
+        int64_t next_ns = timer_first(&processing) ? timer_first(&processing)->due_ns : -1;
         if (health_timer_ns && (next_ns < 0 || health_timer_ns < next_ns))
             next_ns = health_timer_ns;
-        struct timespec timeout, *wait_for = NULL;
-        if (next_ns >= 0) {
-            int64_t wait_ns = next_ns - now_ns();
-            if (wait_ns < 0)
-                wait_ns = 0;
-            timeout.tv_sec = wait_ns / NS_PER_S;
-            timeout.tv_nsec = wait_ns % NS_PER_S;
-            wait_for = &timeout;
-        }
-        int n = epoll_pwait2(epoll_fd, events, MAX_EVENTS, wait_for, NULL);
-        if (n < 0 && errno != EINTR) {
-            perror("processor: epoll_wait");
-            return 1;
-        }
-        for (int i = 0; i < n; i++) {
-            void *tag = events[i].data.ptr;
-            if (tag == &signal_tag)
-                return 0;
-            if (tag == &listener_tag)
-                accept_all(listener);
-            else
-                on_connection(tag, events[i].events);
-        }
+        struct timespec timeout;
+        int status = tcp_server_wait("processor", epoll_fd, listener, timer_wait(next_ns, now_ns(), &timeout),
+                                     accepted, on_connection);
+        if (status >= 0)
+            return status;
         int64_t now = now_ns();
-        while (timers_len > 0 && timers[0]->due_ns <= now)
-            finish_processing(timer_pop());
+        struct timer *due;
+        while ((due = timer_first(&processing)) && due->due_ns <= now) {
+            timer_cancel(&processing, due);
+            finish_processing(container_of(due, struct pending_payment, timer));
+        }
         if (health_timer_ns && health_timer_ns <= now)
             open_health_window();
     }

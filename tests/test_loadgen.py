@@ -300,6 +300,18 @@ def test_arrivals_start_on_schedule_whatever_the_answers(binaries, tmp_path, con
     assert sum(row.new_connection for row in rows) == 10
 
 
+def test_a_warm_up_opens_the_connections_and_is_left_out(binaries, tmp_path, constant_server):
+    started_ms = time.time() * 1000
+    run = run_loadgen(binaries, tmp_path, constant_server, "--rate", "200", "--duration", "1",
+                      "--warmup", "0.5", "--start-vus", "5", "--max-vus", "20")
+    summary = run.summary
+    assert summary["requests"] == summary["ok_2xx"] == len(run.rows) == 200
+    assert summary["warmup_ok_2xx"] == 100
+    assert min(row.start_us for row in run.rows) >= 0
+    assert not any(row.new_connection for row in run.rows)
+    assert started_ms + 400 <= summary["origin_unix_ms"] <= started_ms + 700
+
+
 def test_the_pool_grows_while_every_vu_waits_for_an_answer(binaries, tmp_path):
     received = []
 
@@ -383,6 +395,7 @@ VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out"
     VALID + ["--rate", "fast"],
     VALID + ["--progress-ms", "0"],
     VALID + ["--requested-at", 'a"b'],
+    VALID + ["--warmup", "1"],
 ])
 def test_bad_arguments_exit_2(binaries, tmp_path, args):
     completed = subprocess.run([str(binaries["loadgen"]), *args], capture_output=True, text=True,
