@@ -7,8 +7,9 @@ import signal
 import subprocess
 from pathlib import Path
 
+from paycore.stack import _stop, _stop_with_parent
+
 LISTENING = "paycore emulator listening on"
-STOP_TIMEOUT_S = 5.0
 
 
 class FastProcessor:
@@ -18,7 +19,7 @@ class FastProcessor:
     def __init__(self, binary: Path, *options: str, host: str = "127.0.0.1") -> None:
         self.process = subprocess.Popen([str(binary), "--host", host, "--port", "0", *options],
                                         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_stop_with_parent)
         line = self.process.stderr.readline()
         if not line.startswith(LISTENING):
             self.stop()
@@ -32,15 +33,9 @@ class FastProcessor:
         return self.process.pid
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        returncode = _stop(self.process, signal.SIGTERM)
         self.process.stderr.close()
-        return self.process.returncode
+        return returncode
 
     def __enter__(self) -> FastProcessor:
         return self
