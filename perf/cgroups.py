@@ -74,6 +74,11 @@ class CgroupJail:
             }
         return report
 
+    def memory_usage(self) -> dict[str, int]:
+        """Per service: the memory charged to it now (bytes, tmpfs pages it touched first included)."""
+        return {limit.service: int((Path(self.directories[limit.service][1]) / "memory.usage_in_bytes").read_text())
+                for limit in self.limits}
+
     def reset_memory_peaks(self) -> None:
         """Start the memory peaks that usage() reports over from now."""
         for limit in self.limits:

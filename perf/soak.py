@@ -7,10 +7,11 @@ The rate is SOAK_RATE, or 90 % of the knee that a short capacity sweep finds
 (perf/capacity.py, steps of SOAK_PROBE_SECONDS, default 10, from 2,000/s;
 SOAK_PROBE_MAX_P99_MS and SOAK_PROBE_MAX_VUS as their CAPACITY_ namesakes).
 Every SOAK_SAMPLE_S (default 5) it samples the RSS of each process of the
-stack, the bytes held in the stack's shared directory (tmpfs) and its data
-directory (disk; storage_directories), the payments accepted, refused (by
-reason), dropped and failed, what the processors recorded, and whether a
-process exited. When most payments offered over the last 30 s were not
+stack, the memory charged to each service's cgroup (what its limit holds:
+RSS and the tmpfs pages it wrote first), the bytes held in the stack's shared
+directory (tmpfs) and its data directory (disk; storage_directories), the
+payments accepted, refused (by reason), dropped and failed, what the
+processors recorded, and whether a process exited. When most payments offered over the last 30 s were not
 accepted it stops the load and says why.
 
 After the load it SIGKILLs instance 1, starts it again and times until its
@@ -74,7 +75,7 @@ def probe_rate(tools: dict[str, Path], jail: CgroupJail | None, limits: StepLimi
     return rate
 
 
-def sample(topology: FastTopology, load: OpenLoopLoad, started: float) -> dict:
+def sample(topology: FastTopology, load: OpenLoopLoad, started: float, jail: CgroupJail | None) -> dict:
     progress = load.latest() or {}
     rss: dict[str, int | None] = {}
     exited: dict[str, int] = {}
@@ -98,6 +99,7 @@ def sample(topology: FastTopology, load: OpenLoopLoad, started: float) -> dict:
         "p99_ms": progress["p99_us"] / 1000 if progress.get("p99_us") is not None else None,
         "recorded": topology.processed_count(),
         "rss_bytes": rss, "exited": exited,
+        "cgroup_memory_bytes": jail.memory_usage() if jail else {},
         "storage_bytes": {name: directory_bytes(path) for name, path in storage_directories(topology.stack).items()},
     }
 
@@ -143,10 +145,14 @@ def summary_status(socket_path: str) -> int | None:
 
 
 def restart_instance(stack: Stack, index: int) -> dict:
-    """SIGKILL, start again, and the seconds until it listens and until it answers."""
+    """SIGKILL, start again, and the seconds until it listens and until it answers (None:
+    it did not; error says why)."""
     stack.stop_instance(index, signal.SIGKILL)
     started = time.monotonic()
-    stack.start_instance(index)
+    try:
+        stack.start_instance(index)
+    except (RuntimeError, TimeoutError) as error:
+        return {"instance": index, "listening_after_s": None, "serving_after_s": None, "error": str(error)}
     listening = time.monotonic()
     while summary_status(stack.socket_path(index)) != 200:
         if time.monotonic() - started > SERVE_TIMEOUT_S:
@@ -158,21 +164,27 @@ def restart_instance(stack: Stack, index: int) -> dict:
 
 def reconcile(topology: FastTopology, accepted: int) -> dict:
     """Waits until the processors hold every accepted payment and the service's summary
-    equals theirs; what was found, then or at the timeout."""
+    equals theirs; what was found then, at the timeout, or once no instance is alive."""
     started = time.monotonic()
     while True:
         processed = topology.processed()
-        service = topology.service_summary()
         recorded = sum(report["totalRequests"] for report in processed.values())
-        matches = all(service[name]["totalRequests"] == processed[name]["totalRequests"]
-                      and service[name]["totalAmount"] == processed[name]["totalAmount"] for name in processed)
+        try:
+            service, service_error = topology.service_summary(), None
+        except (OSError, RuntimeError) as error:
+            service, service_error = None, f"{type(error).__name__}: {error}"
+        matches = service is not None and all(
+            service[name]["totalRequests"] == processed[name]["totalRequests"]
+            and service[name]["totalAmount"] == processed[name]["totalAmount"] for name in processed)
         waited = time.monotonic() - started
-        if (recorded >= accepted and matches) or waited > SETTLE_TIMEOUT_S:
+        instances_alive = any(process.poll() is None for name, process in topology.stack_processes().items()
+                              if name.startswith("api"))
+        if (recorded >= accepted and matches) or waited > SETTLE_TIMEOUT_S or not instances_alive:
             break
         time.sleep(0.5)
     return {"settled_after_s": round(waited, 2), "accepted": accepted, "recorded": recorded,
             "not_recorded": max(0, accepted - recorded), "summary_matches_processors": matches,
-            "service": service,
+            "instances_alive": instances_alive, "service": service, "service_error": service_error,
             "processors": {name: {"totalRequests": report["totalRequests"], "totalAmount": report["totalAmount"]}
                            for name, report in processed.items()}}
 
@@ -230,7 +242,7 @@ def soak(tools: dict[str, Path], jail: CgroupJail | None, payments: int, rate: f
                     load.process.wait(timeout=sample_s)
                 except subprocess.TimeoutExpired:
                     pass
-                samples.append(sample(topology, load, started))
+                samples.append(sample(topology, load, started, jail))
                 print_sample(samples[-1], samples[-2] if len(samples) > 1 else None)
                 reason = early_stop_reason(samples)
                 if reason and "stopped_early" not in result:
@@ -241,15 +253,18 @@ def soak(tools: dict[str, Path], jail: CgroupJail | None, payments: int, rate: f
             load.stop()
             generator = load.wait()
             result["generator"] = generator
-        samples.append(sample(topology, load, started))
+        samples.append(sample(topology, load, started, jail))
         result["restart"] = restart_instance(topology.stack, 1)
         print(f"instance 1 SIGKILLed and started again: listening after {result['restart']['listening_after_s']} s, "
-              f"answering after {result['restart']['serving_after_s']} s", flush=True)
+              f"answering after {result['restart']['serving_after_s']} s {result['restart'].get('error', '')}",
+              flush=True)
         result["reconciliation"] = reconcile(topology, generator["warmup_ok_2xx"] + generator["ok_2xx"])
-        result["after_restart"] = sample(topology, load, started)
+        result["after_restart"] = sample(topology, load, started, jail)
+        if jail:
+            result["cgroups"] = jail.usage()
 
 
-def draw_chart(path: Path, samples: list[dict]) -> None:
+def draw_chart(path: Path, samples: list[dict], memory_limits_mb: dict[str, float]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,6 +277,10 @@ def draw_chart(path: Path, samples: list[dict]) -> None:
     for name in samples[0]["storage_bytes"]:
         memory.plot(accepted_m, [s["storage_bytes"][name] / 2**20 for s in samples], linestyle="--",
                     label=f"{name} (shared dir)" if name == "tmpfs" else f"{name} (run dir)")
+    for name in samples[0]["cgroup_memory_bytes"]:
+        if name.startswith("api"):
+            memory.plot(accepted_m, [s["cgroup_memory_bytes"][name] / 2**20 for s in samples], linestyle=":",
+                        label=f"cgroup {name} (limit {memory_limits_mb[name]:.0f} MB)")
     memory.set_xlabel("payments accepted (millions)")
     memory.set_ylabel("MB")
     memory.set_title("memory and storage over payments accepted")
@@ -306,10 +325,19 @@ def print_table(result: dict, out: Path) -> None:
               f"{SLOPE_FROM_SHARE:.0%}): " + ", ".join(f"{name} {value}" for name, value in result["growth"].items()))
     if result.get("restart"):
         print(f"restart of instance 1 after SIGKILL: listening after {result['restart']['listening_after_s']} s, "
-              f"answering GET /payments-summary after {result['restart']['serving_after_s']} s")
+              f"answering GET /payments-summary after {result['restart']['serving_after_s']} s"
+              + (f"; failed: {result['restart']['error']}" if "error" in result["restart"] else ""))
+    exited = result.get("after_restart", {}).get("exited")
+    if exited:
+        print(f"not running at the end (exit status; -9: killed, by the OOM killer under a memory limit): {exited}")
+    for name, usage in result.get("cgroups", {}).items():
+        print(f"cgroup {name:>14}: memory peak {usage['memory_peak_bytes'] / 2**20:.1f} MB (tmpfs pages it "
+              f"touched first included), {usage['throttled_periods']} periods throttled")
     reconciliation = result.get("reconciliation")
     if reconciliation:
-        def totals(summary: dict) -> str:
+        def totals(summary: dict | None) -> str:
+            if summary is None:
+                return f"unavailable ({reconciliation['service_error']})"
             return ", ".join(f"{name} {report['totalRequests']:,} / {report['totalAmount']}"
                              for name, report in summary.items())
         print(f"after {reconciliation['settled_after_s']} s: processors recorded {reconciliation['recorded']:,} "
@@ -343,12 +371,14 @@ def main() -> int:
     out = RESULTS / f"soak-{stamp}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     if result["samples"]:
-        draw_chart(out.with_suffix(".png"), result["samples"])
+        draw_chart(out.with_suffix(".png"), result["samples"],
+                   {limit.service: limit.memory_bytes / 2**20 for limit in jail.limits} if jail else {})
     print_table(result, out)
     if result["interrupted"]:
         return 130
     reconciliation = result.get("reconciliation", {})
-    clean = reconciliation.get("summary_matches_processors") and reconciliation.get("not_recorded") == 0
+    clean = (reconciliation.get("summary_matches_processors") and reconciliation.get("not_recorded") == 0
+             and result["restart"]["serving_after_s"] is not None)
     return 0 if clean and "stopped_early" not in result else 1
 
 

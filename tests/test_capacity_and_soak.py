@@ -84,6 +84,18 @@ def test_growth_is_the_slope_of_bytes_over_payments():
     assert soak.growth(samples) == {"rss api1": 3.0, "rss stack": 3.0, "tmpfs": 50.0}
 
 
+def test_a_restart_that_fails_is_reported_not_raised():
+    class StackWhoseInstanceDiesAtStart:
+        def stop_instance(self, index, signum):
+            pass
+
+        def start_instance(self, index):
+            raise RuntimeError("python -m paycore.service exited with -9 before listening")
+
+    restart = soak.restart_instance(StackWhoseInstanceDiesAtStart(), 1)
+    assert restart["serving_after_s"] is None and "exited with -9" in restart["error"]
+
+
 @pytest.fixture(scope="module")
 def tools() -> dict[str, Path]:
     return build_tools()
@@ -112,3 +124,4 @@ def test_a_short_soak_restarts_an_instance_and_reconciles(tools):
     assert set(result["after_restart"]["rss_bytes"]) == {"load-balancer", "api1", "api2"}
     assert None not in result["after_restart"]["rss_bytes"].values()
     assert set(result["samples"][-1]["storage_bytes"]) == {"tmpfs", "disk"}
+    assert result["samples"][-1]["cgroup_memory_bytes"] == {}  # no cgroups here
