@@ -82,6 +82,7 @@ struct vu {
     struct timer timer;   /* next iteration start, or the deadline of the one in flight */
     int64_t iteration_ns; /* iteration start, before any connect */
     bool new_connection;  /* this iteration opened the connection it uses */
+    bool recorded;        /* this iteration was due after any warm-up */
     int64_t sent_ns;      /* immediately before the request's first write() */
     /* when the last bytes read arrived, on the monotonic clock: their read minus
        how long they waited by the kernel's receive timestamp (-1: no usable timestamp) */
@@ -414,7 +415,7 @@ static void end_request(struct vu *v, int64_t done_ns, int status)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
     int64_t arrival_ns = v->arrived_ns >= 0 ? v->arrived_ns - v->sent_ns : -1;
-    if (v->iteration_ns >= origin_ns)
+    if (v->recorded)
         record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection, &v->response);
     else
         warmup_ok_2xx += status >= 200 && status < 300;
@@ -491,9 +492,10 @@ static enum connect_result open_connection(struct vu *v)
     return pending ? CONNECT_PENDING : CONNECT_DONE;
 }
 
-static void start_iteration(struct vu *v, int64_t now)
+static void start_iteration(struct vu *v, int64_t now, bool recorded)
 {
-    started += now >= origin_ns;
+    v->recorded = recorded;
+    started += recorded;
     v->iteration_ns = now;
     v->response = (struct response){0};
     schedule(v, now + timeout_ns);
@@ -673,7 +675,7 @@ static void on_timer(struct vu *v, int64_t now)
     else if (now >= end_ns) /* a wake-up due just before the end can be served just after it */
         finish_vu(v);
     else
-        start_iteration(v, now);
+        start_iteration(v, now, true);
 }
 
 static void stop_starting_iterations(int64_t now)
@@ -691,8 +693,10 @@ static void start_due_arrivals(void)
         int64_t now = now_ns();
         if (next_arrival_ns > now || next_arrival_ns >= end_ns)
             return;
-        if (now - next_arrival_ns > max_start_lag_ns)
-            max_start_lag_ns = now - next_arrival_ns;
+        /* a late iteration is recorded or not by when it was due, not when it could start */
+        int64_t due_ns = next_arrival_ns;
+        if (now - due_ns > max_start_lag_ns)
+            max_start_lag_ns = now - due_ns;
         arrivals++;
         next_arrival_ns = first_arrival_ns + (int64_t)((double)arrivals * NS_PER_S / opt.rate);
         struct vu *v = NULL;
@@ -704,11 +708,11 @@ static void start_due_arrivals(void)
             v = &vus[vus_used++];
         }
         if (!v) {
-            dropped += now >= origin_ns;
+            dropped += due_ns >= origin_ns;
             continue;
         }
         busy_vus++;
-        start_iteration(v, now);
+        start_iteration(v, now, due_ns >= origin_ns);
     }
 }
 
