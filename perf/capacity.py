@@ -217,16 +217,16 @@ def sweep(tools: dict[str, Path], jail: CgroupJail | None, rates: list[float], l
 def print_step(step: dict, header: bool = False) -> None:
     if header:
         print(f"{'offered/s':>9} {'accepted/s':>10} {'settled/s':>9} {'p50':>7} {'p99':>7} {'p99.9':>7} "
-              f"{'refused':>7} {'dropped':>7} {'failed':>6} {'CPU ms/pay':>10} {'RSS MB':>6} {'settle s':>8}  "
-              f"saturated")
+              f"{'refused':>7} {'dropped':>7} {'failed':>6} {'CPU ms/pay':>10} {'RSS MB':>6} {'settle s':>8} "
+              f"{'gen lag ms':>10}  saturated")
     latency = step["latency_ms"]
     cpu = step["stack_cpu_ms_per_payment"]
     settled_after = step["settled_after_load_s"]
     print(f"{step['rate']:>9,.0f} {step['accepted_per_s']:>10,.0f} {step['settled_per_s']:>9,.0f} "
           f"{latency['p50']:>7.3f} {latency['p99']:>7.3f} {latency['p99.9']:>7.3f} {step['refused_total']:>7} "
           f"{step['dropped']:>7} {step['failed']:>6} {cpu if cpu is not None else '-':>10} "
-          f"{step['stack_peak_rss_mb']:>6} {settled_after if settled_after is not None else '-':>8}  "
-          f"{'; '.join(step['saturated']) or 'no'}", flush=True)
+          f"{step['stack_peak_rss_mb']:>6} {settled_after if settled_after is not None else '-':>8} "
+          f"{step['generator']['max_start_lag_ms']:>10.1f}  {'; '.join(step['saturated']) or 'no'}", flush=True)
 
 
 def draw_chart(path: Path, steps: list[dict], best: dict | None, limits: StepLimits) -> None:
