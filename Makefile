@@ -1,4 +1,5 @@
-# make run: the whole local stack in the foreground.  make test: the test suite.
+# make run: the whole local stack in the foreground, resuming the state kept in
+# $PAYCORE_RUN_DIR (run/); make run-clean: the same from nothing.  make test: the test suite.
 # Both install what they need on a fresh Debian machine with Python and a C compiler.
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run test build system-deps clean bench bench-calibrate flamegraph bench-capacity soak
+.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph bench-capacity soak
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,15 +30,20 @@ build: $(BUILT)
 # docker-compose checks the compose file in the tests; clang, with its
 # libFuzzer and AddressSanitizer runtimes, builds the body parser for fuzzing;
 # redis-server runs the Redis store in the tests (and `PAYCORE_STORE=redis
-# make run`). Installed once, as root or through sudo.
+# make run`); curl is one of the HTTP clients the tests use. Installed once,
+# as root or through sudo.
 system-deps:
-	@command -v docker-compose >/dev/null && command -v clang >/dev/null && command -v redis-server >/dev/null || { \
+	@command -v docker-compose >/dev/null && command -v clang >/dev/null && command -v redis-server >/dev/null \
+	  && command -v curl >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    $$SUDO apt-get install -y -qq docker-compose clang libclang-rt-dev redis-server >/dev/null; }
+	    $$SUDO apt-get install -y -qq docker-compose clang libclang-rt-dev redis-server curl >/dev/null; }
 
 run: build system-deps
 	$(PY) -m paycore.stack
+
+run-clean: build system-deps
+	$(PY) -m paycore.stack --clean
 
 test: build system-deps
 	$(PY) -m pytest

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -27,9 +27,15 @@ extensions = [
     for source in sorted((HERE / "pyx").glob("*.pyx"))
 ]
 
+# The service's sources live in service/ and install as paycore.service.
+# Packages are found, never listed: a new one is in the wheel the day it is made.
+SERVICE = "paycore.service"
+packages = [*find_packages(include=["paycore", "paycore.*"]),
+            SERVICE, *(f"{SERVICE}.{package}" for package in find_packages("service"))]
+
 setup(
-    packages=["paycore", "paycore.core", "paycore.emulator", "paycore.service", "paycore.service.store", "paycore.service.store.embedded"],
-    package_dir={"paycore.service": "service"},
+    packages=packages,
+    package_dir={SERVICE: "service"},
     package_data={"paycore.core": ["*.pyi"], "paycore": ["py.typed"]},
     ext_modules=cythonize(
         extensions,

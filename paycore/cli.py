@@ -3,7 +3,7 @@
     paycore serve [--listen ...] [--instance N] ...   one service instance
     paycore balance [--listen HOST:PORT] [--instances PATH,...]   the load balancer
     paycore processor [--port 8001 --fee 0.07 ...]    the payment-processor emulator
-    paycore stack                                     the local topology (make run)
+    paycore stack [--clean]                           the local topology (make run)
     paycore summary [--url URL] [--from ISO] [--to ISO]
     paycore bench [--seconds S] [--calibrate] ...     the benchmark (from a source checkout)
 
@@ -58,13 +58,6 @@ def _serve(arguments: argparse.Namespace) -> int:
 def _balance(arguments: argparse.Namespace) -> int:
     _set_environment(arguments, BALANCE_OPTIONS)
     from paycore.service.balancer import main
-
-    main()
-    return EXIT_OK
-
-
-def _stack(arguments: argparse.Namespace) -> int:
-    from paycore.stack import main
 
     main()
     return EXIT_OK
@@ -144,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         balance.add_argument(option, help=f"sets {variable}")
     balance.set_defaults(handler=_balance)
 
-    # Listed for --help; its arguments go to the emulator untouched (see main).
+    # Listed for --help; their arguments go to the emulator and the stack untouched (see main).
     commands.add_parser("processor", add_help=False,
                         help="run the payment-processor emulator (paycore processor --help)")
 
-    stack = commands.add_parser("stack", help="run the local topology in the foreground (make run)")
-    stack.set_defaults(handler=_stack)
+    commands.add_parser("stack", add_help=False,
+                        help="run the local topology in the foreground (make run; paycore stack --help)")
 
     summary = commands.add_parser("summary", help="print the payments summary of a running service")
     summary.add_argument("--url", default="http://127.0.0.1:9999", help="the service (load balancer)")
@@ -181,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         from paycore.emulator.__main__ import main as emulator_main
 
         return emulator_main(argv[1:])
+    if argv[:1] == ["stack"]:
+        from paycore.stack import main as stack_main
+
+        return stack_main(argv[1:])
     arguments = build_parser().parse_args(argv)
     return arguments.handler(arguments)
 

@@ -4,106 +4,48 @@ instances, the load balancer in front (service/balancer.py, handing client
 connections to the instances' hand-off sockets, as docker-compose.yml runs
 it), and with the Redis store a redis-server the instances share. Each
 instance also listens on a unix socket of its own, for asking one instance
-directly (tests, tools).
+directly (tests, tools). Every child says where it listens once it does
+(paycore.ready): a port 0 is chosen by the child that binds it.
 
-`python -m paycore.stack` runs it in the foreground until Ctrl-C or SIGTERM;
-tests and benchmarks use the Stack class.
+`python -m paycore.stack` (`make run`) runs it in the foreground until Ctrl-C
+or SIGTERM, with its state kept in a run directory (paycore.layout) and
+resumed at the next start; tests and benchmarks use the Stack class.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
-import shutil
+import secrets
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Collection
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from paycore.layout import StateLayout
+from paycore.ready import start_listening
 from paycore.redis_server import RedisServer
 
-REPO = Path(__file__).resolve().parents[1]
 INSTANCES = 2  # as docker-compose.yml runs
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1
-TMPFS = "/dev/shm"
-
-
-def free_ports(count: int, avoid: Collection[int] = ()) -> list[int]:
-    """Distinct loopback TCP ports nothing listens on right now, none in avoid.
-    Each probe stays bound until all are chosen: a probe closed at once frees its
-    port, and the next probe may be given the same one."""
-    probes: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            probe = socket.socket()
-            probes.append(probe)
-            probe.bind(("127.0.0.1", 0))
-            if probe.getsockname()[1] not in avoid:
-                ports.append(probe.getsockname()[1])
-    finally:
-        for probe in probes:
-            probe.close()
-    return ports
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def wait_for_tcp(host: str, port: int, timeout_s: float = STARTUP_TIMEOUT_S,
-                 process: subprocess.Popen | None = None) -> None:
-    """Until something listens on host:port; with process, fail at once if it exits first."""
-    _wait_for(lambda: socket.create_connection((host, port), timeout=0.5), f"{host}:{port}",
-              timeout_s, process)
-
-
-def wait_for_unix(path: str, timeout_s: float = STARTUP_TIMEOUT_S,
-                  process: subprocess.Popen | None = None) -> None:
-    def connect() -> socket.socket:
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            probe.close()
-            raise
-        return probe
-    _wait_for(connect, path, timeout_s, process)
-
-
-def _wait_for(connect, address: str, timeout_s: float, process: subprocess.Popen | None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with {process.returncode} "
-                               f"before listening on {address}")
-        try:
-            connect().close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {address}") from None
-            time.sleep(0.05)
+PROCESSORS = (("default", "0.07"), ("fallback", "0.10"))
 
 
 @dataclass
 class StackSettings:
+    # 0: a port the OS picks for the process that listens; the Stack then knows it.
     port: int = 9999
     default_port: int = 8001
     fallback_port: int = 8002
     default_url: str | None = None
     fallback_url: str | None = None
+    # Where the stack keeps its state across starts (paycore.layout); None:
+    # scratch directories on tmpfs, removed at stop.
     run_dir: Path | None = None
-    # The instances' shared state and journals. None: a fresh directory on
-    # tmpfs (/dev/shm), as docker-compose.yml mounts it, removed at stop; a
-    # journal write on a disk filesystem can stall for a second when the disk does.
-    shared_dir: Path | None = None
     # Extra environment for the service instances (e.g. shorter timeouts in tests).
     instance_env: dict[str, str] = field(default_factory=dict)
     emulator_args: tuple[str, ...] = ()
@@ -112,6 +54,9 @@ class StackSettings:
     # With Redis, each instance gets a shared directory of its own, as on separate hosts.
     store: str = "embedded"
     quiet: bool = False
+    # The instances' PAYCORE_ADMIN_TOKEN, which POST /purge-payments needs
+    # (Authorization: Bearer <token>); a fresh one per stack unless given.
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     # docker-compose service name ("load-balancer", "api1", ...) -> cgroup
     # directories its process joins before it starts, to hold it to the limits.
     cgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -123,37 +68,33 @@ class Stack:
         self.emulated = not (self.settings.default_url and self.settings.fallback_url)
         # Two listeners given one port would not both start: the balancer exits
         # and the emulator already there answers its clients with 404s.
-        if len(set(self.tcp_ports)) < len(self.tcp_ports):
-            raise ValueError(f"the stack's TCP ports must differ: {self.tcp_ports}")
-        self._own_run_dir = self.settings.run_dir is None
-        self.run_dir = Path(self.settings.run_dir or tempfile.mkdtemp(prefix="paycore-"))
-        self._own_shared_dir = self.settings.shared_dir is None
-        self.shared_dir = Path(self.settings.shared_dir or tempfile.mkdtemp(
-            prefix="paycore-shared-", dir=TMPFS if os.path.isdir(TMPFS) else None))
-        self.socket_dir = self.run_dir / "sockets"
-        if self.emulated:
-            self.default_url = f"http://127.0.0.1:{self.settings.default_port}"
-            self.fallback_url = f"http://127.0.0.1:{self.settings.fallback_port}"
-        else:
-            self.default_url = self.settings.default_url
-            self.fallback_url = self.settings.fallback_url
-        self.url = f"http://127.0.0.1:{self.settings.port}"
+        ports = [port for port in self._tcp_ports() if port]
+        if len(set(ports)) < len(ports):
+            raise ValueError(f"the stack's TCP ports must differ: {ports}")
+        self.layout = (StateLayout.kept_in(self.settings.run_dir) if self.settings.run_dir
+                       else StateLayout.scratch())
+        self.run_dir = self.layout.run_dir
+        self.shared_dir = self.layout.shared
+        self.socket_dir = self.layout.sockets
+        # Known once the processes listen (start()).
+        self.port = 0
+        self.url = ""
+        self.default_url = self.settings.default_url
+        self.fallback_url = self.settings.fallback_url
         self.processors: list[subprocess.Popen] = []
         self.instances: dict[int, subprocess.Popen] = {}
         self.balancer: subprocess.Popen | None = None
         self.redis: RedisServer | None = None
         self.store_url = self.settings.store
 
-    @property
-    def tcp_ports(self) -> tuple[int, ...]:
-        """The loopback ports the stack listens on: the balancer's, and the emulators' if it runs them."""
+    def _tcp_ports(self) -> tuple[int, ...]:
         settings = self.settings
         if self.emulated:
             return settings.port, settings.default_port, settings.fallback_port
         return (settings.port,)
 
-    def _spawn(self, command: list[str], env: dict[str, str] | None = None,
-               service: str | None = None) -> subprocess.Popen:
+    def _options(self, env: dict[str, str] | None, service: str | None) -> dict:
+        """How every child is started: its environment, output, session, cgroups."""
         output = subprocess.DEVNULL if self.settings.quiet else None
         cgroups = self.settings.cgroups.get(service, ()) if service else ()
 
@@ -164,17 +105,23 @@ class Stack:
                 with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
                     procs.write(str(os.getpid()))
 
-        return subprocess.Popen(command, env={**os.environ, **(env or {})},
-                                stdout=output, stderr=output, start_new_session=True,
-                                preexec_fn=prepare_child)
+        return {"env": {**os.environ, **(env or {})}, "stdout": output, "stderr": output,
+                "start_new_session": True, "preexec_fn": prepare_child}
+
+    def _spawn(self, command: list[str], service: str | None = None) -> subprocess.Popen:
+        return subprocess.Popen(command, **self._options(None, service))
+
+    def _launch(self, command: list[str], env: dict[str, str] | None = None,
+                service: str | None = None) -> tuple[subprocess.Popen, list[str]]:
+        """A server process, once it listens, and the addresses it listens on."""
+        return start_listening(command, STARTUP_TIMEOUT_S, **self._options(env, service))
 
     def start(self) -> Stack:
-        for directory in (self.shared_dir, self.socket_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        self.layout.create()
         try:
             if self.settings.store == "redis":
-                self.redis = RedisServer(self.run_dir / "redis", free_ports(1, avoid=self.tcp_ports)[0]).start(
-                    lambda command: self._spawn(command, service="redis"))
+                self.redis = RedisServer(self.layout.redis).start(
+                    lambda command: self._spawn(command, "redis"))
                 self.store_url = self.redis.url
             if self.emulated:
                 self._start_processors()
@@ -187,12 +134,14 @@ class Stack:
         return self
 
     def _start_processors(self) -> None:
-        for port, fee in ((self.settings.default_port, "0.07"), (self.settings.fallback_port, "0.10")):
-            self.processors.append(self._spawn(
-                [sys.executable, "-m", "paycore.emulator", "--host", "127.0.0.1",
-                 "--port", str(port), "--fee", fee, *self.settings.emulator_args]))
-        for port, process in zip((self.settings.default_port, self.settings.fallback_port), self.processors):
-            wait_for_tcp("127.0.0.1", port, process=process)
+        urls = []
+        for (name, fee), port in zip(PROCESSORS, (self.settings.default_port, self.settings.fallback_port)):
+            process, (address,) = self._launch(
+                [sys.executable, "-m", "paycore.emulator", "--host", "127.0.0.1", "--port", str(port),
+                 "--fee", fee, *self.layout.emulator_args(name), *self.settings.emulator_args])
+            self.processors.append(process)
+            urls.append(f"http://{address}")
+        self.default_url, self.fallback_url = urls
 
     def socket_path(self, index: int) -> str:
         return str(self.socket_dir / f"api-{index}.sock")
@@ -209,28 +158,28 @@ class Stack:
             "PAYCORE_LISTEN": f"unix:{self.socket_path(index)},handoff:{self.handoff_path(index)}",
             "PAYCORE_STORE": self.store_url,
             "PAYCORE_SHARED_DIR": str(self.instance_shared_dir(index)),
+            **self.layout.instance_env(),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
+            "PAYCORE_ADMIN_TOKEN": self.settings.admin_token,
             **self.settings.instance_env,
         }
-        if os.path.exists(self.socket_path(index)):
-            os.unlink(self.socket_path(index))
-        self.instances[index] = self._spawn([sys.executable, "-m", "paycore.service"], env,
-                                            service=f"api{index}")
-        wait_for_unix(self.socket_path(index), process=self.instances[index])
+        self.instances[index], _ = self._launch([sys.executable, "-m", "paycore.service"], env,
+                                                service=f"api{index}")
 
     def stop_instance(self, index: int, signum: int = signal.SIGTERM) -> int:
         process = self.instances.pop(index)
         return _stop(process, signum)
 
     def _start_balancer(self) -> None:
-        self.balancer = self._spawn(
+        self.balancer, (address,) = self._launch(
             [sys.executable, "-m", "paycore.service.balancer"],
             {"PAYCORE_BALANCER_LISTEN": f"127.0.0.1:{self.settings.port}",
              "PAYCORE_BALANCER_INSTANCES": ",".join(
                  self.handoff_path(index) for index in range(1, self.settings.instances + 1))},
             service="load-balancer")
-        wait_for_tcp("127.0.0.1", self.settings.port, process=self.balancer)
+        self.port = int(address.rsplit(":", 1)[1])
+        self.url = f"http://{address}"
 
     def stop(self) -> None:
         if self.balancer is not None:
@@ -244,10 +193,7 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
-        if self._own_run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self._own_shared_dir:
-            shutil.rmtree(self.shared_dir, ignore_errors=True)
+        self.layout.release()
 
     def __enter__(self) -> Stack:
         return self.start()
@@ -278,33 +224,48 @@ def _stop_with_parent() -> None:
         pass
 
 
-def main() -> None:
+def _port(variable: str, default: int) -> int:
+    return int(os.environ.get(variable, default))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="paycore stack",
+        description="Run the local topology in the foreground until Ctrl-C or SIGTERM. Its state "
+                    "(journals, the emulated processors' payments) is kept in PAYCORE_RUN_DIR "
+                    "(default: run/ in the current directory) and resumed at the next start.")
+    parser.add_argument("--clean", action="store_true",
+                        help="start from nothing: forget the state kept in the run directory")
+    arguments = parser.parse_args(argv)
     _stop_with_parent()
-    run_dir = Path(os.environ.get("PAYCORE_RUN_DIR", REPO / "run"))
     stack = Stack(StackSettings(
-        port=int(os.environ.get("PAYCORE_PORT", "9999")),
+        port=_port("PAYCORE_PORT", 9999),
+        default_port=_port("PAYCORE_DEFAULT_PORT", 8001),
+        fallback_port=_port("PAYCORE_FALLBACK_PORT", 8002),
         default_url=os.environ.get("PROCESSOR_DEFAULT_URL"),
         fallback_url=os.environ.get("PROCESSOR_FALLBACK_URL"),
-        run_dir=run_dir,
+        run_dir=Path(os.environ.get("PAYCORE_RUN_DIR", "run")),
         store=os.environ.get("PAYCORE_STORE", "embedded"),
+        **({"admin_token": os.environ["PAYCORE_ADMIN_TOKEN"]} if os.environ.get("PAYCORE_ADMIN_TOKEN") else {}),
     ))
-    stopping = False
-
-    def request_stop(signum, frame) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    if arguments.clean:
+        stack.layout.clear()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     stack.start()
-    processors = "emulated on 8001/8002" if stack.emulated else f"{stack.default_url}, {stack.fallback_url}"
+    emulated = ", emulated" if stack.emulated else ""
     store = "embedded store" if stack.store_url == "embedded" else f"store {stack.store_url}"
-    print(f"paycore: {stack.url} (processors {processors}; {store}); shared state, journals and "
-          f"metrics sockets in {stack.shared_dir}; Ctrl-C stops everything", flush=True)
-    while not stopping:
-        time.sleep(0.2)
+    print(f"paycore: serving on {stack.url}; processors {stack.default_url} (default), "
+          f"{stack.fallback_url} (fallback){emulated}; {store}; state kept in {stack.run_dir}, "
+          f"shared state and metrics sockets in {stack.shared_dir}; Ctrl-C stops everything",
+          flush=True)
+    print(f"paycore: to purge: curl -X POST -H 'Authorization: Bearer {stack.settings.admin_token}' "
+          f"{stack.url}/purge-payments (PAYCORE_ADMIN_TOKEN sets the token)", flush=True)
+    stopping.wait()
     stack.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,7 +45,7 @@ from report import (  # noqa: E402
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
 from usage import process_usage  # noqa: E402
 
-from paycore.stack import Stack, StackSettings, free_port, free_ports  # noqa: E402
+from paycore.stack import Stack, StackSettings  # noqa: E402
 
 RESULTS = REPO / "perf" / "results"
 FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
@@ -61,11 +61,13 @@ def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
 
 def calibrate(seconds: float, low_latency_host: bool) -> None:
     tools = build_tools()
-    port = free_port()
-    server = subprocess.Popen([str(tools["constant_server"]), "--listen", f"127.0.0.1:{port}"],
+    server = subprocess.Popen([str(tools["constant_server"]), "--listen", "127.0.0.1:0"],
                               stderr=subprocess.PIPE, text=True)
     try:
-        server.stderr.readline()  # "listening on ...": ready
+        ready = server.stderr.readline()
+        if not ready.startswith("listening on "):
+            raise RuntimeError(f"the constant server did not start: {ready!r}")
+        port = int(ready.rsplit(":", 1)[1])
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / "calibration-requests.csv"
         generator = run_load(tools["loadgen"], port, seconds, out)
@@ -110,9 +112,8 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
     jail = compose_jail(REPO / "docker-compose.yml", "paycore-bench")
-    port, default_port, fallback_port = free_ports(3)
-    settings = StackSettings(port=port, default_port=default_port, fallback_port=fallback_port,
-                             quiet=True, cgroups=jail.directories if jail else {},
+    settings = StackSettings(port=0, default_port=0, fallback_port=0, quiet=True,
+                             cgroups=jail.directories if jail else {},
                              instance_env={"PAYCORE_LOG_LEVEL": "WARNING"}, store=store)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
         with Stack(settings) as stack:
             processors = Processors(stack.default_url, stack.fallback_url)
             processors.purge()
-            scenario = Scenario(processors, stack.url, seconds)
+            scenario = Scenario(processors, stack.url, seconds, stack.settings.admin_token)
             scenario.purge_service()
             stack_processes = {"load-balancer": stack.balancer,
                                **{f"api{i}": p for i, p in stack.instances.items()},
@@ -134,7 +135,7 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
             profilers = start_flamegraphs(stack, seconds) if os.environ.get("BENCH_FLAMEGRAPH") else []
             load_started_ms = now_ms()
             scenario.start(time.monotonic())
-            generator = run_load(tools["loadgen"], stack.settings.port, seconds, requests_csv)
+            generator = run_load(tools["loadgen"], stack.port, seconds, requests_csv)
             load_ended = time.monotonic()
             scenario.stop()
             # The challenge reads the processors' totals about 1 s after the load.

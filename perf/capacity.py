@@ -130,7 +130,7 @@ def run_step(tools: dict[str, Path], jail: CgroupJail | None, rate: float, limit
         pids = {**stack_pids, **processor_pids}
         cpu_before = {name: process_usage(pid)[0] for name, pid in pids.items()}
         requests_csv = Path(scratch) / "requests.csv"
-        load = OpenLoopLoad(tools["loadgen"], topology.stack.settings.port, rate, limits.seconds,
+        load = OpenLoopLoad(tools["loadgen"], topology.stack.port, rate, limits.seconds,
                             limits.max_vus, PRE_ALLOCATED_VUS, requests_csv, limits.warmup_s)
         generator = load.wait()
         load_ended = time.monotonic()

@@ -61,9 +61,11 @@ class HttpJson:
             self._socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         return self._socket
 
-    def call(self, method: str, path: str, payload: dict | None = None) -> tuple[int, object, float]:
+    def call(self, method: str, path: str, payload: dict | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, object, float]:
         body = json.dumps(payload).encode() if payload is not None else b""
-        request = (f"{method} {path} HTTP/1.1\r\nHost: {self._address[0]}\r\n{self._headers}"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        request = (f"{method} {path} HTTP/1.1\r\nHost: {self._address[0]}\r\n{self._headers}{extra}"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         for attempt in (1, 2):
             try:
@@ -165,8 +167,10 @@ class ScenarioLog:
 class Scenario:
     """Runs the fault schedule and the checker in threads while the load runs."""
 
-    def __init__(self, processors: Processors, service_url: str, seconds: float) -> None:
+    def __init__(self, processors: Processors, service_url: str, seconds: float, admin_token: str) -> None:
+        """admin_token: the service's PAYCORE_ADMIN_TOKEN, for its purge."""
         self._processors = processors
+        self._admin_headers = {"Authorization": f"Bearer {admin_token}"}
         self._checked_processors = Processors(*processors.urls)
         self._service = HttpJson(service_url)
         self._seconds = seconds
@@ -181,7 +185,7 @@ class Scenario:
         return self._service.call("GET", "/payments-summary")[1]
 
     def purge_service(self) -> None:
-        status, _, elapsed = self._service.call("POST", "/purge-payments")
+        status, _, elapsed = self._service.call("POST", "/purge-payments", headers=self._admin_headers)
         assert status == 200, status
         self.log.service_call_seconds["purge"].append(elapsed)
 

@@ -233,7 +233,7 @@ def soak(tools: dict[str, Path], jail: CgroupJail | None, payments: int, rate: f
     """Fills result as it goes, so an interrupted soak still reports what it saw."""
     samples = result["samples"]
     with FastTopology(tools["processor"], jail, payments) as topology:
-        load = OpenLoopLoad(tools["loadgen"], topology.stack.settings.port, rate, payments / rate, max_vus,
+        load = OpenLoopLoad(tools["loadgen"], topology.stack.port, rate, payments / rate, max_vus,
                             PRE_ALLOCATED_VUS)
         started = time.monotonic()
         try:

@@ -12,7 +12,7 @@ from cgroups import CgroupJail
 from fast_processor import FastProcessor
 from scenario import HttpJson, Processors
 
-from paycore.stack import Stack, StackSettings, free_port
+from paycore.stack import Stack, StackSettings
 
 FEES = {"default": "0.07", "fallback": "0.10"}
 
@@ -36,7 +36,7 @@ class FastTopology:
                                                       "--expected-payments", str(self._expected_payments))
             default, fallback = self.processors["default"], self.processors["fallback"]
             self.stack = Stack(StackSettings(
-                port=free_port(), default_url=default.url, fallback_url=fallback.url, quiet=True,
+                port=0, default_url=default.url, fallback_url=fallback.url, quiet=True,
                 cgroups=self._jail.directories if self._jail else {},
                 instance_env={"PAYCORE_LOG_LEVEL": "WARNING", **self._instance_env})).start()
         except BaseException:

@@ -10,9 +10,11 @@ import signal
 import uvloop
 
 from paycore.core.ring_queue import RingQueue
+from paycore.ready import announce
 
 from . import logs
 from .accept import PaymentIntake
+from .admin import AdminToken
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
@@ -44,6 +46,14 @@ async def _listen(address: str, protocol_factory) -> asyncio.AbstractServer | Ha
                                     backlog=4096, reuse_address=True)
 
 
+def _bound_address(address: str, server: asyncio.AbstractServer | HandoffListener) -> str:
+    """The address as clients reach it: a TCP port 0 becomes the one the OS chose."""
+    if address.startswith(("handoff:", "unix:")):
+        return address
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"{host}:{port}"
+
+
 class Instance:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -61,12 +71,14 @@ class Instance:
         self.health = HealthMonitor(self.store.health, self.clients, self.router,
                                     settings.health_interval_ms)
         self.intake = PaymentIntake(self.store)
-        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics)
+        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics,
+                             AdminToken(settings.admin_token))
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
         self._servers: list[asyncio.AbstractServer | HandoffListener] = []
         self._metrics_server: asyncio.AbstractServer | None = None
+        self.addresses: list[str] = []
 
     async def start(self) -> None:
         await self.store.start(self.queue, self.dispatcher)
@@ -82,8 +94,10 @@ class Instance:
                 self.settings.metrics_listen,
                 lambda: HttpProtocol(self.metrics_endpoint, self.store, self.connections, self.metrics))
         self.connections.start()
+        self.addresses = [_bound_address(address, server)
+                          for address, server in zip(self.settings.listen, self._servers)]
         log.info("instance %s listening on %s, metrics on %s", self.settings.instance,
-                 ", ".join(self.settings.listen), self.settings.metrics_listen or "none")
+                 ", ".join(self.addresses), self.settings.metrics_listen or "none")
 
     def _undelivered(self) -> bool:
         return bool(len(self.queue) or self.dispatcher.in_flight or self.dispatcher.unresolved)
@@ -124,6 +138,8 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # After the handlers: whoever reads the announcement may signal at once.
+    announce(instance.addresses)
     await stopping.wait()
     await instance.stop()
 

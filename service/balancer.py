@@ -13,7 +13,8 @@ for that connection. A connection no instance can take is closed, so its
 client retries elsewhere instead of waiting: at once when none is up, after
 up to FULL_WAIT_S for room when those up are all full.
 
-    PAYCORE_BALANCER_LISTEN     host:port to accept clients on (0.0.0.0:9999)
+    PAYCORE_BALANCER_LISTEN     host:port to accept clients on (0.0.0.0:9999); port 0: any free
+                                one, announced to the parent (paycore.ready)
     PAYCORE_BALANCER_INSTANCES  comma-separated hand-off socket paths, one per instance
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import socket
 import time
 
 from paycore.core.connection_handoff import hand_off_connections, send_connection
+from paycore.ready import announce
 
 from . import logs
 
@@ -201,6 +203,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _stop)
     balancer = Balancer(listen, paths)
     log.info("balancing %s:%d over %s", *balancer.address, ", ".join(paths))
+    announce(["%s:%d" % balancer.address])
     try:
         balancer.serve_forever()
     finally:

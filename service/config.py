@@ -91,6 +91,10 @@ class Settings:
     client_idle_timeout_ms: int = field(
         default_factory=lambda: _env_int("PAYCORE_CLIENT_IDLE_TIMEOUT_MS", 75000))
 
+    # The operator's token for POST /purge-payments (Authorization: Bearer <token>);
+    # empty: nobody may purge. Kept out of the settings' repr, so never logged.
+    admin_token: str = field(default_factory=lambda: _env("PAYCORE_ADMIN_TOKEN", ""), repr=False)
+
     def __post_init__(self) -> None:
         # Derived from the settings they follow, whether those came from the environment or not.
         if not self.journal_dir:

@@ -95,8 +95,9 @@ def _start(handshake: Coroutine[Any, Any, Any], connection: socket.socket) -> No
     except StopIteration:
         return
     except Exception as error:  # noqa: BLE001 - one connection's failure, logged
-        connection.close()
+        # Logged before the close: whoever sees the connection end finds the reason written.
         log.warning("could not serve a handed-over connection: %r", error)
+        connection.close()
         return
     if isinstance(awaited, asyncio.Future):
         awaited._asyncio_future_blocking = False

@@ -174,7 +174,7 @@ class MetricsEndpoint:
         self._metrics = metrics
         self._gauges = gauges
 
-    def handle(self, method: bytes, url: bytes, body: bytes) -> bytes:
+    def handle(self, method: bytes, url: bytes, body: bytes, authorization: bytes) -> bytes:
         if method == b"GET" and url.partition(b"?")[0] == b"/metrics":
             route = METRICS
             response = responses.http_response(

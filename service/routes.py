@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from . import responses
 from .accept import PaymentIntake
+from .admin import AdminToken, Verdict
 from .metrics import OTHER, PAYMENTS, PURGE, SUMMARY, Metrics
 from .store.base import Deferred, Store, then
 from .summary import Summary
 
 
+_REFUSED = {Verdict.NO_TOKEN_CONFIGURED: responses.FORBIDDEN, Verdict.NOT_AUTHENTICATED: responses.ADMIN_TOKEN_REQUIRED}
+
+
 class Routes:
-    def __init__(self, intake: PaymentIntake, summary: Summary, store: Store, metrics: Metrics) -> None:
+    def __init__(self, intake: PaymentIntake, summary: Summary, store: Store, metrics: Metrics,
+                 admin: AdminToken) -> None:
         self._intake = intake
         self._summary = summary
         self._store = store
         self._metrics = metrics
+        self._admin = admin
 
-    def handle(self, method: bytes, url: bytes, body: bytes) -> Deferred[bytes]:
+    def handle(self, method: bytes, url: bytes, body: bytes, authorization: bytes) -> Deferred[bytes]:
         path, _, query = url.partition(b"?")
         if path == b"/payments":
             route = PAYMENTS
@@ -26,9 +32,7 @@ class Routes:
             response = self._summary.respond(query) if method == b"GET" else responses.METHOD_NOT_ALLOWED
         elif path == b"/purge-payments":
             route = PURGE
-            # Every instance's share of the ledger and the accepted ids start over.
-            response = (then(self._store.purge(), _purged, responses.store_unavailable)
-                        if method == b"POST" else responses.METHOD_NOT_ALLOWED)
+            response = self._purge(authorization) if method == b"POST" else responses.METHOD_NOT_ALLOWED
         else:
             route = OTHER
             response = responses.NOT_FOUND
@@ -37,6 +41,14 @@ class Routes:
         else:
             response.add_done_callback(lambda answer: self._metrics.responded(route, answer.result()))
         return response
+
+    def _purge(self, authorization: bytes) -> Deferred[bytes]:
+        """Every instance's share of the ledger and the accepted ids start over:
+        an operator's action, never a client's."""
+        verdict = self._admin.check(authorization)
+        if verdict is not Verdict.ALLOWED:
+            return _REFUSED[verdict]
+        return then(self._store.purge(), _purged, responses.store_unavailable)
 
 
 def _purged(_: None) -> bytes:

@@ -4,16 +4,59 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import random
 import socket
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
-from paycore.stack import Stack, StackSettings, free_ports
+
+from paycore.stack import Stack, StackSettings
 
 ADMIN_TOKEN = "123"
+
+# Random test data comes from test_random, seeded again before each test from
+# PAYCORE_TEST_SEED and the test's id: the same data on every run, other data
+# in each test; a failing test's report says how to get its data again.
+TEST_SEED = os.environ.get("PAYCORE_TEST_SEED", "2025")
+test_random = random.Random()
+settings.register_profile("seeded", derandomize=True)
+settings.load_profile("seeded")
+
+
+def pytest_report_header() -> str:
+    return f"random test data: PAYCORE_TEST_SEED={TEST_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_test_data(request) -> None:
+    test_random.seed(f"{TEST_SEED}:{request.node.nodeid}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("random test data",
+                                f"PAYCORE_TEST_SEED={TEST_SEED}, seeded again for {item.nodeid}"))
+
+
+def random_uuid() -> uuid.UUID:
+    return uuid.UUID(int=test_random.getrandbits(128), version=4)
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -77,7 +120,7 @@ class RunningStack:
         """admin_urls: where the processors' admin and lookup calls go, when the
         instances reach the processors some other way (through a fault proxy)."""
         self.stack = stack
-        self.port = stack.settings.port
+        self.port = stack.port
         default_url, fallback_url = admin_urls or (stack.default_url, stack.fallback_url)
         self.default = Processor(default_url)
         self.fallback = Processor(fallback_url)
@@ -100,10 +143,15 @@ class RunningStack:
     def processors_summary(self, query: str = "") -> dict:
         return {"default": self.default.summary(query), "fallback": self.fallback.summary(query)}
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """What POST /purge-payments needs: the stack's admin token."""
+        return {"Authorization": f"Bearer {self.stack.settings.admin_token}"}
+
     def reset(self) -> None:
         self.default.reset()
         self.fallback.reset()
-        assert call(self.client(), "POST", "/purge-payments")[0] == 200
+        assert call(self.client(), "POST", "/purge-payments", headers=self.admin_headers)[0] == 200
 
     def wait_until_processed(self, expected: int, timeout_s: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -125,14 +173,13 @@ TEST_INSTANCE_ENV = {"PAYCORE_HEALTH_INTERVAL_MS": "550", "PAYCORE_RETRY_MAX_MS"
 def quick_stack(processor_urls: tuple[str, str] | None = None,
                 admin_urls: tuple[str, str] | None = None, store: str = "embedded",
                 instances: int = 2, **instance_env: str):
-    """The real topology on free ports, tuned for tests. instance_env adds to or
+    """The real topology on ports the OS picks, tuned for tests. instance_env adds to or
     overrides the instances' environment. processor_urls: processors the caller
     runs (emulators are started otherwise), with admin_urls to reach them directly.
     store and instances: as in StackSettings."""
     default_url, fallback_url = processor_urls or (None, None)
-    port, default_port, fallback_port = free_ports(3)
     settings = StackSettings(
-        port=port, default_port=default_port, fallback_port=fallback_port, quiet=True,
+        port=0, default_port=0, fallback_port=0, quiet=True,
         default_url=default_url, fallback_url=fallback_url, emulator_args=TEST_EMULATOR_ARGS,
         instance_env={**TEST_INSTANCE_ENV, **instance_env}, store=store, instances=instances,
     )

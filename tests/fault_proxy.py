@@ -69,8 +69,17 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+def _reusable_socket(port: int) -> socket.socket:
+    """A TCP socket bound to 127.0.0.1:port beside the others bound there:
+    SO_REUSEADDR lets sockets share a port as long as one at most listens."""
+    bound = socket.socket()
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound.bind(("127.0.0.1", port))
+    return bound
+
+
 class FaultProxy:
-    """Listens on a free port of 127.0.0.1 (`url`) and forwards to `upstream_url`, unless
+    """Listens on a port of 127.0.0.1 (`url`) and forwards to `upstream_url`, unless
     `set_fault` says otherwise. `touched` counts the requests a fault changed,
     `forwarded_payments` the payments passed on untouched."""
 
@@ -87,10 +96,12 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.port = 0  # any free port at first, then the same one after every refusal
-        self._call(self._listen())
-        self.port = self._server.sockets[0].getsockname()[1]
+        # Bound and never listening, it holds the port for the proxy's whole life:
+        # while the proxy refuses connections nobody else can take the port.
+        self._port_holder = _reusable_socket(0)
+        self.port = self._port_holder.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self._call(self._listen())
 
     def set_fault(self, fault: Fault) -> None:
         self._call(self._switch(fault))
@@ -100,6 +111,7 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+        self._port_holder.close()
 
     def __enter__(self) -> Self:
         return self
@@ -111,7 +123,7 @@ class FaultProxy:
         asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=5)
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, sock=_reusable_socket(self.port))
 
     async def _switch(self, fault: Fault) -> None:
         # Before listening again: connections accepted from then on meet the new fault.
@@ -135,9 +147,7 @@ class FaultProxy:
         drops every SYN, and a client's connect waits for its own timeout. The filler
         connects without blocking this loop: an instance reconnecting at that moment
         may take the room first, and then the filler's own SYN is dropped too."""
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener = _reusable_socket(self.port)
         listener.listen(0)
         filler = socket.socket()
         filler.setblocking(False)

@@ -1,4 +1,4 @@
-"""The tests' redis-server: paycore.redis_server's on loopback and a free port,
+"""The tests' redis-server: paycore.redis_server's on loopback and a port of its own,
 persisting nothing, plus what tests do to it: crash it, send it a command from
 outside, listen on a unix socket too."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Self
 import hiredis
 
 from paycore.redis_server import RedisServer
-from paycore.stack import free_port
 
 
 class ScratchRedis(RedisServer):
@@ -18,7 +17,7 @@ class ScratchRedis(RedisServer):
     server would. A context manager: started on entry, stopped on exit."""
 
     def __init__(self, directory: str, unix_socket: bool = False) -> None:
-        super().__init__(Path(directory), free_port(), durable=False)
+        super().__init__(Path(directory), durable=False)
         self.socket_path = str(self.directory / "redis.sock") if unix_socket else None
 
     def command(self) -> list[str]:

@@ -4,10 +4,10 @@ import multiprocessing
 import os
 import struct
 import time
-import uuid
 
 import pytest
 
+from conftest import random_uuid
 from paycore.core.accepted_ids import (
     CLAIMED,
     CONFLICT,
@@ -30,7 +30,7 @@ fork = multiprocessing.get_context("fork")
 
 
 def new_id() -> bytes:
-    return uuid.uuid4().bytes
+    return random_uuid().bytes
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_initialises_an_empty_or_never_initialised_file(tmp_path):
 
 def test_rejects_bad_keys_and_use_after_close(path):
     ids = AcceptedIds(path, 64)
-    for bad in (b"", b"x" * 15, b"x" * 17, uuid.uuid4().hex.encode()):
+    for bad in (b"", b"x" * 15, b"x" * 17, random_uuid().hex.encode()):
         with pytest.raises(ValueError):
             ids.claim(bad, 1)
         with pytest.raises(ValueError):
@@ -162,7 +162,7 @@ def test_rejects_bad_keys_and_use_after_close(path):
     with pytest.raises(TypeError):
         ids.claim(None, 1)
     with pytest.raises(TypeError):
-        ids.claim(str(uuid.uuid4()), 1)
+        ids.claim(str(random_uuid()), 1)
     ids.close()
     ids.close()
     with pytest.raises(ValueError, match="closed"):

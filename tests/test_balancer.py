@@ -18,9 +18,9 @@ import pytest
 import uvloop
 
 from paycore.core.connection_handoff import receive_connections, send_connection
+from paycore.ready import start_listening
 from paycore.service.balancer import RECONNECT_INTERVAL_S, Balancer
 from paycore.service.handoff import HandoffListener
-from paycore.stack import wait_for_tcp
 
 
 class Named(asyncio.Protocol):
@@ -225,16 +225,12 @@ def test_the_wire_ends_of_the_hand_off():
 
 
 def test_the_balancer_process_stops_on_sigterm(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "paycore.service.balancer"],
-        env={**os.environ, "PAYCORE_BALANCER_LISTEN": f"127.0.0.1:{port}",
+    process, _ = start_listening(
+        [sys.executable, "-m", "paycore.service.balancer"], 15,
+        env={**os.environ, "PAYCORE_BALANCER_LISTEN": "127.0.0.1:0",
              "PAYCORE_BALANCER_INSTANCES": str(tmp_path / "a.handoff")},
         stderr=subprocess.PIPE)
     try:
-        wait_for_tcp("127.0.0.1", port)
         process.send_signal(signal.SIGTERM)
         assert process.wait(5) == 0
     finally:

@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from paycore.stack import free_port, wait_for_tcp
+from paycore.ready import start_listening
 
 PAYCORE = [sys.executable, "-m", "paycore.cli"]
 
 
 def paycore(*arguments: str, timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run([*PAYCORE, *arguments], capture_output=True, text=True, timeout=timeout)
+
+
+def listening(arguments: list[str], stderr) -> tuple[subprocess.Popen, int]:
+    """`paycore ARGUMENTS...` told to listen on port 0, once it listens, and the port it took."""
+    process, (address,) = start_listening([*PAYCORE, *arguments], 15, stdout=subprocess.DEVNULL,
+                                          stderr=stderr, text=True)
+    return process, int(address.rsplit(":", 1)[1])
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["balance"], ["processor"], ["stack"], ["summary"],
@@ -58,19 +66,17 @@ def test_summary_of_the_running_service(live):
 def test_summary_exit_codes_for_errors(live):
     # A processor has no /payments-summary: the service answered, with an error.
     assert paycore("summary", "--url", live.stack.default_url).returncode == 1
-    assert paycore("summary", "--url", f"http://127.0.0.1:{free_port()}").returncode == 3
+    # A port that is bound and not listening refuses every connection.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        assert paycore("summary", "--url", f"http://127.0.0.1:{closed.getsockname()[1]}").returncode == 3
 
 
 def serve(name: str, shared_dir, running_stack, stderr) -> tuple[subprocess.Popen, int]:
-    """`paycore serve` on a free port, using the stack's processors; returns once it listens."""
-    port = free_port()
-    instance = subprocess.Popen(
-        [*PAYCORE, "serve", "--instance", name, "--listen", f"127.0.0.1:{port}",
-         "--shared-dir", str(shared_dir), "--default-url", running_stack.stack.default_url,
-         "--fallback-url", running_stack.stack.fallback_url],
-        stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-    wait_for_tcp("127.0.0.1", port)
-    return instance, port
+    """`paycore serve` using the stack's processors, once it listens; and its port."""
+    return listening(["serve", "--instance", name, "--listen", "127.0.0.1:0",
+                      "--shared-dir", str(shared_dir), "--default-url", running_stack.stack.default_url,
+                      "--fallback-url", running_stack.stack.fallback_url], stderr)
 
 
 def test_serve_runs_an_instance_and_stops_cleanly_on_sigterm(tmp_path, running_stack):
@@ -97,12 +103,9 @@ def test_instance_logs_are_json_lines_and_quiet_per_request(tmp_path, running_st
 
 
 def test_balance_hands_connections_to_the_instances_it_is_given(tmp_path, running_stack):
-    port = free_port()
-    balancer = subprocess.Popen([*PAYCORE, "balance", "--listen", f"127.0.0.1:{port}",
-                                 "--instances", running_stack.stack.handoff_path(1)],
-                                stderr=subprocess.DEVNULL)
+    balancer, port = listening(["balance", "--listen", "127.0.0.1:0",
+                                "--instances", running_stack.stack.handoff_path(1)], subprocess.DEVNULL)
     try:
-        wait_for_tcp("127.0.0.1", port, process=balancer)
         assert paycore("summary", "--url", f"http://127.0.0.1:{port}").returncode == 0
         balancer.send_signal(signal.SIGTERM)
         assert balancer.wait(10) == 0

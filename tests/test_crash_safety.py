@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import http.client
 import os
-import random
 import signal
 import threading
 import time
-import uuid
 
 import pytest
 
-from conftest import RunningStack, UnixHTTPConnection, call, quick_stack
-from test_service import assert_ledgers_match_processors, payment
+from conftest import RunningStack, UnixHTTPConnection, call, quick_stack, random_uuid, test_random
+from test_service import assert_ledgers_catch_up, assert_ledgers_match_processors, payment
 from test_unknown_outcomes import held_by
 
 LOAD_CLIENTS = 8
@@ -53,7 +51,7 @@ class Load:
             with self._lock:
                 if len(self.accepted) + len(self.unanswered) >= LOAD_MAX_PAYMENTS:
                     return
-            correlation_id = str(uuid.uuid4())
+            correlation_id = str(random_uuid())
             try:
                 status, _ = call(connection, "POST", "/payments", payment(correlation_id))
             except (OSError, http.client.HTTPException):
@@ -93,20 +91,6 @@ def assert_exactly_once(live: RunningStack, accepted: list[str], unanswered: lis
     assert_ledgers_catch_up(live)
 
 
-def assert_ledgers_catch_up(live: RunningStack, timeout_s: float = 15.0) -> dict:
-    """The ledgers agree with the processors within timeout_s. The outcome reaches
-    a ledger after the processor answers: a payment whose answer was lost, or
-    whose SETTLED record had not been written when its instance died, learns it
-    from a resend or a lookup, a few backoffs later."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return assert_ledgers_match_processors(live)
-        except AssertionError:
-            time.sleep(0.2)
-    return assert_ledgers_match_processors(live)
-
-
 def assert_load_paid_exactly_once(live: RunningStack, load: Load) -> None:
     """After kills under load: enough payments went through for the kills to
     matter, and each is paid exactly once once the default is fast again."""
@@ -131,12 +115,11 @@ def crashy():
 def test_sigkill_three_times_under_load_loses_and_duplicates_nothing(crashy):
     live = crashy
     live.default.set_delay(40)
-    rng = random.Random()
     with Load(live) as load:
         for _ in range(3):
-            time.sleep(rng.uniform(1.0, 3.0))
+            time.sleep(test_random.uniform(1.0, 3.0))
             assert restart(live, 1) == -signal.SIGKILL
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(test_random.uniform(0.0, 0.5))
         time.sleep(1.0)
     assert_load_paid_exactly_once(live, load)
 
@@ -145,7 +128,7 @@ def test_payments_in_flight_at_a_kill_are_resolved_by_asking_first(crashy):
     live = crashy
     live.default.set_delay(1000)  # every send is in the air when the instance dies
     direct = live.instance(1)
-    ids = [str(uuid.uuid4()) for _ in range(40)]
+    ids = [str(random_uuid()) for _ in range(40)]
     for correlation_id in ids:
         assert call(direct, "POST", "/payments", payment(correlation_id))[0] == 202
     time.sleep(0.3)
@@ -165,7 +148,7 @@ def test_a_payment_promised_while_both_processors_fail_is_kept_across_kills(cras
     live = crashy
     live.set_both_failing(True)
     direct = live.instance(1)
-    ids = [str(uuid.uuid4()) for _ in range(100)]
+    ids = [str(random_uuid()) for _ in range(100)]
     for correlation_id in ids:
         assert call(direct, "POST", "/payments", payment(correlation_id))[0] == 202
     restart(live, 1)
@@ -177,12 +160,11 @@ def test_a_payment_promised_while_both_processors_fail_is_kept_across_kills(cras
 def test_the_summary_and_accepted_ids_survive_losing_the_shared_directory(tmp_path):
     journals = tmp_path / "journals"
     with quick_stack(PAYCORE_JOURNAL_DIR=str(journals)) as live:
-        ids = [str(uuid.uuid4()) for _ in range(60)]
+        ids = [str(random_uuid()) for _ in range(60)]
         for index, correlation_id in enumerate(ids):
             assert call(live.instance(1 + index % 2), "POST", "/payments", payment(correlation_id))[0] == 202
         wait_until_held(live, ids)
-        time.sleep(0.5)
-        before = assert_ledgers_match_processors(live)
+        before = assert_ledgers_catch_up(live)
         for index in (1, 2):
             live.stack.stop_instance(index, signal.SIGKILL)
         for name in os.listdir(live.stack.shared_dir):
@@ -199,7 +181,7 @@ def test_the_summary_and_accepted_ids_survive_losing_the_shared_directory(tmp_pa
 
 def test_sigterm_drains_what_it_can_and_exits_0(crashy):
     live = crashy
-    ids = [str(uuid.uuid4()) for _ in range(50)]
+    ids = [str(random_uuid()) for _ in range(50)]
     for correlation_id in ids:
         assert call(live.instance(1), "POST", "/payments", payment(correlation_id))[0] == 202
     assert live.stack.stop_instance(1, signal.SIGTERM) == 0
@@ -212,7 +194,7 @@ def test_sigterm_drains_what_it_can_and_exits_0(crashy):
 def test_sigterm_with_processors_down_keeps_the_rest_for_the_next_start():
     with quick_stack(PAYCORE_DRAIN_TIMEOUT_MS="500") as live:
         live.set_both_failing(True)
-        ids = [str(uuid.uuid4()) for _ in range(50)]
+        ids = [str(random_uuid()) for _ in range(50)]
         for correlation_id in ids:
             assert call(live.instance(1), "POST", "/payments", payment(correlation_id))[0] == 202
         started = time.monotonic()

@@ -5,12 +5,12 @@ import json
 import random
 import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 
 import aiohttp
 import pytest
 
+from conftest import random_uuid
 from paycore.emulator import EmulatorProcess, PaymentStore
 from paycore.emulator.wire import PaymentRequest
 
@@ -112,7 +112,7 @@ def read_responses(connection: socket.socket, count: int) -> list[tuple[int, byt
 
 
 def test_processes_and_returns_a_payment(emulator: EmulatorProcess) -> None:
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     status, _, body = call(emulator, "POST", "/payments", payment_body(correlation_id))
     assert (status, json.loads(body)) == (200, {"message": "payment processed successfully"})
 
@@ -122,7 +122,7 @@ def test_processes_and_returns_a_payment(emulator: EmulatorProcess) -> None:
         correlation_id.encode(),
         REQUESTED_AT.encode(),
     )
-    assert call(emulator, "GET", f"/payments/{uuid.uuid4()}")[0] == 404
+    assert call(emulator, "GET", f"/payments/{random_uuid()}")[0] == 404
     assert call(emulator, "GET", "/payments/not-a-uuid")[0] == 400
 
 
@@ -130,7 +130,7 @@ def test_amount_is_rounded_from_its_decimal_text(emulator: EmulatorProcess) -> N
     # 1.005 and 2.675 are just below their midpoints as binary floats, so rounding a float would go down.
     expected = {"1.005": b"1.01", "2.675": b"2.68", "0.1": b"0.10", "3": b"3.00", "1e1": b"10.00", "7.994999": b"7.99"}
     for amount, stored in expected.items():
-        correlation_id = str(uuid.uuid4())
+        correlation_id = str(random_uuid())
         assert pay(emulator, correlation_id, amount) == 200
         assert b'"amount":%s,' % stored in call(emulator, "GET", f"/payments/{correlation_id}")[2]
     status, _, body = call(emulator, "GET", "/admin/payments-summary", token=TOKEN)
@@ -145,13 +145,13 @@ def test_amount_is_rounded_from_its_decimal_text(emulator: EmulatorProcess) -> N
         b"[]",
         b'{"amount": 1, "requestedAt": "%s"}' % REQUESTED_AT.encode(),
         payment_body("not-a-uuid"),
-        payment_body(str(uuid.uuid4()), amount='"20.05"'),
-        payment_body(str(uuid.uuid4()), amount="true"),
-        payment_body(str(uuid.uuid4()), amount="NaN"),
-        payment_body(str(uuid.uuid4()), amount="1e40"),
-        payment_body(str(uuid.uuid4()), requested_at="2025-13-01T00:00:00.000Z"),
-        payment_body(str(uuid.uuid4()), requested_at="yesterday"),
-        b'{"correlationId": "%s", "amount": 1}' % str(uuid.uuid4()).encode(),
+        payment_body(str(random_uuid()), amount='"20.05"'),
+        payment_body(str(random_uuid()), amount="true"),
+        payment_body(str(random_uuid()), amount="NaN"),
+        payment_body(str(random_uuid()), amount="1e40"),
+        payment_body(str(random_uuid()), requested_at="2025-13-01T00:00:00.000Z"),
+        payment_body(str(random_uuid()), requested_at="yesterday"),
+        b'{"correlationId": "%s", "amount": 1}' % str(random_uuid()).encode(),
     ],
 )
 def test_rejects_malformed_payments(emulator: EmulatorProcess, body: bytes) -> None:
@@ -160,7 +160,7 @@ def test_rejects_malformed_payments(emulator: EmulatorProcess, body: bytes) -> N
 
 
 def test_duplicate_correlation_id_is_422(emulator: EmulatorProcess) -> None:
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     assert pay(emulator, correlation_id, "10.00") == 200
     status, _, body = call(emulator, "POST", "/payments", payment_body(correlation_id.upper(), "99.00"))
     assert status == 422
@@ -170,7 +170,7 @@ def test_duplicate_correlation_id_is_422(emulator: EmulatorProcess) -> None:
 
 def test_failure_mode_answers_500_and_stores_nothing(start_emulator: StartEmulator) -> None:
     emulator = start_emulator("--failure")
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     status, _, body = call(emulator, "POST", "/payments", payment_body(correlation_id))
     assert (status, body) == (500, b"")
     assert call(emulator, "GET", f"/payments/{correlation_id}")[0] == 404
@@ -184,14 +184,14 @@ def test_failure_mode_answers_500_and_stores_nothing(start_emulator: StartEmulat
 def test_delay_is_honoured_and_reported(start_emulator: StartEmulator) -> None:
     emulator = start_emulator("--delay", "300")
     started = time.monotonic()
-    assert pay(emulator, str(uuid.uuid4())) == 200
+    assert pay(emulator, str(random_uuid())) == 200
     assert 0.28 <= time.monotonic() - started < 2.0
     assert json.loads(call(emulator, "GET", "/payments/service-health")[2]) == {"failing": False, "minResponseTime": 300}
 
     status, _, body = call(emulator, "PUT", "/admin/configurations/delay", {"delay": 0}, TOKEN)
     assert (status, json.loads(body)) == (200, {"config": "delay", "was": 300, "is": 0})
     started = time.monotonic()
-    assert pay(emulator, str(uuid.uuid4())) == 200
+    assert pay(emulator, str(random_uuid())) == 200
     assert time.monotonic() - started < 0.2
     assert call(emulator, "PUT", "/admin/configurations/delay", {"delay": -1}, TOKEN)[0] == 400
     assert call(emulator, "PUT", "/admin/configurations/delay", {"delay": "5"}, TOKEN)[0] == 400
@@ -199,7 +199,7 @@ def test_delay_is_honoured_and_reported(start_emulator: StartEmulator) -> None:
 
 def test_admission_beyond_inflight_and_queue_is_429(start_emulator: StartEmulator) -> None:
     emulator = start_emulator("--delay", "400", "--max-inflight", "2", "--max-queued", "2")
-    payments = [("POST", "/payments", payment_body(str(uuid.uuid4()))) for _ in range(6)]
+    payments = [("POST", "/payments", payment_body(str(random_uuid()))) for _ in range(6)]
     results = asyncio.run(timed_calls(emulator, payments))
 
     refused = [(seconds, headers) for status, seconds, headers in results if status == 429]
@@ -212,13 +212,16 @@ def test_admission_beyond_inflight_and_queue_is_429(start_emulator: StartEmulato
 
 def test_admitted_payment_is_stored_when_its_client_hangs_up(start_emulator: StartEmulator) -> None:
     emulator = start_emulator("--delay", "300")
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     body = payment_body(correlation_id)
     with socket.create_connection(("127.0.0.1", emulator.port), timeout=5) as connection:
         connection.sendall(b"POST /payments HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         time.sleep(0.05)
-    time.sleep(0.6)
-    assert call(emulator, "GET", f"/payments/{correlation_id}")[0] == 200
+    # Stored once its 300 ms are over, though nobody waits for the answer.
+    deadline = time.monotonic() + 5
+    while call(emulator, "GET", f"/payments/{correlation_id}")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_health_check_answers_once_per_window_with_a_line_of_two(start_emulator: StartEmulator) -> None:
@@ -277,7 +280,7 @@ def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_summary_bounds_are_inclusive_at_millisecond_precision(emulator: EmulatorProcess) -> None:
     for millisecond, amount in ((0, "1.00"), (1, "2.00"), (2, "4.00")):
-        assert pay(emulator, str(uuid.uuid4()), amount, f"2025-07-15T12:00:00.00{millisecond}Z") == 200
+        assert pay(emulator, str(random_uuid()), amount, f"2025-07-15T12:00:00.00{millisecond}Z") == 200
     at = "2025-07-15T12:00:00.00{}Z".format
     expectations = {
         "": (7.00, 3),
@@ -296,16 +299,16 @@ def test_summary_bounds_are_inclusive_at_millisecond_precision(emulator: Emulato
 
 
 def test_summary_amounts_are_exact_with_a_half_even_fee(emulator: EmulatorProcess) -> None:
-    assert pay(emulator, str(uuid.uuid4()), "1.50") == 200
+    assert pay(emulator, str(random_uuid()), "1.50") == 200
     # 7% of 150 cents is 10.5 cents: half-even gives 10.
     body = call(emulator, "GET", "/admin/payments-summary", token=TOKEN)[2]
     assert body == b'{"totalAmount":1.50,"totalRequests":1,"totalFee":0.10,"feePerTransaction":0.07}'
-    assert pay(emulator, str(uuid.uuid4()), "0.70") == 200
+    assert pay(emulator, str(random_uuid()), "0.70") == 200
     assert summary(emulator)["totalFee"] == 0.15  # 15.4 cents
 
 
 def test_purge_clears_every_payment(emulator: EmulatorProcess) -> None:
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     assert pay(emulator, correlation_id) == 200
     status, _, body = call(emulator, "POST", "/admin/purge-payments", token=TOKEN)
     assert (status, json.loads(body)) == (200, {"message": "All payments purged."})
@@ -330,7 +333,7 @@ def test_unknown_paths_wrong_methods_and_oversized_bodies(emulator: EmulatorProc
 
 def test_pipelined_requests_are_answered_in_order(start_emulator: StartEmulator) -> None:
     emulator = start_emulator("--delay", "200")
-    correlation_id = str(uuid.uuid4())
+    correlation_id = str(random_uuid())
     body = payment_body(correlation_id)
     requests = (
         b"POST /payments HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -345,12 +348,48 @@ def test_pipelined_requests_are_answered_in_order(start_emulator: StartEmulator)
         assert connection.recv(1) == b""  # closed after the malformed request
 
 
+def test_a_payments_file_keeps_every_payment_answered_200_across_a_kill(tmp_path) -> None:
+    payments_file = str(tmp_path / "default.log")
+    kept = [str(random_uuid()) for _ in range(3)]
+    with EmulatorProcess("--payments-file", payments_file) as emulator:
+        for number, correlation_id in enumerate(kept):
+            assert pay(emulator, correlation_id, f"1.0{number}", f"2025-07-15T12:00:00.00{number}Z") == 200
+        before = summary(emulator)
+        assert (before["totalRequests"], before["totalAmount"]) == (3, 3.03)
+        emulator.kill()
+    with EmulatorProcess("--payments-file", payments_file) as emulator:
+        assert summary(emulator) == before
+        assert summary(emulator, "?from=2025-07-15T12:00:00.001Z")["totalRequests"] == 2
+        status, _, body = call(emulator, "GET", f"/payments/{kept[1]}")
+        assert (status, json.loads(body)) == (200, {"correlationId": kept[1], "amount": 1.01,
+                                                    "requestedAt": "2025-07-15T12:00:00.001Z"})
+        assert pay(emulator, kept[0]) == 422
+        assert call(emulator, "POST", "/admin/purge-payments", token=TOKEN)[0] == 200
+        emulator.kill()
+    with EmulatorProcess("--payments-file", payments_file) as emulator:
+        assert summary(emulator)["totalRequests"] == 0
+        assert pay(emulator, kept[0]) == 200
+
+
+def test_a_line_torn_by_a_kill_is_dropped_and_the_file_goes_on(tmp_path) -> None:
+    payments_file = tmp_path / "default.log"
+    whole = str(random_uuid())
+    payments_file.write_text(f"{whole} 2005 {REQUESTED_AT}\n{random_uuid()} 20")
+    with EmulatorProcess("--payments-file", str(payments_file)) as emulator:
+        assert summary(emulator)["totalRequests"] == 1
+        assert pay(emulator, str(random_uuid())) == 200
+        emulator.kill()
+    with EmulatorProcess("--payments-file", str(payments_file)) as emulator:
+        assert summary(emulator)["totalRequests"] == 2
+        assert pay(emulator, whole) == 422
+
+
 def test_exits_cleanly_on_sigterm() -> None:
     emulator = EmulatorProcess()
     assert emulator.stop() == 0
 
 
-def test_store_totals_match_a_plain_count_and_are_fast() -> None:
+def test_store_totals_match_a_plain_count() -> None:
     generator = random.Random(2025)
     store = PaymentStore()
     start_us = 1_752_000_000_000_000
@@ -369,11 +408,3 @@ def test_store_totals_match_a_plain_count_and_are_fast() -> None:
             low, high = bounds[0] or 0, bounds[1] or start_us * 2
             in_range = [payment.cents for payment in payments if low <= payment.requested_at_us <= high]
             assert store.totals(*bounds) == (len(in_range), sum(in_range))
-
-    slowest = 0.0
-    for _ in range(20):
-        first = start_us + generator.randint(0, 1_000) * 3_000
-        started = time.perf_counter()
-        store.totals(first, first + 290_000_000)
-        slowest = max(slowest, time.perf_counter() - started)
-    assert slowest < 0.02

@@ -1,8 +1,8 @@
 import os
-import uuid
 
 import pytest
 
+from conftest import random_uuid
 from paycore.core.journal import Journal, RecordKind, read_journal, write_journal
 
 HEADER_SIZE = 16
@@ -10,7 +10,7 @@ RECORD_SIZE = 48
 
 
 def new_id() -> bytes:
-    return uuid.uuid4().bytes
+    return random_uuid().bytes
 
 
 def test_records_read_back_in_order(tmp_path):

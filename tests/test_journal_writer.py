@@ -1,8 +1,8 @@
 """Group commit: answers and sends wait for the batch holding their promise."""
 import asyncio
 import os
-import uuid
 
+from conftest import random_uuid
 from paycore.core.journal import Journal, RecordKind, read_journal
 from paycore.core.ledger import Ledger
 from paycore.service.store.embedded.journal import JournalWriter
@@ -38,7 +38,7 @@ def run(tmp_path, scenario, failing_writes=0):
 def test_an_answer_waits_for_its_promise_to_be_written(tmp_path):
     async def scenario(writer, path):
         answered = []
-        payment = uuid.uuid4().bytes
+        payment = random_uuid().bytes
         writer.accepted(payment, 2005)
         writer.after_durable(answered.append, "first")
         writer.after_durable(answered.append, "second")
@@ -53,7 +53,7 @@ def test_an_answer_waits_for_its_promise_to_be_written(tmp_path):
 
 def test_a_send_waits_for_its_record_and_outcomes_do_not_hold_anyone(tmp_path):
     async def scenario(writer, path):
-        payment = uuid.uuid4().bytes
+        payment = random_uuid().bytes
         writer.sending(payment, 0, 1_700_000_000_000)
         await writer.durable()
         assert [record[0] for record in read_journal(path)] == [RecordKind.SENDING]
@@ -63,7 +63,7 @@ def test_a_send_waits_for_its_record_and_outcomes_do_not_hold_anyone(tmp_path):
         writer.after_durable(answered.append, "summary")
         assert answered == ["summary"]  # an outcome in the buffer holds nobody back
         assert writer.durable().done()
-        writer.accepted(uuid.uuid4().bytes, 100)
+        writer.accepted(random_uuid().bytes, 100)
         await writer.durable()
         assert [record[0] for record in read_journal(path)] == [
             RecordKind.SENDING, RecordKind.SETTLED, RecordKind.ACCEPTED]
@@ -73,7 +73,7 @@ def test_a_send_waits_for_its_record_and_outcomes_do_not_hold_anyone(tmp_path):
 def test_a_failed_write_keeps_everyone_waiting_until_it_succeeds(tmp_path):
     async def scenario(writer, path):
         answered = []
-        writer.accepted(uuid.uuid4().bytes, 100)
+        writer.accepted(random_uuid().bytes, 100)
         writer.after_durable(answered.append, "answer")
         await asyncio.sleep(0.01)
         assert answered == [] and read_journal(path) == []

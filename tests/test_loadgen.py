@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -29,8 +30,6 @@ PERF = Path(__file__).resolve().parent.parent / "perf"
 sys.path.insert(0, str(PERF))
 
 from report import read_requests  # noqa: E402
-
-from paycore.stack import free_port  # noqa: E402
 
 UUID_V4 = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -165,8 +164,11 @@ def test_start_vus_begin_together(binaries, tmp_path, constant_server):
 
 
 def test_refused_connections_fail_and_retry_after_think_time(binaries, tmp_path):
-    run = run_loadgen(binaries, tmp_path, free_port(), "--duration", "1", "--max-vus", "5",
-                      "--think-ms", "50")
+    # A port that is bound and not listening refuses every connection.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        run = run_loadgen(binaries, tmp_path, closed.getsockname()[1], "--duration", "1", "--max-vus", "5",
+                          "--think-ms", "50")
     assert len(run.rows) >= 20
     assert all(row.status == 0 for row in run.rows)
     assert run.summary["failed"] == run.summary["requests"] == len(run.rows)
@@ -283,7 +285,10 @@ def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_pat
     run = Run(subprocess.CompletedProcess(loadgen.args, 0, stdout, stderr), out)
     assert len(run.rows) >= 3 and {row.status for row in run.rows} == {202}
     assert all(row.read_latency_us >= 100_000 for row in run.rows)
-    assert all(row.latency_us < 50_000 for row in run.rows)
+    # Each answer arrived before the 100 ms stop and was read after it: however
+    # long the server took to answer, the stop is not in the latency. (Slack for
+    # the realtime clock's slewing against the monotonic one over those 100 ms.)
+    assert [row for row in run.rows if row.read_latency_us - row.latency_us < 99_000] == []
     assert run.summary["unstamped"] == 0
 
 def test_arrivals_start_on_schedule_whatever_the_answers(binaries, tmp_path, constant_server):

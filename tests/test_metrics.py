@@ -7,12 +7,11 @@ import asyncio
 import re
 import socket
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import UnixHTTPConnection, call, quick_stack
+from conftest import UnixHTTPConnection, call, quick_stack, random_uuid
 from paycore.service.config import Settings
 from paycore.service.connections import ConnectionGuard, ConnectionLimits
 from paycore.service.delivery import Dispatcher
@@ -112,6 +111,18 @@ class RecordingTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
 
 class ScriptedClient:
     """A processor that answers the outcomes given, in order, and holds nothing."""
@@ -156,7 +167,7 @@ class Parts:
         return protocol, transport
 
     def scrape(self) -> dict[Series, float]:
-        head, _, body = self.endpoint.handle(b"GET", b"/metrics", b"").partition(b"\r\n\r\n")
+        head, _, body = self.endpoint.handle(b"GET", b"/metrics", b"", b"").partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
         return parse_exposition(body.decode())
@@ -201,7 +212,7 @@ def test_requests_are_counted_by_route_and_status_with_their_latency(tmp_path):
 
 def test_latency_runs_until_the_answer_is_written_after_the_journal(tmp_path):
     async def scenario(parts: Parts) -> None:
-        parts.journal.accepted(uuid.uuid4().bytes, 100)  # a batch that holds answers back
+        parts.journal.accepted(random_uuid().bytes, 100)  # a batch that holds answers back
         protocol, transport = parts.connect()
         protocol.data_received(b"GET /nope HTTP/1.1\r\n\r\n")  # its write fails: the answer waits
         assert transport.written == b""
@@ -230,15 +241,15 @@ def test_outcomes_routing_and_retries_are_counted(tmp_path):
     async def scenario(parts: Parts) -> None:
         parts.dispatcher.start()
         # A 5xx from the default: requeued, and the route changes to the fallback.
-        parts.queue.push(uuid.uuid4().bytes, 100)
+        parts.queue.push(random_uuid().bytes, 100)
         parts.dispatcher.notify()
         await settled(parts, 1)
         # A timeout: pinned to the fallback and resent there.
-        parts.queue.push(uuid.uuid4().bytes, 200)
+        parts.queue.push(random_uuid().bytes, 200)
         parts.dispatcher.notify()
         await settled(parts, 2)
         # Left unsent by a previous run.
-        parts.dispatcher.resume([(uuid.uuid4().bytes, 300)], [])
+        parts.dispatcher.resume([(random_uuid().bytes, 300)], [])
         await settled(parts, 3)
 
         samples = parts.scrape()

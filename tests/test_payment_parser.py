@@ -4,6 +4,7 @@ import uuid
 import orjson
 import pytest
 
+from conftest import random_uuid
 from paycore.core.correlation_id import uuid_to_bytes, uuid_to_text
 from paycore.core.payment_parser import InvalidPayment, parse_payment
 from paycore.core.processor_payload import encode_payment
@@ -94,7 +95,7 @@ def test_json_syntax_verdict_agrees_with_orjson():
 
 def test_correlation_id_round_trip():
     for _ in range(1000):
-        value = uuid.uuid4()
+        value = random_uuid()
         assert uuid_to_bytes(str(value)) == value.bytes
         assert uuid_to_text(value.bytes) == str(value)
 

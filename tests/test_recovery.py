@@ -1,6 +1,6 @@
 """What a journal left by a killed instance turns into at the next start."""
-import uuid
 
+from conftest import random_uuid
 from paycore.core.journal import Journal, RecordKind, read_journal
 from paycore.service.store.embedded.recovery import recover, replay
 
@@ -9,7 +9,7 @@ DEFAULT, FALLBACK = 0, 1
 
 
 def ids(count):
-    return [uuid.uuid4().bytes for _ in range(count)]
+    return [random_uuid().bytes for _ in range(count)]
 
 
 def test_each_payment_ends_up_where_its_history_says():

@@ -9,7 +9,6 @@ import random
 import socket
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -17,6 +16,7 @@ import pytest
 from redis_server import ScratchRedis
 from test_resp import run
 
+from conftest import random_uuid
 from paycore.core.ring_queue import RingQueue
 from paycore.service.config import Settings
 from paycore.service.store.base import Acceptance
@@ -66,7 +66,7 @@ async def until(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
 
 
 def payment_ids(count: int) -> list[bytes]:
-    return [uuid.uuid4().bytes for _ in range(count)]
+    return [random_uuid().bytes for _ in range(count)]
 
 
 def test_one_id_posted_to_two_instances_at_once_is_accepted_once(redis_url):
@@ -334,7 +334,7 @@ def test_an_unreachable_redis_fails_the_acceptance():
             bound_not_listening.bind(("127.0.0.1", 0))
             store = new_store(f"redis://127.0.0.1:{bound_not_listening.getsockname()[1]}/0", "a")
             with pytest.raises(ConnectionError):
-                await asyncio.wait_for(store.accept(uuid.uuid4().bytes, 100), 1)
+                await asyncio.wait_for(store.accept(random_uuid().bytes, 100), 1)
             await store.close()
 
     run(scenario)

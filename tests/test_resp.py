@@ -78,21 +78,25 @@ def test_an_error_reply_fails_its_own_command_only(redis_url):
     run(scenario)
 
 
-async def held_by_the_server(client: RedisClient) -> asyncio.Future:
+async def held_by_the_server(client: RedisClient, url: str) -> asyncio.Future:
     """A command the server holds without answering (BLPOP of an empty list),
-    once it has surely reached the server."""
+    once the server says it holds it."""
     waiting = client.execute("BLPOP", "nothing", 10)
     client.flush()
-    await asyncio.sleep(0.1)
+    observer = RedisClient(url)
+    while b"cmd=blpop" not in await observer.execute("CLIENT", "LIST"):
+        await asyncio.sleep(0.01)
+    observer.close()
     return waiting
 
 
 def test_a_lost_server_fails_what_waits_fast_and_the_client_reconnects_when_it_is_back(tmp_path):
     with ScratchRedis(str(tmp_path)) as server:
         async def scenario():
-            client = RedisClient(f"redis://127.0.0.1:{server.port}/2")
+            url = f"redis://127.0.0.1:{server.port}/2"
+            client = RedisClient(url)
             assert await client.execute("SET", "key", "before") == b"OK"
-            waiting = await held_by_the_server(client)
+            waiting = await held_by_the_server(client, url)
             server.kill()
             with pytest.raises(RedisUnavailable):
                 await asyncio.wait_for(waiting, 2)
@@ -181,7 +185,7 @@ def test_unix_socket(tmp_path):
 def test_closing_fails_what_waits_and_what_comes_after(redis_url):
     async def scenario():
         client = RedisClient(redis_url)
-        waiting = await held_by_the_server(client)
+        waiting = await held_by_the_server(client, redis_url)
         client.close()
         with pytest.raises(RedisUnavailable):
             await asyncio.wait_for(waiting, 1)

@@ -1,12 +1,12 @@
-import uuid
 
 import pytest
 
+from conftest import random_uuid
 from paycore.core.ring_queue import RingQueue
 
 
 def new_id() -> bytes:
-    return uuid.uuid4().bytes
+    return random_uuid().bytes
 
 
 def test_pops_in_fifo_order():
@@ -113,7 +113,7 @@ def test_rejects_capacity_below_one(capacity):
 
 def test_rejects_bad_uuid_bytes():
     queue = RingQueue(2)
-    for bad in (b"", b"x" * 15, b"x" * 17, uuid.uuid4().hex.encode()):
+    for bad in (b"", b"x" * 15, b"x" * 17, random_uuid().hex.encode()):
         with pytest.raises(ValueError):
             queue.push(bad, 1)
         with pytest.raises(ValueError):
@@ -121,7 +121,7 @@ def test_rejects_bad_uuid_bytes():
     with pytest.raises(TypeError):
         queue.push(None, 1)
     with pytest.raises(TypeError):
-        queue.push(str(uuid.uuid4()), 1)
+        queue.push(str(random_uuid()), 1)
     with pytest.raises(OverflowError):
         queue.push(new_id(), 2**63)
     assert len(queue) == 0

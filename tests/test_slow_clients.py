@@ -4,10 +4,9 @@ from __future__ import annotations
 import select
 import socket
 import time
-import uuid
 
 import pytest
-from conftest import call, quick_stack
+from conftest import call, quick_stack, random_uuid
 from test_service import payment
 
 HALF_SENT = b"POST /payments HTTP/1.1\r\nHost: paycore\r\nContent-Type: application/json\r\n"
@@ -94,7 +93,7 @@ def test_connections_beyond_the_limit_are_refused_and_the_rest_served():
         extra.connect(live.stack.socket_path(1))
         answer = read_until_closed(extra, timeout_s=5)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"too many connections" in answer
-        assert call(held[0], "POST", "/payments", payment(str(uuid.uuid4())))[0] == 202
+        assert call(held[0], "POST", "/payments", payment(str(random_uuid())))[0] == 202
         for connection in held[:5]:
             connection.close()
         time.sleep(0.2)

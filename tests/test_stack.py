@@ -1,70 +1,63 @@
 """The local topology's own housekeeping."""
 from __future__ import annotations
 
-import os
+import http.client
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import alive, call
 
-from paycore.stack import Stack, StackSettings, free_ports
+from paycore.stack import Stack, StackSettings
 
 START_A_STACK_AND_WAIT = """
-import sys, time
+import sys
 from paycore.stack import Stack, StackSettings
-ports = [int(port) for port in sys.argv[1:]]
-stack = Stack(StackSettings(port=ports[0], default_port=ports[1], fallback_port=ports[2], quiet=True)).start()
+stack = Stack(StackSettings(port=0, default_port=0, fallback_port=0, quiet=True)).start()
 pids = [stack.balancer.pid, *(p.pid for p in stack.processors), *(p.pid for p in stack.instances.values())]
-print(" ".join(map(str, pids)), flush=True)
-time.sleep(60)
+print(" ".join(map(str, pids)), stack.run_dir, stack.shared_dir, flush=True)
+sys.stdin.read()
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_a_killed_owner_takes_its_stack_with_it():
-    owner = subprocess.Popen([sys.executable, "-c", START_A_STACK_AND_WAIT,
-                              *(str(port) for port in free_ports(3))],
-                             stdout=subprocess.PIPE, text=True)
-    pids = [int(pid) for pid in owner.stdout.readline().split()]
-    assert len(pids) == 5 and all(alive(pid) for pid in pids)
-    owner.send_signal(signal.SIGKILL)
-    owner.wait()
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [pid for pid in pids if alive(pid)] == []
+    owner = subprocess.Popen([sys.executable, "-c", START_A_STACK_AND_WAIT],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    *pids, run_dir, shared_dir = owner.stdout.readline().split()
+    pids = [int(pid) for pid in pids]
+    try:
+        assert len(pids) == 5 and all(alive(pid) for pid in pids)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        # The owner was given no time to remove its scratch directories.
+        for directory in (run_dir, shared_dir):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_free_ports_are_distinct_and_open_and_avoid_what_they_are_told():
-    # Probed one after another, a few hundred loopback ports repeat several times.
-    ports = free_ports(500)
-    assert len(set(ports)) == 500
-    assert not set(free_ports(50, avoid=ports[:250])) & set(ports[:250])
-    for port in ports[:20]:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", port))
+def test_ports_left_to_the_os_are_learnt_from_the_processes_that_bound_them():
+    with Stack(StackSettings(port=0, default_port=0, fallback_port=0, quiet=True)) as stack:
+        ports = [stack.port, *(int(url.rsplit(":", 1)[1]) for url in (stack.default_url, stack.fallback_url))]
+        assert len(set(ports)) == 3 and 0 not in ports
+        assert stack.url == f"http://127.0.0.1:{stack.port}"
+        assert call(http.client.HTTPConnection("127.0.0.1", stack.port, timeout=5),
+                    "GET", "/payments-summary")[0] == 200
 
 
 def test_a_stack_refuses_to_give_two_listeners_one_port():
-    port, other = free_ports(2)
     with pytest.raises(ValueError, match="must differ"):
-        Stack(StackSettings(port=port, default_port=port, fallback_port=other))
+        Stack(StackSettings(port=9999, default_port=9999, fallback_port=0))
 
 
 def test_a_process_that_exits_at_start_fails_the_stack_at_once():
-    port, default_port, fallback_port = free_ports(3)
-    stack = Stack(StackSettings(port=port, default_port=default_port, fallback_port=fallback_port,
+    stack = Stack(StackSettings(port=0, default_port=0, fallback_port=0,
                                 quiet=True, instance_env={"PAYCORE_QUEUE_CAPACITY": "many"}))
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="exited with"):

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
 from test_ledger import INT64_MAX, INT64_MIN, Model
 
+from conftest import random_uuid
 from paycore.core.ring_queue import RingQueue
 from paycore.service.config import Settings
 from paycore.service.store import Acceptance, Store, open_store
@@ -110,7 +110,7 @@ async def eventually(condition: Callable[[], bool], what: str, timeout_s: float 
 def test_an_id_is_accepted_once_whichever_instance_sees_it(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
-        uuid16 = uuid.uuid4().bytes
+        uuid16 = random_uuid().bytes
         assert await accept(first, uuid16, 1995) == Acceptance.ACCEPTED
         assert await accept(second, uuid16, 1995) == Acceptance.DUPLICATE
         assert await accept(first, uuid16, 1995) == Acceptance.DUPLICATE
@@ -123,7 +123,7 @@ def test_every_accepted_payment_is_pending_on_exactly_one_instance(deployment_se
         stores = [await deployment.start(name) for name in ("a", "b", "c")]
         accepted = {}
         for index in range(90):
-            uuid16 = uuid.uuid4().bytes
+            uuid16 = random_uuid().bytes
             accepted[uuid16] = 100 + index
             assert await accept(stores[index % 3], uuid16, 100 + index) == Acceptance.ACCEPTED
         taken = await _take(deployment, len(accepted))
@@ -138,7 +138,7 @@ def test_an_answer_waits_for_the_store_to_hold_the_payment(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         store = await deployment.start("a")
         answered = []
-        acceptance = await resolve(store.accept(uuid.uuid4().bytes, 100))
+        acceptance = await resolve(store.accept(random_uuid().bytes, 100))
         store.after_durable(answered.append, "first")
         store.after_durable(answered.append, "second")
         store.flush_waiting()
@@ -156,7 +156,7 @@ def test_settled_payments_are_summed_exactly_for_every_instance(deployment_setti
         base_ms = 1_760_000_000_000
         payments = 400
         for _ in range(payments):
-            assert await accept(rng.choice(stores), uuid.uuid4().bytes, rng.randint(1, 100_000)) \
+            assert await accept(rng.choice(stores), random_uuid().bytes, rng.randint(1, 100_000)) \
                 == Acceptance.ACCEPTED
         # Sent and settled by the instance that took each payment from the pending ones.
         for uuid16, (store, cents) in (await _take(deployment, payments)).items():
@@ -193,7 +193,7 @@ def test_settled_payments_are_summed_exactly_for_every_instance(deployment_setti
 def test_purge_forgets_ledger_and_ids_but_keeps_pending_payments(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
-        settled, pending = uuid.uuid4().bytes, uuid.uuid4().bytes
+        settled, pending = random_uuid().bytes, random_uuid().bytes
         for uuid16 in (settled, pending):
             assert await accept(first, uuid16, 500) == Acceptance.ACCEPTED
         owners = {uuid16: store for uuid16, (store, _) in (await _take(deployment, 2)).items()}
@@ -238,7 +238,7 @@ async def _wait_for_totals(store: Store, totals: tuple[int, int, int, int]) -> N
 def test_a_restarted_instance_resumes_what_it_left(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         store = await deployment.start("a")
-        unsent, sent, settled = (uuid.uuid4().bytes for _ in range(3))
+        unsent, sent, settled = (random_uuid().bytes for _ in range(3))
         for uuid16 in (unsent, sent, settled):
             assert await accept(store, uuid16, 250) == Acceptance.ACCEPTED
         await eventually(lambda: len(deployment.queue("a")) == 3, "payments not queued")

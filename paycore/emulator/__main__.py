@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import uvloop
 
@@ -15,8 +16,8 @@ from paycore.emulator.config import (
     DEFAULT_TOKEN,
     ProcessorConfig,
 )
-from paycore.emulator.process import LISTENING
 from paycore.emulator.processor import PaymentProcessor
+from paycore.ready import announce
 
 
 def _env(name: str, default: object) -> str:
@@ -56,6 +57,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-inflight", type=int, default=_env("MAX_INFLIGHT", DEFAULT_MAX_INFLIGHT))
     parser.add_argument("--max-queued", type=int, default=_env("MAX_QUEUED", DEFAULT_MAX_QUEUED))
+    parser.add_argument(
+        "--payments-file",
+        type=Path,
+        default=_env("PAYMENTS_FILE", "") or None,
+        help="keep the processed payments in this file, read back at start (default: in memory only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -69,12 +76,13 @@ async def run(host: str, port: int, config: ProcessorConfig) -> None:
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(
-        f"{LISTENING} http://{url_host}:{bound_port} (fee {config.fee}, token {config.token}, "
+        f"paycore emulator listening on http://{url_host}:{bound_port} (fee {config.fee}, token {config.token}, "
         f"delay {config.delay_ms} ms, failure {'on' if config.failing else 'off'}, "
         f"health interval {config.health_interval:g} s)",
         file=sys.stderr,
         flush=True,
     )
+    announce([f"{url_host}:{bound_port}"])
     await stop.wait()
     server.close()
 
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             health_interval=arguments.health_interval,
             max_inflight=arguments.max_inflight,
             max_queued=arguments.max_queued,
+            payments_file=arguments.payments_file,
         )
     except ValueError as error:
         print(f"paycore emulator: {error}", file=sys.stderr)

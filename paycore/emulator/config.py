@@ -1,6 +1,7 @@
 """The processor's settings: fixed ones from the command line, live ones changed by the admin API."""
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 DEFAULT_TOKEN = "123"
 DEFAULT_HEALTH_INTERVAL = 5.0
@@ -17,6 +18,8 @@ class ProcessorConfig:
     health_interval: float = DEFAULT_HEALTH_INTERVAL
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     max_queued: int = DEFAULT_MAX_QUEUED
+    # Where the processed payments are kept across restarts; None: in memory only.
+    payments_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.fee.is_finite() or self.fee < 0:

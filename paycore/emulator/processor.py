@@ -10,6 +10,7 @@ import orjson
 from paycore.emulator.admission import AdmissionGate
 from paycore.emulator.config import ProcessorConfig
 from paycore.emulator.health import HealthRateLimiter
+from paycore.emulator.payments_file import PaymentsFile
 from paycore.emulator.server import Handler, Request, Response, start_http_server
 from paycore.emulator.store import PaymentStore
 from paycore.emulator.wire import (
@@ -56,7 +57,7 @@ class PaymentProcessor:
 
     def __init__(self, config: ProcessorConfig) -> None:
         self.config = config
-        self.store = PaymentStore()
+        self.store = PaymentStore(PaymentsFile(config.payments_file) if config.payments_file else None)
         self._admission = AdmissionGate(config.max_inflight, config.max_queued)
         self._health_limiter = HealthRateLimiter(config.health_interval, MAX_HEALTH_WAITING)
         self._health_refused = Response(

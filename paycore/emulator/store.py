@@ -1,6 +1,7 @@
 """The processed payments: looked up by correlationId, totalled over requestedAt ranges."""
 from bisect import bisect_left, bisect_right
 
+from paycore.emulator.payments_file import PaymentsFile
 from paycore.emulator.wire import PaymentRequest
 
 # Blocks of at most this many payments keep both inserting anywhere and totalling a range
@@ -77,9 +78,16 @@ class RequestedAtIndex:
 
 
 class PaymentStore:
-    def __init__(self) -> None:
+    """In memory; with a file, also kept there and read back at start."""
+
+    def __init__(self, file: PaymentsFile | None = None) -> None:
         self._payments: dict[str, PaymentRequest] = {}
         self._index = RequestedAtIndex()
+        self._file = None
+        if file is not None:
+            for payment in file.read():
+                self.add(payment)
+            self._file = file
 
     def __len__(self) -> int:
         return len(self._payments)
@@ -88,6 +96,8 @@ class PaymentStore:
         """Store the payment; False (and nothing stored) if its correlationId is already held."""
         if payment.correlation_id in self._payments:
             return False
+        if self._file is not None:
+            self._file.append(payment)
         self._payments[payment.correlation_id] = payment
         self._index.add(payment.requested_at_us, payment.cents)
         return True
@@ -102,3 +112,5 @@ class PaymentStore:
     def purge(self) -> None:
         self._payments.clear()
         self._index = RequestedAtIndex()
+        if self._file is not None:
+            self._file.clear()
