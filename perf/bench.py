@@ -31,8 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "perf"))
 
-from cgroups import CgroupJail, compose_limits  # noqa: E402
+from cgroups import compose_jail, compose_limits  # noqa: E402
 from host import LowLatencyHost  # noqa: E402
+from native import build_tools  # noqa: E402
 from report import (  # noqa: E402
     draw_chart,
     latencies_by_connection_ms,
@@ -42,27 +43,13 @@ from report import (  # noqa: E402
     success_latencies_ms,
 )
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
+from usage import process_usage  # noqa: E402
 
 from paycore.stack import Stack, StackSettings  # noqa: E402
 
 RESULTS = REPO / "perf" / "results"
 FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
-BUILD = REPO / "build"
 MAX_VUS = 603
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def build_tools() -> dict[str, Path]:
-    BUILD.mkdir(exist_ok=True)
-    tools = {}
-    headers = list((REPO / "perf").glob("*.h"))
-    for name in ("loadgen", "constant_server"):
-        source, binary = REPO / "perf" / f"{name}.c", BUILD / name
-        newest_input = max(path.stat().st_mtime for path in (source, *headers))
-        if not binary.exists() or binary.stat().st_mtime < newest_input:
-            subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)], check=True)
-        tools[name] = binary
-    return tools
 
 
 def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
@@ -70,15 +57,6 @@ def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
                "--max-vus", str(MAX_VUS), "--out", str(out)]
     finished = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
-def process_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds so far, peak RSS in bytes) of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / TICKS
-    peak_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
-    return cpu, peak_kb * 1024
 
 
 def calibrate(seconds: float, low_latency_host: bool) -> None:
@@ -133,9 +111,7 @@ def main() -> int:
 def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, dict]:
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
-    jail = CgroupJail(limits) if CgroupJail.available() else None
-    if jail is None:
-        print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
+    jail = compose_jail(REPO / "docker-compose.yml", "paycore-bench")
     settings = StackSettings(port=0, default_port=0, fallback_port=0, quiet=True,
                              cgroups=jail.directories if jail else {},
                              instance_env={"PAYCORE_LOG_LEVEL": "WARNING"}, store=store)
