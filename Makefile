@@ -10,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph
+.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph bench-capacity soak
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,14 @@ bench-calibrate: $(BENCH_DEPS)
 # A benchmark run with py-spy flamegraphs of both instances in perf/flamegraphs/.
 flamegraph: build system-deps $(BENCH_DEPS)
 	BENCH_FLAMEGRAPH=1 $(PY) perf/bench.py
+
+# Open-loop arrival rates up to saturation under the compose limits (CAPACITY_SECONDS per rate).
+bench-capacity: build $(BENCH_DEPS)
+	$(PY) perf/capacity.py
+
+# SOAK_PAYMENTS (default 10 M) at the highest rate the stack sustains, then a SIGKILLed instance's recovery.
+soak: build $(BENCH_DEPS)
+	$(PY) perf/soak.py
 
 clean:
 	rm -rf build $(VENV) paycore/core/*.so pyx/*.c *.egg-info

@@ -37,8 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "perf"))
 
-from cgroups import CgroupJail, compose_limits  # noqa: E402
+from cgroups import compose_jail, compose_limits  # noqa: E402
 from host import LowLatencyHost  # noqa: E402
+from native import BUILD, build_tools  # noqa: E402
 from report import (  # noqa: E402
     draw_chart,
     latencies_by_connection_ms,
@@ -48,14 +49,13 @@ from report import (  # noqa: E402
     success_latencies_ms,
 )
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
+from usage import process_usage  # noqa: E402
 
 from paycore.stack import Stack, StackSettings  # noqa: E402
 
 RESULTS = REPO / "perf" / "results"
 FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
-BUILD = REPO / "build"
 MAX_VUS = 603
-TICKS = os.sysconf("SC_CLK_TCK")
 TMPFS = Path("/dev/shm")
 
 
@@ -92,33 +92,12 @@ def variants() -> list[Variant]:
                             else [Variant(store)])]
 
 
-def build_tools() -> dict[str, Path]:
-    BUILD.mkdir(exist_ok=True)
-    tools = {}
-    headers = list((REPO / "perf").glob("*.h"))
-    for name in ("loadgen", "constant_server"):
-        source, binary = REPO / "perf" / f"{name}.c", BUILD / name
-        newest_input = max(path.stat().st_mtime for path in (source, *headers))
-        if not binary.exists() or binary.stat().st_mtime < newest_input:
-            subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)], check=True)
-        tools[name] = binary
-    return tools
-
 
 def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
     command = [str(loadgen), "--target", f"127.0.0.1:{port}", "--duration", f"{seconds:g}",
                "--max-vus", str(MAX_VUS), "--out", str(out)]
     finished = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
-def process_usage(pid: int) -> tuple[float, int]:
-    """(CPU seconds so far, peak RSS in bytes) of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / TICKS
-    peak_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
-    return cpu, peak_kb * 1024
 
 
 def calibrate(seconds: float, low_latency_host: bool) -> None:
@@ -179,9 +158,7 @@ def _benchmark(seconds: float, low_latency_host: bool, variant: Variant,
     print(f"round: {variant.name}", flush=True)
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
-    jail = CgroupJail(limits) if CgroupJail.available() else None
-    if jail is None:
-        print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
+    jail = compose_jail(REPO / "docker-compose.yml", "paycore-bench")
     settings = StackSettings(port=0, default_port=0, fallback_port=0, quiet=True,
                              cgroups=jail.directories if jail else {},
                              instance_env={"PAYCORE_LOG_LEVEL": "WARNING", **data_env}, store=variant.store)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,16 @@ class CgroupJail:
             }
         return report
 
+    def memory_usage(self) -> dict[str, int]:
+        """Per service: the memory charged to it now (bytes, tmpfs pages it touched first included)."""
+        return {limit.service: int((Path(self.directories[limit.service][1]) / "memory.usage_in_bytes").read_text())
+                for limit in self.limits}
+
+    def reset_memory_peaks(self) -> None:
+        """Start the memory peaks that usage() reports over from now."""
+        for limit in self.limits:
+            (Path(self.directories[limit.service][1]) / "memory.max_usage_in_bytes").write_text("0")
+
     def close(self) -> None:
         for limit in self.limits:
             for directory in self.directories[limit.service]:
@@ -85,3 +96,12 @@ class CgroupJail:
                 os.rmdir(root / self._prefix)
             except OSError:
                 pass
+
+
+def compose_jail(compose_file: Path, prefix: str) -> CgroupJail | None:
+    """The compose file's limits as cgroups named <prefix>/<service>, or None
+    (and a warning) where this process may not create cgroups."""
+    if not CgroupJail.available():
+        print("warning: cgroups not writable; the stack runs without its limits", file=sys.stderr)
+        return None
+    return CgroupJail(compose_limits(compose_file), prefix)

@@ -8,12 +8,8 @@
  * Run:   constant_server --listen 127.0.0.1:PORT   (port 0: any free port)
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,15 +17,14 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include "http_head.h"
 #include "stop_signals.h"
+#include "tcp_server.h"
 
 #define IN_MAX 16384
 #define OUT_MAX 16384
-#define MAX_EVENTS 256
 
 static const char RESPONSE[] = "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n";
 #define RESPONSE_LEN (sizeof RESPONSE - 1)
@@ -47,8 +42,6 @@ struct conn {
 };
 
 static int epoll_fd;
-/* epoll data tags for the two descriptors that are not connections */
-static char listener_tag, signal_tag;
 
 /* The body length a request head announces; false for heads this server cannot frame. */
 static bool body_length(const char *head, size_t len, uint64_t *length)
@@ -108,17 +101,10 @@ static enum consumed consume_requests(struct conn *c)
 
 static bool flush(struct conn *c)
 {
-    while (c->out_sent < c->out_len) {
-        ssize_t n = write(c->fd, c->out + c->out_sent, c->out_len - c->out_sent);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno == EAGAIN;
-        }
-        c->out_sent += (size_t)n;
-    }
-    c->out_len = 0;
-    c->out_sent = 0;
+    if (!tcp_write_pending(c->fd, c->out, c->out_len, &c->out_sent))
+        return false;
+    if (c->out_sent == c->out_len)
+        c->out_len = c->out_sent = 0;
     return true;
 }
 
@@ -129,8 +115,10 @@ static void drop(struct conn *c)
 }
 
 /* Reads while output can drain; waits for writability only while responses are pending. */
-static void on_connection(struct conn *c)
+static void on_connection(void *data, uint32_t events)
 {
+    (void)events; /* level-triggered: the state says what to do */
+    struct conn *c = data;
     if (c->watching == EPOLLIN) {
         ssize_t n = read(c->fd, c->in + c->in_len, IN_MAX - c->in_len);
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
@@ -157,28 +145,21 @@ static void on_connection(struct conn *c)
     }
 }
 
-static void accept_all(int listener)
+static void accepted(int fd)
 {
-    for (;;) {
-        int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
-            return;
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        struct conn *c = malloc(sizeof *c);
-        if (!c) {
-            close(fd);
-            continue;
-        }
-        c->fd = fd;
-        c->watching = EPOLLIN;
-        c->in_body = false;
-        c->body_left = 0;
-        c->in_len = c->out_len = c->out_sent = 0;
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
-        if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
-            drop(c);
+    struct conn *c = malloc(sizeof *c);
+    if (!c) {
+        close(fd);
+        return;
     }
+    c->fd = fd;
+    c->watching = EPOLLIN;
+    c->in_body = false;
+    c->body_left = 0;
+    c->in_len = c->out_len = c->out_sent = 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        drop(c);
 }
 
 static int open_listener(const char *address)
@@ -191,38 +172,11 @@ static int open_listener(const char *address)
     }
     memcpy(host, address, (size_t)(colon - address));
     host[colon - address] = '\0';
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *found;
-    int rc = getaddrinfo(host, colon + 1, &hints, &found);
-    if (rc != 0) {
-        fprintf(stderr, "constant_server: cannot resolve %s: %s\n", address, gai_strerror(rc));
+    int fd = tcp_listen("constant_server", host, colon + 1);
+    if (fd < 0)
         return -1;
-    }
-    int fd = socket(found->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-        bind(fd, found->ai_addr, found->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
-        perror("constant_server: listen");
-        freeaddrinfo(found);
-        return -1;
-    }
-    freeaddrinfo(found);
-
-    struct sockaddr_storage bound;
-    socklen_t bound_len = sizeof bound;
-    char shown[INET6_ADDRSTRLEN];
-    getsockname(fd, (struct sockaddr *)&bound, &bound_len);
-    int port;
-    if (bound.ss_family == AF_INET6) {
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&bound;
-        inet_ntop(AF_INET6, &in6->sin6_addr, shown, sizeof shown);
-        port = ntohs(in6->sin6_port);
-    } else {
-        struct sockaddr_in *in4 = (struct sockaddr_in *)&bound;
-        inet_ntop(AF_INET, &in4->sin_addr, shown, sizeof shown);
-        port = ntohs(in4->sin_port);
-    }
+    char shown[64];
+    int port = tcp_bound_address(fd, shown, sizeof shown);
     fprintf(stderr, "listening on %s:%d\n", shown, port);
     return fd;
 }
@@ -253,26 +207,13 @@ int main(int argc, char **argv)
     int listener = open_listener(address);
     if (listener < 0)
         return 1;
-    struct epoll_event listen_event = {.events = EPOLLIN, .data.ptr = &listener_tag};
-    struct epoll_event signal_event = {.events = EPOLLIN, .data.ptr = &signal_tag};
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, listener, &listen_event);
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, signal_fd, &signal_event);
-
-    struct epoll_event events[MAX_EVENTS];
+    if (!tcp_server_watch(epoll_fd, listener, signal_fd)) {
+        perror("constant_server: epoll_ctl");
+        return 1;
+    }
     for (;;) {
-        int n = epoll_wait(epoll_fd, events, MAX_EVENTS, -1);
-        if (n < 0 && errno != EINTR) {
-            perror("constant_server: epoll_wait");
-            return 1;
-        }
-        for (int i = 0; i < n; i++) {
-            void *tag = events[i].data.ptr;
-            if (tag == &signal_tag)
-                return 0;
-            if (tag == &listener_tag)
-                accept_all(listener);
-            else
-                on_connection(tag);
-        }
+        int status = tcp_server_wait("constant_server", epoll_fd, listener, NULL, accepted, on_connection);
+        if (status >= 0)
+            return status;
     }
 }

@@ -1,5 +1,6 @@
-/* Reading the header lines of an HTTP/1.x head, shared by the load generator
-   and the constant-response server. Header-only: each program is one gcc call. */
+/* Reading the header lines of an HTTP/1.x head, shared by the load generator,
+   the constant-response server and the processor emulator. Header-only: each
+   program is one gcc call. */
 #ifndef PAYCORE_PERF_HTTP_HEAD_H
 #define PAYCORE_PERF_HTTP_HEAD_H
 
@@ -48,6 +49,26 @@ static inline int http_next_header(const char **line, const char *end, struct ht
         header->value_end--;
     *line = eol + 1;
     return 1;
+}
+
+/* Whether a comma-separated header value (Connection: keep-alive, close) lists token. */
+static inline bool http_has_token(const char *value, const char *end, const char *token)
+{
+    size_t len = strlen(token);
+    while (value < end) {
+        const char *comma = (const char *)memchr(value, ',', (size_t)(end - value));
+        const char *item_end = comma ? comma : end;
+        const char *item = value;
+        while (item < item_end && http_is_blank(*item))
+            item++;
+        const char *last = item_end;
+        while (last > item && http_is_blank(last[-1]))
+            last--;
+        if ((size_t)(last - item) == len && strncasecmp(item, token, len) == 0)
+            return true;
+        value = item_end + 1;
+    }
+    return false;
 }
 
 static inline bool http_header_is(const struct http_header *header, const char *name)

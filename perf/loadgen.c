@@ -1,7 +1,21 @@
 /*
- * Closed-loop HTTP load generator replicating k6's "ramping-vus" executor for
- * POST /payments: virtual users (VUs) start on a linear ramp, each owns one
- * keep-alive connection and loops request -> complete response -> think time.
+ * HTTP load generator for POST /payments replicating two k6 executors:
+ *
+ * - "ramping-vus" (closed loop, the default): virtual users (VUs) start on a
+ *   linear ramp, each owns one keep-alive connection and loops request ->
+ *   complete response -> think time.
+ * - "constant-arrival-rate" (open loop, --rate): an iteration (one request)
+ *   starts every 1/rate s whatever the answers, on an idle VU taken first in
+ *   first out from a pool of --start-vus (k6's preAllocatedVUs) that grows up
+ *   to --max-vus while all are busy; an iteration that finds none is dropped
+ *   and counted, as k6 counts dropped_iterations. Each VU keeps its
+ *   connection between iterations.
+ *
+ * Every request carries a fresh correlationId. Answers other than 2xx are
+ * also counted by status and body (a 503 says why in its body).
+ * --progress-ms prints running totals as JSON lines while it runs. With
+ * --warmup the open loop runs that long first, unrecorded (but for a count
+ * of its 2xx answers): connections are open and paths warm when it counts.
  *
  * Single-threaded, epoll, non-blocking sockets, no allocation after start-up:
  * the generator's own latency floor has to stay far below what it measures.
@@ -31,7 +45,9 @@
 #include <unistd.h>
 
 #include "http_head.h"
+#include "parse_number.h"
 #include "stop_signals.h"
+#include "timer_heap.h"
 
 #define NS_PER_US 1000LL
 #define NS_PER_MS 1000000LL
@@ -42,6 +58,9 @@
 /* Big enough that a full 300 s run (about 2 MB of rows) is written once, at exit. */
 #define CSV_BUFFER_SIZE ((size_t)8 << 20)
 #define CSV_ROW_MAX 64
+/* what is kept of an answer's body when it is not a 2xx, to tell refusals apart */
+#define BODY_KEPT 160
+#define ANSWER_KINDS_MAX 16
 #define MASK60 ((UINT64_C(1) << 60) - 1)
 
 enum vu_state { VU_WAITING, VU_CONNECTING, VU_SENDING, VU_RECEIVING, VU_FINISHED };
@@ -52,16 +71,18 @@ struct response {
     int status;
     int64_t body_left; /* -1: the body runs until the server closes */
     bool close_after;
+    size_t body_len;   /* bytes of body kept (answers other than 2xx) */
+    char body[BODY_KEPT];
 };
 
 struct vu {
     int fd;
     enum vu_state state;
     uint32_t watching;    /* the epoll interest of fd */
-    int heap_index;       /* -1 when no timer is pending */
-    int64_t due_ns;       /* next iteration start, or the deadline of the one in flight */
+    struct timer timer;   /* next iteration start, or the deadline of the one in flight */
     int64_t iteration_ns; /* iteration start, before any connect */
     bool new_connection;  /* this iteration opened the connection it uses */
+    bool recorded;        /* this iteration was due after any warm-up */
     int64_t sent_ns;      /* immediately before the request's first write() */
     /* when the last bytes read arrived, on the monotonic clock: their read minus
        how long they waited by the kernel's receive timestamp (-1: no usable timestamp) */
@@ -82,6 +103,10 @@ struct options {
     const char *amount;
     const char *path;
     const char *out;
+    double rate;          /* iterations per second; 0: ramping VUs */
+    double warmup_s;      /* open loop: unrecorded seconds before the duration */
+    long progress_ms;     /* 0: no progress lines */
+    const char *requested_at;
 };
 
 static struct options opt = {
@@ -89,8 +114,7 @@ static struct options opt = {
 };
 
 static struct vu *vus;
-static struct vu **heap;
-static int heap_len;
+static struct timer_heap timers;
 static long finished_vus;
 static int epoll_fd;
 
@@ -99,12 +123,37 @@ static socklen_t target_addrlen;
 static size_t request_len;
 static size_t uuid_offset;
 
-static int64_t origin_ns;
+static int64_t origin_ns; /* where the recorded run starts, after any warm-up */
+static int64_t first_arrival_ns;
+static uint64_t warmup_ok_2xx;
 static int64_t end_ns;
 static int64_t timeout_ns;
 static int64_t think_ns;
 
-static uint64_t requests, ok_2xx, failed, other_status;
+static uint64_t started, requests, ok_2xx, failed, other_status;
+
+/* constant arrival rate: idle VUs in a first-in first-out ring */
+static struct vu **idle;
+static long idle_head, idle_len;
+static long vus_used, busy_vus;
+static uint64_t arrivals, dropped;
+static int64_t next_arrival_ns, max_start_lag_ns;
+
+/* answers other than 2xx, by status and body */
+struct answer_kind {
+    int status;
+    size_t body_len;
+    char body[BODY_KEPT];
+    uint64_t count;
+};
+static struct answer_kind answer_kinds[ANSWER_KINDS_MAX];
+static int answer_kinds_len;
+static uint64_t answers_unsorted; /* beyond ANSWER_KINDS_MAX kinds */
+
+/* the 2xx latencies since the last progress line */
+static uint32_t *interval_counts;
+static uint64_t interval_ok;
+static int64_t next_progress_ns;
 /* Exact latency histograms at 1 us resolution: a 2xx never takes longer than the timeout.
    A response is timed to when it arrived (the kernel's receive timestamp of its
    last bytes) and, apart, to when this process got round to reading it. */
@@ -222,68 +271,23 @@ static void write_uuid(char *out)
     put_hex(out + 24, low & UINT64_C(0xffffffffffff), 12);
 }
 
-/* ---- timers: a binary min-heap of VUs keyed by due_ns ---- */
-
-static void heap_place(int index, struct vu *v)
-{
-    heap[index] = v;
-    v->heap_index = index;
-}
-
-static void heap_sift_up(int index)
-{
-    struct vu *v = heap[index];
-    while (index > 0) {
-        int parent = (index - 1) / 2;
-        if (heap[parent]->due_ns <= v->due_ns)
-            break;
-        heap_place(index, heap[parent]);
-        index = parent;
-    }
-    heap_place(index, v);
-}
-
-static void heap_sift_down(int index)
-{
-    struct vu *v = heap[index];
-    for (;;) {
-        int child = 2 * index + 1;
-        if (child >= heap_len)
-            break;
-        if (child + 1 < heap_len && heap[child + 1]->due_ns < heap[child]->due_ns)
-            child++;
-        if (heap[child]->due_ns >= v->due_ns)
-            break;
-        heap_place(index, heap[child]);
-        index = child;
-    }
-    heap_place(index, v);
-}
+/* ---- timers ---- */
 
 static void schedule(struct vu *v, int64_t due_ns)
 {
-    v->due_ns = due_ns;
-    if (v->heap_index < 0) {
-        heap_place(heap_len++, v);
-        heap_sift_up(v->heap_index);
-    } else {
-        heap_sift_up(v->heap_index);
-        heap_sift_down(v->heap_index);
-    }
+    timer_schedule(&timers, &v->timer, due_ns);
 }
 
 static void unschedule(struct vu *v)
 {
-    int index = v->heap_index;
-    if (index < 0)
-        return;
-    v->heap_index = -1;
-    struct vu *last = heap[--heap_len];
-    if (index < heap_len) {
-        heap_place(index, last);
-        heap_sift_up(index);
-        heap_sift_down(last->heap_index);
-    }
+    timer_cancel(&timers, &v->timer);
+}
+
+/* The VU whose timer is due first, or NULL. */
+static struct vu *first_due(void)
+{
+    struct timer *first = timer_first(&timers);
+    return first ? container_of(first, struct vu, timer) : NULL;
 }
 
 /* ---- results ---- */
@@ -313,8 +317,29 @@ static int64_t ns_to_us(int64_t ns)
     return (ns + NS_PER_US / 2) / NS_PER_US;
 }
 
+static void count_answer(int status, const char *body, size_t body_len)
+{
+    for (int i = 0; i < answer_kinds_len; i++) {
+        struct answer_kind *kind = &answer_kinds[i];
+        if (kind->status == status && kind->body_len == body_len && memcmp(kind->body, body, body_len) == 0) {
+            kind->count++;
+            return;
+        }
+    }
+    if (answer_kinds_len == ANSWER_KINDS_MAX) {
+        answers_unsorted++;
+        return;
+    }
+    struct answer_kind *kind = &answer_kinds[answer_kinds_len++];
+    kind->status = status;
+    kind->body_len = body_len;
+    memcpy(kind->body, body, body_len);
+    kind->count = 1;
+}
+
 /* arrival_ns: from the request's write to the response's arrival, or -1 when unknown */
-static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status, bool new_connection)
+static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int status, bool new_connection,
+                   const struct response *response)
 {
     int64_t read_latency_us = ns_to_us(done_ns - start_ns);
     /* without a usable timestamp the read time stands in */
@@ -330,8 +355,13 @@ static void record(int64_t start_ns, int64_t done_ns, int64_t arrival_ns, int st
         ok_2xx++;
         latency_counts[latency_us]++;
         read_latency_counts[read_latency_us]++;
+        if (interval_counts) {
+            interval_counts[latency_us]++;
+            interval_ok++;
+        }
     } else {
         other_status++;
+        count_answer(status, response->body, response->body_len);
     }
     if (CSV_BUFFER_SIZE - csv_len < CSV_ROW_MAX)
         csv_flush();
@@ -381,13 +411,23 @@ static void watch(struct vu *v, uint32_t events)
 static void end_request(struct vu *v, int64_t done_ns, int status)
 {
     /* in flight, due_ns is the deadline: an answer completed after it is a timeout */
-    if (done_ns > v->due_ns)
+    if (done_ns > v->timer.due_ns)
         status = 0;
     /* a failure can happen before anything is written, so it is timed from the iteration start */
     int64_t arrival_ns = v->arrived_ns >= 0 ? v->arrived_ns - v->sent_ns : -1;
-    record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection);
+    if (v->recorded)
+        record(status ? v->sent_ns : v->iteration_ns, done_ns, arrival_ns, status, v->new_connection, &v->response);
+    else
+        warmup_ok_2xx += status >= 200 && status < 300;
     if (status == 0 || v->response.close_after)
         close_connection(v);
+    if (opt.rate > 0) {
+        unschedule(v);
+        v->state = VU_WAITING;
+        idle[(idle_head + idle_len++) % opt.max_vus] = v;
+        busy_vus--;
+        return;
+    }
     int64_t next_ns = done_ns + think_ns;
     if (next_ns >= end_ns) {
         finish_vu(v);
@@ -452,8 +492,10 @@ static enum connect_result open_connection(struct vu *v)
     return pending ? CONNECT_PENDING : CONNECT_DONE;
 }
 
-static void start_iteration(struct vu *v, int64_t now)
+static void start_iteration(struct vu *v, int64_t now, bool recorded)
 {
+    v->recorded = recorded;
+    started += recorded;
     v->iteration_ns = now;
     v->response = (struct response){0};
     schedule(v, now + timeout_ns);
@@ -484,24 +526,6 @@ static void on_connect_ready(struct vu *v)
 }
 
 /* ---- response parsing ---- */
-
-static bool has_close_token(const char *value, const char *end)
-{
-    while (value < end) {
-        const char *comma = memchr(value, ',', (size_t)(end - value));
-        const char *token_end = comma ? comma : end;
-        const char *token = value;
-        while (token < token_end && http_is_blank(*token))
-            token++;
-        const char *last = token_end;
-        while (last > token && http_is_blank(last[-1]))
-            last--;
-        if (last - token == 5 && strncasecmp(token, "close", 5) == 0)
-            return true;
-        value = token_end + 1;
-    }
-    return false;
-}
 
 /* The status line and the headers that frame the body; head ends with the blank line. */
 static bool parse_head(struct response *r, const char *head, size_t len)
@@ -534,7 +558,7 @@ static bool parse_head(struct response *r, const char *head, size_t len)
             /* chunked framing is unsupported: the services measured always send Content-Length */
             return false;
         } else if (http_header_is(&header, "connection") &&
-                   has_close_token(header.value, header.value_end)) {
+                   http_has_token(header.value, header.value_end, "close")) {
             r->close_after = true;
         }
     }
@@ -586,6 +610,7 @@ static void receive(struct vu *v)
         return;
     }
     size_t body_bytes = (size_t)n;
+    const char *body = into;
     if (!r->head_done) {
         size_t scan_from = r->head_len >= 3 ? r->head_len - 3 : 0;
         r->head_len += (size_t)n;
@@ -602,6 +627,7 @@ static void receive(struct vu *v)
         }
         r->head_done = true;
         body_bytes = r->head_len - head_end;
+        body = v->head + head_end;
     }
     if (r->body_left < 0)
         return;
@@ -609,6 +635,11 @@ static void receive(struct vu *v)
         /* bytes beyond the response would be taken for the next one */
         r->close_after = true;
         body_bytes = (size_t)r->body_left;
+    }
+    if (r->status < 200 || r->status >= 300) {
+        size_t kept = body_bytes < BODY_KEPT - r->body_len ? body_bytes : BODY_KEPT - r->body_len;
+        memcpy(r->body + r->body_len, body, kept);
+        r->body_len += kept;
     }
     r->body_left -= (int64_t)body_bytes;
     if (r->body_left == 0)
@@ -644,7 +675,7 @@ static void on_timer(struct vu *v, int64_t now)
     else if (now >= end_ns) /* a wake-up due just before the end can be served just after it */
         finish_vu(v);
     else
-        start_iteration(v, now);
+        start_iteration(v, now, true);
 }
 
 static void stop_starting_iterations(int64_t now)
@@ -655,25 +686,74 @@ static void stop_starting_iterations(int64_t now)
             finish_vu(&vus[i]);
 }
 
-/* Runs until every VU is done; a second SIGINT/SIGTERM abandons the requests in flight. */
+/* Open loop: the iterations due by now start, late ones as soon as they can. */
+static void start_due_arrivals(void)
+{
+    for (;;) {
+        int64_t now = now_ns();
+        if (next_arrival_ns > now || next_arrival_ns >= end_ns)
+            return;
+        /* a late iteration is recorded or not by when it was due, not when it could start */
+        int64_t due_ns = next_arrival_ns;
+        if (now - due_ns > max_start_lag_ns)
+            max_start_lag_ns = now - due_ns;
+        arrivals++;
+        next_arrival_ns = first_arrival_ns + (int64_t)((double)arrivals * NS_PER_S / opt.rate);
+        struct vu *v = NULL;
+        if (idle_len > 0) {
+            v = idle[idle_head];
+            idle_head = (idle_head + 1) % opt.max_vus;
+            idle_len--;
+        } else if (vus_used < opt.max_vus) {
+            v = &vus[vus_used++];
+        }
+        if (!v) {
+            dropped += due_ns >= origin_ns;
+            continue;
+        }
+        busy_vus++;
+        start_iteration(v, now, due_ns >= origin_ns);
+    }
+}
+
+static bool all_done(int64_t now)
+{
+    if (opt.rate > 0)
+        return now >= end_ns && busy_vus == 0;
+    return finished_vus == opt.max_vus;
+}
+
+/* The next moment something is due (a VU's timer, the next arrival or the end of an
+   open-loop run, a progress line), or -1. */
+static int64_t next_due_ns(int64_t now)
+{
+    int64_t due = first_due() ? first_due()->timer.due_ns : -1;
+    if (opt.rate > 0 && now < end_ns) {
+        int64_t arrival_or_end = next_arrival_ns < end_ns ? next_arrival_ns : end_ns;
+        if (due < 0 || arrival_or_end < due)
+            due = arrival_or_end;
+    }
+    if (opt.progress_ms > 0 && (due < 0 || next_progress_ns < due))
+        due = next_progress_ns;
+    return due;
+}
+
+static void print_progress(int64_t now);
+
+/* Runs until every VU is done (open loop: until the end and the last answer); a second
+   SIGINT/SIGTERM abandons the requests in flight. */
 static bool run(int signal_fd)
 {
     struct epoll_event events[MAX_EVENTS];
     int signals = 0;
-    while (finished_vus < opt.max_vus) {
-        /* Nanosecond timeouts: rounding wake-ups to whole milliseconds would fire
-           every VU due within the same millisecond together, bursts that k6's
-           timers do not make and that would inflate the tail being measured. */
-        struct timespec timeout, *wait_for = NULL;
-        if (heap_len > 0) {
-            int64_t wait_ns = heap[0]->due_ns - now_ns();
-            if (wait_ns < 0)
-                wait_ns = 0;
-            timeout.tv_sec = wait_ns / NS_PER_S;
-            timeout.tv_nsec = wait_ns % NS_PER_S;
-            wait_for = &timeout;
-        }
-        int n = epoll_pwait2(epoll_fd, events, MAX_EVENTS, wait_for, NULL);
+    for (;;) {
+        int64_t now = now_ns();
+        if (all_done(now))
+            return true;
+        /* VUs due within the same millisecond start apart, as k6's timers start them:
+           bursts would inflate the tail being measured */
+        struct timespec timeout;
+        int n = epoll_pwait2(epoll_fd, events, MAX_EVENTS, timer_wait(next_due_ns(now), now, &timeout), NULL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -692,14 +772,15 @@ static bool run(int signal_fd)
                 return true;
             stop_starting_iterations(now_ns());
         }
-        while (heap_len > 0) {
-            int64_t now = now_ns();
-            if (heap[0]->due_ns > now)
-                break;
-            on_timer(heap[0], now);
-        }
+        struct vu *due;
+        while ((due = first_due()) && due->timer.due_ns <= (now = now_ns()))
+            on_timer(due, now);
+        if (opt.rate > 0)
+            start_due_arrivals();
+        now = now_ns();
+        if (opt.progress_ms > 0 && now >= next_progress_ns)
+            print_progress(now);
     }
-    return true;
 }
 
 /* ---- set-up and report ---- */
@@ -708,30 +789,16 @@ static void usage(void)
 {
     fputs("usage: loadgen --target HOST:PORT --duration SECONDS --max-vus N --out FILE.csv\n"
           "               [--start-vus 1] [--timeout-ms 1500] [--think-ms 1000]\n"
-          "               [--amount 20.05] [--path /payments]\n",
+          "               [--rate PER_SECOND (open loop; --think-ms unused) [--warmup SECONDS]]\n"
+          "               [--progress-ms MS]\n"
+          "               [--amount 20.05] [--path /payments] [--requested-at ISO]\n",
           stderr);
 }
 
-static bool parse_long(const char *text, long min, long max, long *out)
+/* A positive number of seconds or iterations per second, at most max. */
+static bool parse_positive(const char *text, double max, double *out)
 {
-    char *end;
-    errno = 0;
-    long value = strtol(text, &end, 10);
-    if (errno || end == text || *end || value < min || value > max)
-        return false;
-    *out = value;
-    return true;
-}
-
-static bool parse_seconds(const char *text, double *out)
-{
-    char *end;
-    errno = 0;
-    double value = strtod(text, &end);
-    if (errno || end == text || *end || !isfinite(value) || value <= 0 || value > 1e6)
-        return false;
-    *out = value;
-    return true;
+    return parse_double(text, 0, max, out) && *out > 0;
 }
 
 /* digits, optionally a point and more digits: it goes into the JSON body verbatim */
@@ -746,6 +813,17 @@ static bool is_amount(const char *text)
         return false;
     size_t fraction = strspn(text + integer + 1, "0123456789");
     return fraction > 0 && text[integer + 1 + fraction] == '\0';
+}
+
+/* printable ASCII without quotes or backslashes: it goes into the JSON body verbatim */
+static bool is_plain_text(const char *text)
+{
+    if (strlen(text) == 0 || strlen(text) > 64)
+        return false;
+    for (; *text; text++)
+        if (*text < ' ' || *text > '~' || *text == '"' || *text == '\\')
+            return false;
+    return true;
 }
 
 static bool is_path(const char *text)
@@ -765,14 +843,17 @@ static bool parse_options(int argc, char **argv)
         {"max-vus", required_argument, NULL, 'm'},    {"start-vus", required_argument, NULL, 's'},
         {"timeout-ms", required_argument, NULL, 'T'}, {"think-ms", required_argument, NULL, 'k'},
         {"amount", required_argument, NULL, 'a'},     {"path", required_argument, NULL, 'p'},
-        {"out", required_argument, NULL, 'o'},        {NULL, 0, NULL, 0},
+        {"out", required_argument, NULL, 'o'},        {"rate", required_argument, NULL, 'r'},
+        {"progress-ms", required_argument, NULL, 'P'}, {"requested-at", required_argument, NULL, 'R'},
+        {"warmup", required_argument, NULL, 'w'},
+        {NULL, 0, NULL, 0},
     };
     int option, index = 0;
     while ((option = getopt_long(argc, argv, "", options, &index)) != -1) {
         bool valid = true;
         switch (option) {
         case 't': opt.target = optarg; break;
-        case 'd': valid = parse_seconds(optarg, &opt.duration_s); break;
+        case 'd': valid = parse_positive(optarg, 1e6, &opt.duration_s); break;
         case 'm': valid = parse_long(optarg, 1, 65535, &opt.max_vus); break;
         case 's': valid = parse_long(optarg, 0, 65535, &opt.start_vus); break;
         case 'T': valid = parse_long(optarg, 1, 60000, &opt.timeout_ms); break;
@@ -780,6 +861,10 @@ static bool parse_options(int argc, char **argv)
         case 'a': valid = is_amount(optarg); opt.amount = optarg; break;
         case 'p': valid = is_path(optarg); opt.path = optarg; break;
         case 'o': opt.out = optarg; break;
+        case 'r': valid = parse_positive(optarg, 1e7, &opt.rate); break;
+        case 'w': valid = parse_positive(optarg, 1e6, &opt.warmup_s); break;
+        case 'P': valid = parse_long(optarg, 1, 3600000, &opt.progress_ms); break;
+        case 'R': valid = is_plain_text(optarg); opt.requested_at = optarg; break;
         default: return false;
         }
         if (!valid) {
@@ -789,6 +874,10 @@ static bool parse_options(int argc, char **argv)
     }
     if (optind < argc || !opt.target || !opt.out || opt.duration_s == 0 || opt.max_vus == 0) {
         fputs("loadgen: --target, --duration, --max-vus and --out are required\n", stderr);
+        return false;
+    }
+    if (opt.warmup_s > 0 && opt.rate == 0) {
+        fputs("loadgen: --warmup needs --rate\n", stderr);
         return false;
     }
     if (opt.start_vus > opt.max_vus) {
@@ -833,7 +922,11 @@ static char *build_requests(void)
 {
     static const char body_start[] = "{\"correlationId\":\"";
     static const char placeholder[] = "00000000-0000-4000-8000-000000000000";
-    size_t body_len = strlen(body_start) + UUID_LEN + strlen("\",\"amount\":") + strlen(opt.amount) + 1;
+    char requested_at[96] = "";
+    if (opt.requested_at)
+        snprintf(requested_at, sizeof requested_at, ",\"requestedAt\":\"%s\"", opt.requested_at);
+    size_t body_len = strlen(body_start) + UUID_LEN + strlen("\",\"amount\":") + strlen(opt.amount) +
+                      strlen(requested_at) + 1;
     int head_len = snprintf(NULL, 0,
                             "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                             "Content-Length: %zu\r\n\r\n",
@@ -845,8 +938,8 @@ static char *build_requests(void)
         return NULL;
     snprintf(all, request_len + 1,
              "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-             "Content-Length: %zu\r\n\r\n%s%s\",\"amount\":%s}",
-             opt.path, opt.target, body_len, body_start, placeholder, opt.amount);
+             "Content-Length: %zu\r\n\r\n%s%s\",\"amount\":%s%s}",
+             opt.path, opt.target, body_len, body_start, placeholder, opt.amount, requested_at);
     for (long i = 1; i < opt.max_vus; i++)
         memcpy(all + request_len * (size_t)i, all, request_len);
     return all;
@@ -915,8 +1008,18 @@ static void start_ramp(int64_t duration_ns)
         } else {
             v->state = VU_WAITING;
             schedule(v, origin_ns + offset_ns);
+            vus_used++;
         }
     }
+}
+
+/* The pre-allocated VUs wait, without connections, for the first iterations. */
+static void start_arrivals(void)
+{
+    for (long i = 0; i < opt.start_vus; i++)
+        idle[idle_len++] = &vus[i];
+    vus_used = opt.start_vus;
+    next_arrival_ns = first_arrival_ns;
 }
 
 static double seconds(struct timeval tv)
@@ -924,8 +1027,8 @@ static double seconds(struct timeval tv)
     return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
 }
 
-/* Nearest-rank percentiles over the 2xx latencies, as "<prefix>p50_us" and so on. */
-static void print_percentiles(const char *prefix, const uint32_t *counts)
+/* Nearest-rank percentiles over total 2xx latencies, as "<prefix>p50_us" and so on. */
+static void print_percentiles(const char *prefix, const uint32_t *counts, uint64_t total)
 {
     static const char *const names[] = {"p50_us", "p90_us", "p99_us", "p999_us", "max_us"};
     static const uint64_t permille[] = {500, 900, 990, 999, 1000};
@@ -935,28 +1038,76 @@ static void print_percentiles(const char *prefix, const uint32_t *counts)
     int next = 0;
     for (int64_t us = 0; us < latency_slots && next < COUNT; us++) {
         seen += counts[us];
-        while (next < COUNT && ok_2xx > 0 && seen >= (ok_2xx * permille[next] + 999) / 1000)
+        while (next < COUNT && total > 0 && seen >= (total * permille[next] + 999) / 1000)
             values[next++] = us;
     }
     for (int k = 0; k < COUNT; k++) {
-        if (ok_2xx > 0)
+        if (total > 0)
             printf(",\"%s%s\":%" PRId64, prefix, names[k], values[k]);
         else
             printf(",\"%s%s\":null", prefix, names[k]);
     }
 }
 
-static void print_summary(int64_t elapsed_ns)
+/* The answers other than 2xx, by status and body: ,"answers":[{"status":503,"body":"...","count":N}] */
+static void print_answers(void)
+{
+    printf(",\"answers\":[");
+    for (int i = 0; i < answer_kinds_len; i++) {
+        const struct answer_kind *kind = &answer_kinds[i];
+        printf("%s{\"status\":%d,\"body\":\"", i ? "," : "", kind->status);
+        for (size_t k = 0; k < kind->body_len; k++) {
+            unsigned char c = (unsigned char)kind->body[k];
+            if (c == '"' || c == '\\')
+                printf("\\%c", c);
+            else if (c < ' ' || c > '~')
+                printf("\\u%04x", c);
+            else
+                putchar(c);
+        }
+        printf("\",\"count\":%" PRIu64 "}", kind->count);
+    }
+    printf("],\"answers_unsorted\":%" PRIu64, answers_unsorted);
+}
+
+/* Counters common to progress lines and the summary. */
+static void print_counters(int64_t elapsed_ns)
+{
+    printf("\"started\":%" PRIu64 ",\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
+           ",\"other_status\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"vus\":%ld,\"max_start_lag_us\":%" PRId64
+           ",\"duration_s\":%.3f,\"warmup_ok_2xx\":%" PRIu64,
+           started, requests, ok_2xx, failed, other_status, dropped, vus_used, ns_to_us(max_start_lag_ns),
+           (double)elapsed_ns / NS_PER_S, warmup_ok_2xx);
+    print_answers();
+}
+
+/* Running totals; the percentiles are of the 2xx answers since the last line. */
+static void print_progress(int64_t now)
+{
+    printf("{\"progress\":true,");
+    print_counters(now - origin_ns);
+    print_percentiles("", interval_counts, interval_ok);
+    printf("}\n");
+    fflush(stdout);
+    memset(interval_counts, 0, (size_t)latency_slots * sizeof *interval_counts);
+    interval_ok = 0;
+    next_progress_ns += opt.progress_ms * NS_PER_MS;
+    if (next_progress_ns <= now)
+        next_progress_ns = now + opt.progress_ms * NS_PER_MS;
+}
+
+/* origin_unix_ms: the start of the recorded run on the realtime clock, for asking the
+   processors what they recorded since */
+static void print_summary(int64_t elapsed_ns, int64_t origin_unix_ms)
 {
     struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
-    printf("{\"requests\":%" PRIu64 ",\"ok_2xx\":%" PRIu64 ",\"failed\":%" PRIu64
-           ",\"other_status\":%" PRIu64 ",\"unstamped\":%" PRIu64 ",\"duration_s\":%.3f,"
-           "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
-           requests, ok_2xx, failed, other_status, unstamped, (double)elapsed_ns / NS_PER_S,
-           seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
-    print_percentiles("", latency_counts);
-    print_percentiles("read_", read_latency_counts);
+    printf("{\"origin_unix_ms\":%" PRId64 ",", origin_unix_ms);
+    print_counters(elapsed_ns);
+    printf(",\"unstamped\":%" PRIu64 ",\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"max_rss_kb\":%ld",
+           unstamped, seconds(usage.ru_utime), seconds(usage.ru_stime), usage.ru_maxrss);
+    print_percentiles("", latency_counts, ok_2xx);
+    print_percentiles("read_", read_latency_counts, ok_2xx);
     printf("}\n");
     fflush(stdout);
 }
@@ -979,17 +1130,21 @@ int main(int argc, char **argv)
     latency_slots = opt.timeout_ms * 1000 + 1;
     char *request_texts = build_requests();
     vus = calloc((size_t)opt.max_vus, sizeof *vus);
-    heap = calloc((size_t)opt.max_vus, sizeof *heap);
+    timer_heap_reserve(&timers, (int)opt.max_vus);
     latency_counts = calloc((size_t)latency_slots, sizeof *latency_counts);
     read_latency_counts = calloc((size_t)latency_slots, sizeof *read_latency_counts);
     csv = malloc(CSV_BUFFER_SIZE);
-    if (!request_texts || !vus || !heap || !latency_counts || !read_latency_counts || !csv) {
+    idle = calloc((size_t)opt.max_vus, sizeof *idle);
+    if (opt.progress_ms > 0)
+        interval_counts = calloc((size_t)latency_slots, sizeof *interval_counts);
+    if (!request_texts || !vus || !latency_counts || !read_latency_counts || !csv || !idle ||
+        (opt.progress_ms > 0 && !interval_counts)) {
         fputs("loadgen: out of memory\n", stderr);
         return 1;
     }
     for (long i = 0; i < opt.max_vus; i++) {
         vus[i].fd = -1;
-        vus[i].heap_index = -1;
+        vus[i].timer.heap_index = -1;
         vus[i].request = request_texts + request_len * (size_t)i;
     }
 
@@ -1008,9 +1163,15 @@ int main(int argc, char **argv)
     memcpy(csv, header, sizeof header - 1);
     csv_len = sizeof header - 1;
     int64_t duration_ns = (int64_t)(opt.duration_s * NS_PER_S);
-    origin_ns = now_ns();
+    first_arrival_ns = now_ns();
+    origin_ns = first_arrival_ns + (int64_t)(opt.warmup_s * NS_PER_S);
+    int64_t origin_unix_ms = (real_now_ns() + (origin_ns - now_ns())) / NS_PER_MS;
     end_ns = origin_ns + duration_ns;
-    start_ramp(duration_ns);
+    next_progress_ns = origin_ns + opt.progress_ms * NS_PER_MS;
+    if (opt.rate > 0)
+        start_arrivals();
+    else
+        start_ramp(duration_ns);
     bool completed = run(signal_fd);
     int64_t elapsed_ns = now_ns() - origin_ns;
 
@@ -1019,7 +1180,7 @@ int main(int argc, char **argv)
         close(timestamps_fd);
     if (fclose(csv_file) != 0)
         csv_error = true;
-    print_summary(elapsed_ns);
+    print_summary(elapsed_ns, origin_unix_ms);
     if (csv_error) {
         fprintf(stderr, "loadgen: writing %s failed\n", opt.out);
         return 1;

@@ -46,9 +46,11 @@ class HttpJson:
     thin so the times it reports are the server's, not an HTTP library's or
     this thread's wake-up."""
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None, parse_float=float) -> None:
+        """parse_float: what JSON numbers with a fraction become (Decimal: exact amounts)."""
         host, port = url.removeprefix("http://").split(":")
         self._address = (host, int(port))
+        self._parse_float = parse_float
         self._headers = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._socket: socket.socket | None = None
 
@@ -72,7 +74,7 @@ class HttpJson:
                 connection.sendall(request)
                 status, raw, arrived_ns = self._read_response(connection)
                 elapsed = ((arrived_ns or time.monotonic_ns()) - sent_ns) / 1e9
-                return status, (json.loads(raw) if raw else None), elapsed
+                return status, (json.loads(raw, parse_float=self._parse_float) if raw else None), elapsed
             except (OSError, ValueError):
                 if self._socket is not None:
                     self._socket.close()
@@ -128,9 +130,9 @@ def range_query(from_ms: int | None, to_ms: int | None) -> str:
 class Processors:
     """Admin calls to both processors; one object per thread (its connections are its own)."""
 
-    def __init__(self, default_url: str, fallback_url: str) -> None:
+    def __init__(self, default_url: str, fallback_url: str, parse_float=float) -> None:
         self.urls = (default_url, fallback_url)
-        self.admin = {name: HttpJson(url, {"X-Rinha-Token": ADMIN_TOKEN})
+        self.admin = {name: HttpJson(url, {"X-Rinha-Token": ADMIN_TOKEN}, parse_float)
                       for name, url in zip(("default", "fallback"), self.urls)}
 
     def configure(self, name: str, delay_ms: int, failing: bool) -> None:

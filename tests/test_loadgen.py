@@ -1,10 +1,12 @@
-"""The C load generator (perf/loadgen.c) against its calibration server
+"""The C load generator (perf/loadgen.c), closed loop (ramping VUs) and open
+loop (constant arrival rate), against its calibration server
 (perf/constant_server.c) and against small Python servers that refuse, stall,
-split their answers or close after each one."""
+answer slowly, split their answers or close after each one."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -289,6 +291,107 @@ def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_pat
     assert [row for row in run.rows if row.read_latency_us - row.latency_us < 99_000] == []
     assert run.summary["unstamped"] == 0
 
+def test_arrivals_start_on_schedule_whatever_the_answers(binaries, tmp_path, constant_server):
+    rate, duration_s = 500, 2.0
+    run = run_loadgen(binaries, tmp_path, constant_server, "--rate", str(rate), "--duration", str(duration_s),
+                      "--start-vus", "10", "--max-vus", "200")
+    summary, rows = run.summary, run.rows
+    assert summary["requests"] == summary["started"] == summary["ok_2xx"] == len(rows)
+    assert summary["started"] + summary["dropped"] == rate * duration_s
+    # iteration i starts at i / rate s, or as late as the generator was at worst; one
+    # that opens a connection is timed from its request's send, after the connect
+    arrivals = sorted(rows, key=lambda row: row.start_us)
+    late = [(i, row) for i, row in enumerate(arrivals)
+            if not i * 1e6 / rate - 1 <= row.start_us <= i * 1e6 / rate + summary["max_start_lag_us"] + 1
+            and not (row.new_connection and row.start_us > i * 1e6 / rate)]
+    assert not late, (late[:5], summary)
+    # the VUs take turns (first in, first out): each of the 10 pre-allocated (and any
+    # added) opened its connection, the constant server keeps them all open
+    assert sum(row.new_connection for row in rows) == summary["vus"] >= 10
+
+
+def test_a_warm_up_opens_the_connections_and_is_left_out(binaries, tmp_path, constant_server):
+    started_ms = time.time() * 1000
+    run = run_loadgen(binaries, tmp_path, constant_server, "--rate", "200", "--duration", "1",
+                      "--warmup", "0.5", "--start-vus", "20", "--max-vus", "20")
+    summary = run.summary
+    # iterations due in the first 0.5 s are the warm-up's, however late they started
+    assert summary["requests"] == summary["ok_2xx"] == len(run.rows)
+    assert summary["requests"] + summary["dropped"] == 200
+    assert summary["warmup_ok_2xx"] <= 100 and summary["warmup_ok_2xx"] + summary["requests"] >= 200 - 20
+    assert min(row.start_us for row in run.rows) >= 0
+    # the warm-up's 100 iterations opened all 20 connections, and the pool cannot grow
+    assert not any(row.new_connection for row in run.rows)
+    assert started_ms + 400 <= summary["origin_unix_ms"] <= started_ms + 2_000
+
+
+def test_the_pool_grows_while_every_vu_waits_for_an_answer(binaries, tmp_path):
+    received = []
+
+    def answer_after_100_ms(connection, stream) -> None:
+        while (request := read_request(stream)) is not None:
+            received.append(request)
+            time.sleep(0.1)
+            connection.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+
+    with python_server(answer_after_100_ms) as (port, accepted):
+        run = run_loadgen(binaries, tmp_path, port, "--rate", "100", "--duration", "1", "--start-vus", "2",
+                          "--max-vus", "100", "--requested-at", "2025-07-15T12:00:00.000Z")
+        connections = len(accepted)
+    assert run.summary["ok_2xx"] == len(run.rows) == 100 and run.summary["dropped"] == 0
+    # about rate x latency (10) VUs are busy at once: the pool grew from 2 to that, not to its maximum
+    assert 8 <= run.summary["vus"] == connections <= 50
+    assert all(row.latency_us >= 100_000 for row in run.rows)
+    payload = json.loads(received[0][2])
+    assert set(payload) == {"correlationId", "amount", "requestedAt"}
+    assert payload["requestedAt"] == "2025-07-15T12:00:00.000Z"
+
+
+def test_iterations_without_a_free_vu_are_dropped(binaries, tmp_path):
+    def never_answer(connection, stream) -> None:
+        while stream.read1(4096):
+            pass
+
+    with python_server(never_answer) as (port, _):
+        run = run_loadgen(binaries, tmp_path, port, "--rate", "100", "--duration", "1", "--max-vus", "5",
+                          "--timeout-ms", "1200")
+    summary = run.summary
+    assert summary["started"] == summary["failed"] == len(run.rows) == 5
+    assert summary["dropped"] == 95 and summary["ok_2xx"] == 0
+    assert all(1_200_000 <= row.latency_us < 1_500_000 for row in run.rows)
+
+
+def test_refusals_are_counted_by_body_and_progress_is_reported(binaries, tmp_path):
+    answers = [b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+               b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 22\r\n\r\n{"error":"queue full"}',
+               b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 20\r\n\r\n{"error":"shutdown"}']
+    numbers = itertools.count(1)  # next() is atomic: each request gets its own number
+
+    def refuse_some(connection, stream) -> None:
+        while read_request(stream) is not None:
+            number = next(numbers)
+            connection.sendall(answers[0] if number % 2 else answers[1 + number % 4 // 2])
+
+    out = tmp_path / "results.csv"
+    with python_server(refuse_some) as (port, _):
+        completed = subprocess.run(
+            [str(binaries["loadgen"]), "--target", f"127.0.0.1:{port}", "--rate", "200", "--duration", "1",
+             "--max-vus", "100", "--progress-ms", "250", "--out", str(out)],
+            capture_output=True, text=True, timeout=20)
+    assert completed.returncode == 0, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    progress, summary = lines[:-1], lines[-1]
+    assert 3 <= len(progress) <= 5 and all(line["progress"] for line in progress)
+    assert [line["requests"] for line in progress] == sorted(line["requests"] for line in progress)
+    requests = summary["requests"]
+    assert requests + summary["dropped"] == 200 and summary["failed"] == 0
+    assert summary["ok_2xx"] == (requests + 1) // 2 and summary["other_status"] == requests // 2
+    assert sorted((kind["body"], kind["count"]) for kind in summary["answers"]) == [
+        ('{"error":"queue full"}', requests // 4), ('{"error":"shutdown"}', (requests + 2) // 4)]
+    assert {kind["status"] for kind in summary["answers"]} == {503}
+    assert progress[-1]["answers"] and progress[0]["p99_us"] is not None
+
+
 VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out", "x.csv"]
 
 
@@ -303,6 +406,11 @@ VALID = ["--target", "127.0.0.1:1", "--duration", "1", "--max-vus", "3", "--out"
     VALID + ["--amount", "1e3"],
     VALID + ["--path", "payments"],
     VALID + ["--bogus", "1"],
+    VALID + ["--rate", "0"],
+    VALID + ["--rate", "fast"],
+    VALID + ["--progress-ms", "0"],
+    VALID + ["--requested-at", 'a"b'],
+    VALID + ["--warmup", "1"],
 ])
 def test_bad_arguments_exit_2(binaries, tmp_path, args):
     completed = subprocess.run([str(binaries["loadgen"]), *args], capture_output=True, text=True,
