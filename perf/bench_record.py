@@ -67,7 +67,7 @@ def synthetic(rng: random.Random, count: int, first_ms: int, span_ms: int, seq: 
 def build(path: str, rows: int) -> float:
     """The big record, one day of payments; seconds it took."""
     started = time.perf_counter()
-    connection = record_sql.connect_writer(path, sync=False)
+    connection = record_sql.connect_writer(path)
     rng = random.Random(1)
     span_per_batch = DAY_MS * BUILD_BATCH / rows
     for batch in range(rows // BUILD_BATCH):
@@ -319,7 +319,7 @@ def retention_cost(directory: str) -> tuple[float, float]:
     as the writer does, a slice at a time: median ms per slice, payments
     deleted per second."""
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        connection = record_sql.connect_writer(os.path.join(scratch, "payments.db"), sync=False)
+        connection = record_sql.connect_writer(os.path.join(scratch, "payments.db"))
         rng = random.Random(6)
         per_batch = RETENTION_ROWS // 40
         for batch in range(40):
@@ -341,7 +341,7 @@ def commit_cost(directory: str, journal_mode: str, synchronous: str) -> float:
     """Median µs of a group commit of 100 settlements into a record of 100,000."""
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         path = os.path.join(scratch, "payments.db")
-        connection = record_sql.connect_writer(path, sync=False)
+        connection = record_sql.connect_writer(path)
         connection.execute(f"PRAGMA journal_mode = {journal_mode}")
         connection.execute(f"PRAGMA synchronous = {synchronous}")
         rng = random.Random(5)

@@ -563,3 +563,29 @@ def test_retention_is_configured_in_whole_days(monkeypatch):
     monkeypatch.setenv("PAYCORE_RETENTION_DAYS", "-1")
     with pytest.raises(SystemExit, match="PAYCORE_RETENTION_DAYS"):
         Settings()
+
+
+def test_with_sync_a_commit_is_reported_once_the_wal_holding_it_is_synced(tmp_path, monkeypatch):
+    """The journal deletes what a reported commit holds: with sync, only a
+    commit that an fdatasync of the WAL made durable is reported."""
+    path = tmp_path / "payments.db"
+    rng = random.Random(11)
+    events = []
+    real_fdatasync = record_module.os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real_fdatasync(fd)
+        events.append(("synced", Path(f"/proc/self/fd/{fd}").resolve().name))
+
+    monkeypatch.setattr(record_module.os, "fdatasync", fdatasync)
+
+    async def scenario():
+        async with running(path, sync=True) as (record, commits):
+            record.submit([settlement(rng, BASE_MS)], 3)
+            await commits.reach(3)
+            events.append(("reported", commits.seqs[-1]))
+            record.submit([settlement(rng, BASE_MS + 1)], 7)
+            await commits.reach(7)
+            events.append(("reported", commits.seqs[-1]))
+    asyncio.run(scenario())
+    assert events == [("synced", "payments.db-wal"), ("reported", 3), ("synced", "payments.db-wal"), ("reported", 7)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -42,6 +43,8 @@ COMMIT_AT_ONCE = 4096            # settlements waiting that start a commit at on
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0   # after a failed commit
 RETENTION_CHECK_S = 60.0         # an idle writer looks at the day this often
 RETENTION_SLICE_ROWS = 1000      # per table and level, per retention transaction
+# With sync: commits are made durable together (one fdatasync of the WAL) this often.
+SYNC_INTERVAL_S = 0.2
 
 
 def wall_clock_ms() -> int:
@@ -66,8 +69,9 @@ class PaymentsRecord:
     def open(self) -> None:
         """Create the file and schema, or check them (RecordError if this
         version cannot use it)."""
-        writing = record_sql.connect_writer(self.path, sync=self._sync)
-        self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms)
+        writing = record_sql.connect_writer(self.path)
+        self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms,
+                               wal_path=self.path + "-wal" if self._sync else None)
         self._reader = _Reader(record_sql.connect_reader(self.path))
 
     # Before start, on the caller's thread.
@@ -159,8 +163,12 @@ class _Writer:
     """The instance's one writing connection and the thread that commits on it."""
 
     def __init__(self, connection: sqlite3.Connection, instance: str, retention_days: int,
-                 clock_ms: Callable[[], int]) -> None:
+                 clock_ms: Callable[[], int], wal_path: str | None) -> None:
+        """wal_path: with sync, the WAL to make durable before a commit is
+        reported (the journal then deletes what the commit holds); None:
+        reported at once."""
         self._connection = connection
+        self._wal = _DurableFile(wal_path) if wal_path else None
         self._instance = instance
         self._retention_days = retention_days
         self._clock_ms = clock_ms
@@ -178,6 +186,8 @@ class _Writer:
         # The writer thread's own (read under the lock by submit, which only
         # needs to know whether the thread may be asleep with nothing to do).
         self._committed_seq = self._through_seq
+        self._unsynced_seq = 0         # committed, not yet made durable (with sync)
+        self._last_sync = 0.0
         self._last_commit = 0.0
         self._retry_at = 0.0
         self._retry_s = RETRY_MIN_S
@@ -223,6 +233,8 @@ class _Writer:
             await self._closed
             self._thread.join()
         self._connection.close()
+        if self._wal is not None:
+            self._wal.close()
 
     # On the writer thread.
 
@@ -233,6 +245,8 @@ class _Writer:
                 work = self._next_work()
                 if work.batches or work.through_seq > self._committed_seq:
                     self._commit(work.batches, work.through_seq, work.closing)
+                if self._unsynced_seq and (work.sync or work.closing):
+                    self._make_durable()
                 for future in work.purges:
                     self._purge(future)
                 if work.closing:
@@ -250,18 +264,20 @@ class _Writer:
             while True:
                 now = time.monotonic()
                 commit_in, trim_in = self._commit_in(now), self._trim_in(now)
+                sync_in = self._last_sync + SYNC_INTERVAL_S - now if self._unsynced_seq else None
                 commit = self._closing or bool(self._purges) or (commit_in is not None and commit_in <= 0)
                 trim = trim_in is not None and trim_in <= 0
-                if commit or trim:
+                sync = sync_in is not None and sync_in <= 0
+                if commit or trim or sync:
                     break
-                waits = [wait for wait in (commit_in, trim_in) if wait is not None]
+                waits = [wait for wait in (commit_in, trim_in, sync_in) if wait is not None]
                 self._wake.wait(min(waits) if waits else None)
             if not commit:
-                return _Work([], self._committed_seq, [], False, trim)
+                return _Work([], self._committed_seq, [], False, trim, sync)
             batches, self._batches = self._batches, []
             purges, self._purges = self._purges, []
             self._waiting = 0
-            return _Work(batches, self._through_seq, purges, self._closing, trim)
+            return _Work(batches, self._through_seq, purges, self._closing, trim, sync)
 
     def _commit_in(self, now: float) -> float | None:
         """Seconds until the next commit is due; None: nothing to commit."""
@@ -299,6 +315,26 @@ class _Writer:
             return
         self._retry_s = RETRY_MIN_S
         self._committed_seq = through_seq
+        if self._wal is not None:
+            self._unsynced_seq = through_seq
+            return
+        self._report(through_seq)
+
+    def _make_durable(self) -> None:
+        """One fdatasync of the WAL for every commit since the last: what the
+        commits hold is in the WAL, or in the database file by a checkpoint
+        that SQLite synced before it let the WAL start over."""
+        assert self._wal is not None
+        self._last_sync = time.monotonic()
+        try:
+            self._wal.sync()
+        except OSError as error:
+            log.error("payments record: syncing the WAL failed, retrying in %.1f s: %s", SYNC_INTERVAL_S, error)
+            return
+        seq, self._unsynced_seq = self._unsynced_seq, 0
+        self._report(seq)
+
+    def _report(self, through_seq: int) -> None:
         assert self._loop is not None and self._on_committed is not None
         self._loop.call_soon_threadsafe(self._on_committed, through_seq)
 
@@ -333,6 +369,29 @@ class _Work(NamedTuple):
     purges: list[asyncio.Future]
     closing: bool
     trim: bool
+    sync: bool = False
+
+
+class _DurableFile:
+    """A file to fdatasync by path: opened at the first sync (SQLite makes
+    the WAL at the first write) and again whenever the path names another
+    file than the one held."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd = -1
+
+    def sync(self) -> None:
+        if self._fd >= 0 and os.stat(self._path).st_ino != os.fstat(self._fd).st_ino:
+            self.close()
+        if self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 _LOOKUP, _SUMMARY, _STOP = range(3)  # what the reader is asked
