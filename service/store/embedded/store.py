@@ -112,7 +112,8 @@ class EmbeddedStore:
                                "record has not committed yet.", lambda: len(tail))
         metrics.register_gauge("paycore_ledger_tail_room", "gauge",
                                "Settlements this instance's ledger tail can still take: payments in "
-                               "flight never outnumber it (the dispatcher waits for the payments record).", lambda: tail.room)
+                               "flight never outnumber it (the dispatcher waits for the payments record).",
+                               lambda: tail.room)
 
     # --- accepting ---------------------------------------------------------------------
 
