@@ -81,14 +81,14 @@ class Metrics:
         """The index to count a route's answers under (responded()). Handlers
         that answer for the same route share it; its meaning, for the HELP
         text, is given by one of them."""
-        _label_text("route", label)
-        if label not in self._route_labels:
-            self._route_labels[label] = len(self._responses)
+        index = self._route_labels.get(label)
+        if index is None:
+            _label_text("route", label)
+            index = self._route_labels[label] = len(self._responses)
             self._responses.append([0] * (HIGHEST_STATUS + 1))
-        if meaning:
-            if self._route_meanings.setdefault(label, meaning) != meaning:
-                raise ValueError(f"route {label!r} already means {self._route_meanings[label]!r}")
-        return self._route_labels[label]
+        if meaning and self._route_meanings.setdefault(label, meaning) != meaning:
+            raise ValueError(f"route {label!r} already means {self._route_meanings[label]!r}")
+        return index
 
     def counter_family(self, name: str, help_text: str, labels: Mapping[str, Sequence[str]]) -> list:
         """Counters for every combination of the labels' values, as nested
