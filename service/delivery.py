@@ -27,16 +27,10 @@ import time
 
 from paycore.core.ring_queue import RingQueue
 
-from .metrics import (
-    PINNED_RESEND,
-    REQUEUED,
-    RESUMED_UNRESOLVED,
-    RESUMED_UNSENT,
-    Metrics,
-)
+from .metrics import Metrics
 from .payment import Attempt, Payment
 from .processor_client import Outcome, ProcessorClient, ProcessorError
-from .router import Router
+from .router import PROCESSOR_NAMES, Router
 from .store.base import Deferred, Store, resolve
 
 log = logging.getLogger("paycore.delivery")
@@ -49,6 +43,11 @@ log = logging.getLogger("paycore.delivery")
 # side). A timer is what lets the loop block first; call_soon runs before the
 # loop polls again.
 HAND_OFF_DELAY_S = 0.001
+
+RETRY_KINDS = ("requeued", "pinned_resend", "resumed_unsent", "resumed_unresolved")
+REQUEUED, PINNED_RESEND, RESUMED_UNSENT, RESUMED_UNRESOLVED = range(len(RETRY_KINDS))
+# An outcome's position among the outcome labels.
+OUTCOME_INDEX = {outcome: index for index, outcome in enumerate(Outcome)}
 
 
 def wall_clock_ms() -> int:
@@ -64,8 +63,16 @@ class Dispatcher:
         self._router = router
         self._clients = clients
         self._store = store
-        self._outcomes = metrics.outcomes
-        self._retries = metrics.retries
+        self._outcomes = metrics.counter_family(
+            "paycore_processor_outcomes_total",
+            "Payment requests sent to a processor, by how they ended: ok (200), 422 (already "
+            "held), 5xx, 429, 4xx, unreachable (never sent), timeout (unknown outcome).",
+            {"processor": PROCESSOR_NAMES, "outcome": [outcome.value for outcome in Outcome]})
+        self._retries = metrics.counter_family(
+            "paycore_payment_retries_total",
+            "Payments tried again: requeued after an attempt that stored nothing (or a pinned "
+            "payment its processor does not hold), resends of pinned payments (unknown "
+            "outcome), and payments resumed from the journal at start.", {"kind": RETRY_KINDS})
         self._max_in_flight = max_in_flight
         self._retry_min_s = retry_min_ms / 1000
         self._retry_max_s = retry_max_ms / 1000
@@ -77,6 +84,15 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._pinned: set[asyncio.Task] = set()
         self._running_loop: asyncio.AbstractEventLoop | None = None
+        metrics.register_gauge(
+            "paycore_payments_in_flight", "gauge",
+            "Payments taken from the queue whose attempt has not ended (at most PAYCORE_MAX_IN_FLIGHT).",
+            lambda: self.in_flight)
+        metrics.register_gauge(
+            "paycore_payments_unresolved", "gauge",
+            "Payments worked on outside the queue: pinned after an unknown outcome, "
+            "being looked up after a restart, or waiting for room in the queue.",
+            lambda: self.unresolved)
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -192,7 +208,7 @@ class Dispatcher:
         outcome = await self._clients[processor].send_payment(
             attempt.payment.correlation_id, attempt.payment.cents, attempt.requested_at_ms)
         self._router.end(processor, ticket, outcome)
-        self._outcomes[processor][outcome] += 1
+        self._outcomes[processor][OUTCOME_INDEX[outcome]] += 1
         if outcome is Outcome.PROCESSED:
             self._store.settle(attempt)
         elif outcome is Outcome.ALREADY_HELD:

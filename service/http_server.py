@@ -24,10 +24,13 @@ from . import responses
 from .responses import CLOSE, KEEP_ALIVE
 from .connections import ConnectionGuard
 from .flow_control import FEED_BYTES, INPUT_HELD, MAX_OWED_ANSWERS, FlowControl
-from .metrics import UNROUTED, LatencyHistogram, Metrics
+from .metrics import Metrics
 from .store.base import Deferred
 
 NOT_IN_A_REQUEST = -1
+# The route of an answer the HTTP layer gave before any handler saw the request.
+UNROUTED = "unrouted"
+UNROUTED_MEANING = "refused by the HTTP layer (malformed, too large, too slow, too many connections)"
 # The lengths of the header names looked at: expect, connection, authorization,
 # content-length. Any other header costs one length lookup.
 NOTED_NAME_LENGTHS = frozenset((6, 10, 13, 14))
@@ -77,6 +80,7 @@ class HttpProtocol(asyncio.Protocol):
         "_started_at",
         "_transport",
         "_unanswered",
+        "_unrouted",
         "_unread",
         "_url",
     )
@@ -89,7 +93,8 @@ class HttpProtocol(asyncio.Protocol):
         self._guard = guard
         self._limits = guard.limits
         self._metrics = metrics
-        self._latency = self._metrics.latency
+        self._latency = metrics.latency
+        self._unrouted = metrics.route(UNROUTED, UNROUTED_MEANING)
         self._parser = httptools.HttpRequestParser(self)
         # None once no more requests are served on the connection (it ends after
         # the answers owed); the transport itself stays with the flow control.
@@ -307,7 +312,7 @@ class HttpProtocol(asyncio.Protocol):
         """Answer and hang up: after a broken request the stream cannot be trusted."""
         transport, self._transport = self._transport, None
         if transport is not None:
-            self._metrics.responded(UNROUTED, response)
+            self._metrics.responded(self._unrouted, response)
             self._answer_in_order(response, transport, CLOSE, None)
 
     def _answer_in_order(self, response: Deferred[bytes], transport: asyncio.Transport,

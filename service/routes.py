@@ -6,7 +6,7 @@ from . import responses
 from .accept import PaymentIntake
 from .admin import AdminToken, Verdict
 from .lookup import PaymentLookup
-from .metrics import LOOKUP, OTHER, PAYMENTS, PURGE, SUMMARY, Metrics
+from .metrics import Metrics
 from .store.base import Deferred, Store, then
 from .summary import Summary
 
@@ -23,24 +23,29 @@ class Routes:
         self._store = store
         self._metrics = metrics
         self._admin = admin
+        # The route labels its answers are counted under.
+        self._payments_route = metrics.route("/payments")
+        self._summary_route = metrics.route("/payments-summary")
+        self._lookup_route = metrics.route("/payments/{id}")
+        self._purge_route = metrics.route("/purge-payments")
 
     def handle(self, method: bytes, url: bytes, body: bytes, authorization: bytes) -> Deferred[bytes]:
         path, _, query = url.partition(b"?")
         if path == b"/payments":
-            route = PAYMENTS
+            route = self._payments_route
             response = self._intake.accept(body) if method == b"POST" else responses.METHOD_NOT_ALLOWED
         elif path == b"/payments-summary":
-            route = SUMMARY
+            route = self._summary_route
             response = self._summary.respond(query) if method == b"GET" else responses.METHOD_NOT_ALLOWED
         elif path.startswith(b"/payments/"):
-            route = LOOKUP
+            route = self._lookup_route
             response = (self._lookup.respond(path[len(b"/payments/"):]) if method == b"GET"
                         else responses.METHOD_NOT_ALLOWED)
         elif path == b"/purge-payments":
-            route = PURGE
+            route = self._purge_route
             response = self._purge(authorization) if method == b"POST" else responses.METHOD_NOT_ALLOWED
         else:
-            route = OTHER
+            route = self._metrics.unserved
             response = responses.NOT_FOUND
         if isinstance(response, bytes):
             self._metrics.responded(route, response)

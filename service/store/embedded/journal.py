@@ -20,11 +20,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paycore.core.journal import Journal
 
 from ...payment import Attempt, Payment
+
+if TYPE_CHECKING:
+    from ...metrics import Metrics
 
 log = logging.getLogger("paycore.journal")
 
@@ -71,6 +74,24 @@ class JournalWriter:
     def backlog(self) -> int:
         """Records appended and not yet durable."""
         return self._journal.appended_seq - self._durable_seq
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        journal = self._journal
+        metrics.register_gauge("paycore_journal_backlog_records", "gauge",
+                               "Journal records appended and not yet durable.", lambda: self.backlog)
+        metrics.register_gauge("paycore_journal_batches_total", "counter",
+                               "Journal writes (group commits).", lambda: journal.batches_written)
+        metrics.register_gauge("paycore_journal_records_total", "counter",
+                               "Journal records written.", lambda: journal.records_written)
+        metrics.register_gauge("paycore_journal_uncommitted_records", "gauge",
+                               "Durable journal records past the payments record's last commit "
+                               "(durable_seq - committed_seq): how far the record trails the journal, "
+                               "whose segments stay until it catches up.",
+                               lambda: journal.durable_seq - journal.committed_seq)
+        metrics.register_gauge("paycore_journal_write_errno", "gauge",
+                               "errno of the journal's last failed write, 0 once a write succeeds; "
+                               "while it is not 0, what waits for the journal waits.",
+                               lambda: journal.error)
 
     def accepted(self, payment: Payment) -> int:
         """The record's sequence number: what an answer promising it waits for."""

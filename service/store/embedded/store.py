@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paycore.core.accepted_ids import CLAIMED, CONFLICT, DUPLICATE, IN_PROGRESS, AcceptedIds
 from paycore.core.journal import Journal
@@ -37,6 +37,9 @@ from .health_board import FileHealthBoard
 from .journal import JournalWriter
 from .recovery import recover
 from .record import PaymentsRecord, Settlement
+
+if TYPE_CHECKING:
+    from ...metrics import Metrics
 
 log = logging.getLogger("paycore.store")
 
@@ -90,6 +93,29 @@ class EmbeddedStore:
         self._queue = queue
         self._work = work
         work.resume(resumed.unsent, resumed.unresolved)
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """After start (the journal exists from then on)."""
+        self.journal.register_metrics(metrics)
+        ids, tail = self.ids, self.tail
+        metrics.register_gauge("paycore_accepted_ids_live", "gauge",
+                               "Slots taken in the live epochs of the accepted-id table this host's "
+                               "instances share (approximate).", lambda: ids.live_ids)
+        metrics.register_gauge("paycore_accepted_ids_window_seconds", "gauge",
+                               "How far back every accepted correlationId is still known; below "
+                               "PAYCORE_IDEMPOTENCY_WINDOW_S while epochs end early.",
+                               lambda: ids.effective_window_ms / 1000)
+        metrics.register_gauge("paycore_accepted_ids_early_advances_total", "counter",
+                               "Epochs of the accepted-id table begun early because the previous one "
+                               "was full: traffic above PAYCORE_IDEMPOTENCY_CAPACITY per window.",
+                               lambda: ids.early_advances)
+        metrics.register_gauge("paycore_ledger_tail_entries", "gauge",
+                               "Settlements this instance published for summaries that the payments "
+                               "record has not committed yet.", lambda: len(tail))
+        metrics.register_gauge("paycore_ledger_tail_room", "gauge",
+                               "Settlements this instance's ledger tail can still take: payments in "
+                               "flight never outnumber it (the dispatcher waits for the payments record).",
+                               lambda: tail.room)
 
     # --- accepting ---------------------------------------------------------------------
 
