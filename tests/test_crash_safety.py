@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import RunningStack, UnixHTTPConnection, call, quick_stack, random_uuid, test_random
-from test_service import assert_ledgers_catch_up, assert_ledgers_match_processors, payment
+from test_service import assert_ledgers_catch_up, payment
 from test_unknown_outcomes import held_by
 
 LOAD_CLIENTS = 8

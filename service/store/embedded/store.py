@@ -32,7 +32,7 @@ from paycore.core.ring_queue import RingQueue
 
 from ...config import Settings
 from ...payment import Attempt, Payment
-from ..base import Acceptance, PaymentStatus, PendingWork, Totals
+from ..base import Acceptance, PaymentStatus, PendingWork
 from .health_board import FileHealthBoard
 from .journal import JournalWriter
 from .recovery import recover
