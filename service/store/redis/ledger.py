@@ -59,15 +59,17 @@ local function add_to_ledger(processor, ms, low, high, keep_ms)
     local parent = math.floor(bucket / 16)
     local key = prefix .. level .. ':' .. string.format('%d', parent)
     local field = string.format('%x', bucket % 16) .. processor
-    if redis.call('HINCRBY', key, field .. 'n', 1) == 1 and keep_ms > 0 then
-      redis.call('PEXPIREAT', key, string.format('%d', (parent + 1) * width * 16 + keep_ms))
-    end
+    local first = redis.call('HINCRBY', key, field .. 'n', 1) == 1
     local carry = high
     if redis.call('HINCRBY', key, field .. 'l', low) >= 4294967296 then
       redis.call('HINCRBY', key, field .. 'l', -4294967296)
       carry = carry + 1
     end
     if carry > 0 then redis.call('HINCRBY', key, field .. 'h', carry) end
+    -- Last: a time already past deletes the key.
+    if first and keep_ms > 0 then
+      redis.call('PEXPIREAT', key, string.format('%d', (parent + 1) * width * 16 + keep_ms))
+    end
     width = width * 16
   end
 end
