@@ -1,7 +1,7 @@
 """What only the Redis store does: instances on one Redis claiming ids against
 each other, taking over what a dead instance held (never what a live one
 holds), refusing the send of a payment taken over, counting a payment once,
-summing by seconds and milliseconds exactly, and sharing the health poll."""
+summing across bucket edges exactly, and sharing the health poll."""
 from __future__ import annotations
 
 import asyncio
