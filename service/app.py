@@ -87,11 +87,7 @@ class Instance:
 
     async def start(self) -> None:
         await self.store.start(self.queue, self.dispatcher)
-        # A Redis store keeps nothing of its own to report: the embedded one has
-        # a journal and the tables its host's instances share.
-        register_store_metrics = getattr(self.store, "register_metrics", None)
-        if register_store_metrics is not None:
-            register_store_metrics(self.metrics)
+        self.store.register_metrics(self.metrics)
         self.dispatcher.start()
         self.health.start()
         for address in self.settings.listen:

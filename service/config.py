@@ -43,6 +43,10 @@ class Settings:
     # Redis store: a connection on which commands wait and nothing comes back for
     # this long is dropped, and what waited fails (a new payment gets 503).
     store_timeout_ms: int = field(default_factory=lambda: _env_int("PAYCORE_STORE_TIMEOUT_MS", 2000))
+    # Redis store: it starts only on a Redis whose maxmemory-policy is
+    # noeviction; 1 vouches for that when the server hides its CONFIG.
+    store_assume_noeviction: bool = field(
+        default_factory=lambda: _env_int("PAYCORE_STORE_ASSUME_NOEVICTION", 0) != 0)
     # Embedded store, shared by every instance on the host (tmpfs): the accepted
     # ids, the ledger's uncommitted tail, the health board.
     shared_dir: str = field(default_factory=lambda: _env("PAYCORE_SHARED_DIR", DEFAULT_SHARED_DIR))

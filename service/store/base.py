@@ -23,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from paycore.core.ring_queue import RingQueue
 
 from ..payment import Attempt, Payment
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -157,5 +160,8 @@ class Store(Protocol):
         """The ledger starts over (between test runs). Which ids were
         accepted is not forgotten, nor are payments still pending: they are
         still delivered, and a payment is never paid or counted twice."""
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """After start: the families the store reports itself."""
 
     async def close(self) -> None: ...
