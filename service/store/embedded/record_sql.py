@@ -22,6 +22,7 @@ skipped by ON CONFLICT DO NOTHING, so it fires nothing and counts nothing.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
@@ -184,7 +185,7 @@ def connect_writer(path: str) -> sqlite3.Connection:
     one per commit (which slowed the journal's own syncs on a shared disk)."""
     connection = _connect(path)
     try:
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _set_wal_mode(connection)
         if mode != "wal":
             raise RecordError(f"payments record {path}: WAL mode unavailable (journal_mode is {mode})")
         connection.execute("PRAGMA synchronous = NORMAL")
@@ -196,6 +197,21 @@ def connect_writer(path: str) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _set_wal_mode(connection: sqlite3.Connection) -> str:
+    """PRAGMA journal_mode = WAL, the journal mode it reports. On a new file
+    the switch needs the file to itself, and SQLite answers "locked" at once
+    instead of waiting while another instance opens it too: asked again
+    until BUSY_TIMEOUT_S has passed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def connect_reader(path: str) -> sqlite3.Connection:
