@@ -52,9 +52,10 @@ async def resolve(value: Deferred[T]) -> T:
 
 
 def then(value: Deferred[T], transform: Callable[[T], U],
-         on_error: Callable[[BaseException], U]) -> Deferred[U]:
+         on_error: Callable[[BaseException], U] | None = None) -> Deferred[U]:
     """transform(value), or a future of it once value's future is done; a
-    failed (or cancelled) future gives on_error(its error) instead."""
+    failed (or cancelled) future gives on_error(its error) instead, or
+    without on_error fails the result with the same error."""
     if not isinstance(value, asyncio.Future):
         return transform(value)
     result = value.get_loop().create_future()
@@ -63,7 +64,12 @@ def then(value: Deferred[T], transform: Callable[[T], U],
         if result.done():
             return
         error = asyncio.CancelledError() if done.cancelled() else done.exception()
-        result.set_result(transform(done.result()) if error is None else on_error(error))
+        if error is None:
+            result.set_result(transform(done.result()))
+        elif on_error is None:
+            result.set_exception(error)
+        else:
+            result.set_result(on_error(error))
 
     value.add_done_callback(finish)
     return result

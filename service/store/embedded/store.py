@@ -32,7 +32,7 @@ from paycore.core.ring_queue import RingQueue
 
 from ...config import Settings
 from ...payment import Attempt, Payment
-from ..base import Acceptance, PaymentStatus, PendingWork
+from ..base import Acceptance, PaymentStatus, PendingWork, Totals, then
 from .health_board import FileHealthBoard
 from .journal import JournalWriter
 from .recovery import recover
@@ -260,53 +260,28 @@ class EmbeddedStore:
         # The tail first: what the record commits meanwhile is then in its snapshot.
         tail = self.tail.snapshot()
         generation = self.tail.generation
-        totals = self._loop.create_future()
 
-        def add_tail(done: asyncio.Future) -> None:
-            error = done.exception()
-            if error is not None:
-                totals.set_exception(error)
-                return
-            committed, committed_seqs = done.result()
+        def add_tail(read: tuple[Totals, dict[str, int]]) -> Totals:
+            committed, committed_seqs = read
             uncommitted = tail.totals(committed_seqs, generation, from_ms, to_ms)
-            totals.set_result(tuple(a + b for a, b in zip(committed, uncommitted)))
+            return tuple(a + b for a, b in zip(committed, uncommitted))
 
-        self.record.summary(generation, from_ms, to_ms).add_done_callback(add_tail)
-        return totals
+        return then(self.record.summary(generation, from_ms, to_ms), add_tail)
 
     def lookup(self, correlation_id: bytes) -> asyncio.Future:
-        status = self._loop.create_future()
-
-        def answer(done: asyncio.Future) -> None:
-            error = done.exception()
-            if error is not None:
-                status.set_exception(error)
-                return
-            settled = done.result().get(correlation_id)
+        def answer(settled_ones: dict[bytes, Attempt]) -> PaymentStatus | None:
+            settled = settled_ones.get(correlation_id)
             if settled is not None:
-                status.set_result(PaymentStatus(settled.payment, settled))
-                return
+                return PaymentStatus(settled.payment, settled)
             accepted = self.ids.state(correlation_id)
-            status.set_result(None if accepted is None else PaymentStatus(Payment(correlation_id, accepted[1]), None))
+            return None if accepted is None else PaymentStatus(Payment(correlation_id, accepted[1]), None)
 
-        self.record.lookup([correlation_id]).add_done_callback(answer)
-        return status
+        return then(self.record.lookup([correlation_id]), answer)
 
     def purge(self) -> asyncio.Future:
         """Every instance's ledger starts over: a new generation, durable in
         the record before any instance counts in it."""
-        purged = self._loop.create_future()
-
-        def adopt(done: asyncio.Future) -> None:
-            error = done.exception()
-            if error is not None:
-                purged.set_exception(error)
-            else:
-                self.tail.raise_generation(done.result())
-                purged.set_result(None)
-
-        self.record.purge().add_done_callback(adopt)
-        return purged
+        return then(self.record.purge(), self.tail.raise_generation)
 
     async def close(self) -> None:
         if self._progress is not None:
