@@ -14,7 +14,7 @@ RUN pip install --no-cache-dir "cython>=3.0" "setuptools>=68" wheel \
 # Runtime stage: no compiler, a non-root user, the wheels only.
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home paycore \
- && mkdir -p /run/paycore/sockets /run/paycore/shared /var/lib/paycore/journal \
+ && mkdir -p /run/paycore/sockets /run/paycore/shared /var/lib/paycore \
  && chown -R paycore:paycore /run/paycore /var/lib/paycore
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
@@ -22,5 +22,5 @@ USER paycore
 ENV PYTHONUNBUFFERED=1 \
     PAYCORE_LISTEN=handoff:/run/paycore/sockets/api.handoff \
     PAYCORE_SHARED_DIR=/run/paycore/shared \
-    PAYCORE_JOURNAL_DIR=/var/lib/paycore/journal
+    PAYCORE_DATA_DIR=/var/lib/paycore
 CMD ["python", "-m", "paycore.service"]

@@ -9,19 +9,19 @@ The service itself is `python -m paycore.service` (configured by environment
 variables, see the README); `paycore.stack` runs the local topology and
 `paycore.emulator` the payment-processor emulator.
 """
-from paycore.core.accepted_ids import CLAIMED, CONFLICT, DUPLICATE, FULL, AcceptedIds
+from paycore.core.accepted_ids import CLAIMED, CONFLICT, DUPLICATE, DURABLE, IN_PROGRESS, AcceptedIds
 from paycore.core.amount import MAX_CENTS, AmountError, format_amount, parse_amount
 from paycore.core.correlation_id import uuid_to_bytes, uuid_to_text
-from paycore.core.journal import Journal, RecordKind, read_journal, write_journal
-from paycore.core.ledger import Ledger
+from paycore.core.journal import Journal, RecordKind
+from paycore.core.ledger_tail import LedgerTail
 from paycore.core.payment_parser import InvalidPayment, parse_payment
 from paycore.core.processor_payload import encode_payment
 from paycore.core.ring_queue import RingQueue
 from paycore.core.timestamp import format_timestamp, parse_timestamp
 
 __all__ = [
-    "CLAIMED", "CONFLICT", "DUPLICATE", "FULL", "MAX_CENTS",
-    "AcceptedIds", "AmountError", "InvalidPayment", "Journal", "Ledger", "RecordKind", "RingQueue",
+    "CLAIMED", "CONFLICT", "DUPLICATE", "DURABLE", "IN_PROGRESS", "MAX_CENTS",
+    "AcceptedIds", "AmountError", "InvalidPayment", "Journal", "LedgerTail", "RecordKind", "RingQueue",
     "encode_payment", "format_amount", "format_timestamp", "parse_amount", "parse_payment",
-    "parse_timestamp", "read_journal", "uuid_to_bytes", "uuid_to_text", "write_journal",
+    "parse_timestamp", "uuid_to_bytes", "uuid_to_text",
 ]

@@ -4,19 +4,20 @@ A run directory (`make run`: PAYCORE_RUN_DIR, default run/) keeps what must
 outlive the stack, so that a stack started again with it resumes:
 
     sockets/            the instances' hand-off and API sockets
-    state/journals/     each instance's journal (PAYCORE_JOURNAL_DIR)
+    logs/               each service's output, when the stack runs quiet (tests, benchmarks)
+    state/data/         the instances' journals and payments record (PAYCORE_DATA_DIR)
     state/processors/   what each emulated processor recorded
     state/redis/        the Redis store's append-only file
 
-The instances' shared state (ledger regions, accepted ids, health board,
-metrics sockets) lives on tmpfs, in /dev/shm/paycore-run-<digest of the run
+The instances' shared state (accepted ids, the ledger's uncommitted tail,
+health board, metrics sockets) lives on tmpfs, in /dev/shm/paycore-run-<digest of the run
 directory's path>: the same directory for every start with that run
 directory, so a killed stack leaves it to the next start; a clean stop
 removes it, and the next start rebuilds it from the journals.
 
 Without a run directory (tests, benchmarks) all of it is scratch: fresh
-temporary directories, the journals on the shared tmpfs, the processors'
-payments in memory, everything removed at stop.
+temporary directories, the processors' payments in memory, everything
+removed at stop.
 """
 from __future__ import annotations
 
@@ -57,8 +58,13 @@ class StateLayout:
         return self.run_dir / "state"
 
     @property
-    def journals(self) -> Path:
-        return self.state / "journals"
+    def logs(self) -> Path:
+        """Each service's output, when the stack runs quiet."""
+        return self.run_dir / "logs"
+
+    @property
+    def data(self) -> Path:
+        return self.state / "data"
 
     @property
     def processors(self) -> Path:
@@ -68,16 +74,12 @@ class StateLayout:
     def redis(self) -> Path:
         return self.state / "redis"
 
-    def instance_env(self) -> dict[str, str]:
-        """Where each instance keeps what it must not lose, beyond its shared directory."""
-        return {"PAYCORE_JOURNAL_DIR": str(self.journals)} if self.kept else {}
-
     def emulator_args(self, name: str) -> tuple[str, ...]:
         """The emulated processor `name` keeps its payments in a file, or in memory."""
         return ("--payments-file", str(self.processors / f"{name}.log")) if self.kept else ()
 
     def create(self) -> None:
-        for directory in (self.sockets, self.shared, *((self.journals, self.processors) if self.kept else ())):
+        for directory in (self.sockets, self.shared, self.data, *((self.processors,) if self.kept else ())):
             directory.mkdir(parents=True, exist_ok=True)
 
     def clear(self) -> None:

@@ -94,8 +94,12 @@ class Stack:
         return (settings.port,)
 
     def _options(self, env: dict[str, str] | None, service: str | None) -> dict:
-        """How every child is started: its environment, output, session, cgroups."""
-        output = subprocess.DEVNULL if self.settings.quiet else None
+        """How every child is started: its environment, output, session, cgroups.
+        A quiet stack writes each service's log to logs/<service>.log instead."""
+        output = None
+        if self.settings.quiet:
+            self.layout.logs.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_path(service), "ab")  # noqa: SIM115 - the child keeps its own copy
         cgroups = self.settings.cgroups.get(service, ()) if service else ()
 
         def prepare_child() -> None:
@@ -108,13 +112,29 @@ class Stack:
         return {"env": {**os.environ, **(env or {})}, "stdout": output, "stderr": output,
                 "start_new_session": True, "preexec_fn": prepare_child}
 
+    def log_path(self, service: str | None) -> Path:
+        return self.layout.logs / f"{service or 'process'}.log"
+
     def _spawn(self, command: list[str], service: str | None = None) -> subprocess.Popen:
-        return subprocess.Popen(command, **self._options(None, service))
+        options = self._options(None, service)
+        try:
+            return subprocess.Popen(command, **options)
+        finally:
+            _close_log(options)
 
     def _launch(self, command: list[str], env: dict[str, str] | None = None,
                 service: str | None = None) -> tuple[subprocess.Popen, list[str]]:
         """A server process, once it listens, and the addresses it listens on."""
-        return start_listening(command, STARTUP_TIMEOUT_S, **self._options(env, service))
+        options = self._options(env, service)
+        try:
+            return start_listening(command, STARTUP_TIMEOUT_S, **options)
+        except (RuntimeError, TimeoutError) as error:
+            if not self.settings.quiet:
+                raise
+            log = self.log_path(service).read_text(errors="replace").splitlines()[-20:]
+            raise type(error)(f"{error}; the end of {self.log_path(service)}:\n" + "\n".join(log)) from error
+        finally:
+            _close_log(options)
 
     def start(self) -> Stack:
         self.layout.create()
@@ -149,6 +169,11 @@ class Stack:
     def instance_shared_dir(self, index: int) -> Path:
         return self.shared_dir if self.store_url == "embedded" else self.shared_dir / f"host-{index}"
 
+    def instance_data_dir(self, index: int) -> Path:
+        """The journal and payments record, on disk: one per host."""
+        data = self.layout.data
+        return data if self.store_url == "embedded" else data / f"host-{index}"
+
     def handoff_path(self, index: int) -> str:
         return str(self.socket_dir / f"api-{index}.handoff")
 
@@ -158,7 +183,7 @@ class Stack:
             "PAYCORE_LISTEN": f"unix:{self.socket_path(index)},handoff:{self.handoff_path(index)}",
             "PAYCORE_STORE": self.store_url,
             "PAYCORE_SHARED_DIR": str(self.instance_shared_dir(index)),
-            **self.layout.instance_env(),
+            "PAYCORE_DATA_DIR": str(self.instance_data_dir(index)),
             "PROCESSOR_DEFAULT_URL": self.default_url,
             "PROCESSOR_FALLBACK_URL": self.fallback_url,
             "PAYCORE_ADMIN_TOKEN": self.settings.admin_token,
@@ -211,6 +236,11 @@ def _stop(process: subprocess.Popen, signum: int) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def _close_log(options: dict) -> None:
+    if options["stderr"] is not None:
+        options["stderr"].close()
 
 
 def _stop_with_parent() -> None:

@@ -8,9 +8,13 @@ perf/results/bench-<time>.json and .png, and prints the table.
 BENCH_SECONDS=60 shortens a run (the fault schedule scales with it).
 BENCH_FLAMEGRAPH=1 records py-spy flamegraphs of both instances under perf/flamegraphs/.
 BENCH_LOW_LATENCY_HOST=1 keeps idle CPUs polling during the run (perf/host.py; root).
+BENCH_JOURNAL=disk,tmpfs (the default) runs the embedded store twice, one run
+after the other, and prints them side by side: its data directory (journals,
+payments record) on disk with a sync per batch, as docker-compose.yml deploys
+it, then on tmpfs without syncs; BENCH_JOURNAL=disk runs the first only.
 BENCH_STORE=redis runs the instances on the Redis store (a local redis-server,
 outside the budget, its usage reported apart); BENCH_STORE=embedded,redis runs
-both, one after the other, and prints them side by side.
+both.
 `bench.py --calibrate` runs the same load against a constant-response server:
 the generator's own latency floor.
 
@@ -25,7 +29,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +39,7 @@ sys.path.insert(0, str(REPO / "perf"))
 
 from cgroups import compose_jail, compose_limits  # noqa: E402
 from host import LowLatencyHost  # noqa: E402
-from native import build_tools  # noqa: E402
+from native import BUILD, build_tools  # noqa: E402
 from report import (  # noqa: E402
     draw_chart,
     latencies_by_connection_ms,
@@ -50,6 +56,41 @@ from paycore.stack import Stack, StackSettings  # noqa: E402
 RESULTS = REPO / "perf" / "results"
 FLAMEGRAPHS = REPO / "perf" / "flamegraphs"
 MAX_VUS = 603
+TMPFS = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one run of the round measures: the store, and for the embedded
+    store where its data directory lives and whether each batch is synced."""
+
+    store: str
+    journal: str = ""  # "disk" (synced) or "tmpfs"; "" for Redis
+
+    @property
+    def name(self) -> str:
+        return {"disk": "embedded, disk + sync", "tmpfs": "embedded, tmpfs"}.get(self.journal, self.store)
+
+    @contextlib.contextmanager
+    def instance_env(self):
+        if not self.journal:
+            yield {}
+            return
+        parent = TMPFS if self.journal == "tmpfs" else BUILD
+        parent.mkdir(exist_ok=True)
+        data_dir = tempfile.mkdtemp(prefix="bench-data-", dir=parent)
+        try:
+            yield {"PAYCORE_DATA_DIR": data_dir, "PAYCORE_JOURNAL_SYNC": "1" if self.journal == "disk" else "0"}
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def variants() -> list[Variant]:
+    journals = os.environ.get("BENCH_JOURNAL", "disk,tmpfs").split(",")
+    return [variant for store in os.environ.get("BENCH_STORE", "embedded").split(",")
+            for variant in ([Variant(store, journal) for journal in journals] if store == "embedded"
+                            else [Variant(store)])]
+
 
 
 def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
@@ -101,20 +142,26 @@ def main() -> int:
         if "--calibrate" in sys.argv:
             calibrate(seconds, low_latency_host)
             return 0
-        stores = os.environ.get("BENCH_STORE", "embedded").split(",")
-        runs = [benchmark(seconds, low_latency_host, store) for store in stores]
+        runs = [benchmark(seconds, low_latency_host, variant) for variant in variants()]
         if len(runs) > 1:
             print_side_by_side(runs)
         return max(status for status, _ in runs)
 
 
-def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, dict]:
+def benchmark(seconds: float, low_latency_host: bool, variant: Variant) -> tuple[int, dict]:
+    with variant.instance_env() as data_env:
+        return _benchmark(seconds, low_latency_host, variant, data_env)
+
+
+def _benchmark(seconds: float, low_latency_host: bool, variant: Variant,
+               data_env: dict[str, str]) -> tuple[int, dict]:
+    print(f"round: {variant.name}", flush=True)
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
     jail = compose_jail(REPO / "docker-compose.yml", "paycore-bench")
     settings = StackSettings(port=0, default_port=0, fallback_port=0, quiet=True,
                              cgroups=jail.directories if jail else {},
-                             instance_env={"PAYCORE_LOG_LEVEL": "WARNING"}, store=store)
+                             instance_env={"PAYCORE_LOG_LEVEL": "WARNING", **data_env}, store=variant.store)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     requests_csv = RESULTS / f"bench-{stamp}-requests.csv"
@@ -181,7 +228,8 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
     service_calls = {name: latency_summary_ms([int(s * 1e6) for s in values])
                      for name, values in scenario.log.service_call_seconds.items() if values}
     result["paycore"] = {
-        "seconds": seconds, "low_latency_host": low_latency_host, "store": store,
+        "seconds": seconds, "low_latency_host": low_latency_host, "store": variant.store,
+        "variant": variant.name,
         "requests": len(requests), "successful": successful,
         "failed": len(requests) - successful, "rps": round(len(requests) / seconds, 1),
         "post_latency_ms": latency, "post_read_latency_ms": read_latency,
@@ -215,7 +263,7 @@ def benchmark(seconds: float, low_latency_host: bool, store: str) -> tuple[int, 
 
 
 def print_side_by_side(runs: list[tuple[int, dict]]) -> None:
-    print("\nstore       p50      p90      p99    p99.9  failed  incons.  lag  "
+    print("\nrun                      p50      p90      p99    p99.9  failed  incons.  lag  "
           "instances cpu s  instances rss MB  redis cpu s / rss MB  score")
     for _, result in runs:
         run = result["paycore"]
@@ -223,13 +271,18 @@ def print_side_by_side(runs: list[tuple[int, dict]]) -> None:
         instances = {name: usage for name, usage in run["stack"].items() if name.startswith("api")}
         redis = run["stack"].get("redis")
         redis_usage = f"{redis['cpu_s']:.1f} / {redis['peak_rss_mb']}" if redis else "-"
-        print(f"{run['store']:<9} {latency['p50']:7.3f}  {latency['p90']:7.3f}  {latency['p99']:7.3f}  "
+        print(f"{run['variant']:<22} {latency['p50']:7.3f}  {latency['p90']:7.3f}  {latency['p99']:7.3f}  "
               f"{latency['p99.9']:7.3f}  {run['failed']:6}  "
               f"{result['multa']['composicao']['total_inconsistencias']:7}  {result['lag']['lag']:3}  "
               f"{sum(u['cpu_s'] for u in instances.values()):15.1f}  "
               f"{sum(u['peak_rss_mb'] for u in instances.values()):16.1f}  "
               f"{redis_usage:>20}  "
               f"{result['total_liquido']:.0f}")
+    by_variant = {result["paycore"]["variant"]: result["paycore"]["post_latency_ms"] for _, result in runs}
+    disk, tmpfs = by_variant.get(Variant("embedded", "disk").name), by_variant.get(Variant("embedded", "tmpfs").name)
+    if disk and tmpfs:
+        print("disk + sync / tmpfs: " + "  ".join(
+            f"{quantile} {disk[quantile] / tmpfs[quantile]:.2f}x" for quantile in ("p50", "p99", "p99.9")))
 
 
 def print_table(result: dict, out: Path) -> None:

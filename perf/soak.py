@@ -59,9 +59,9 @@ SLOPE_FROM_SHARE = 0.1
 
 
 def storage_directories(stack: Stack) -> dict[str, Path]:
-    """Where the stack keeps its state, by what holds it. The instances' journals are in
-    the shared directory today; the run directory stands for the data directory on disk."""
-    return {"tmpfs": stack.shared_dir, "disk": stack.run_dir}
+    """Where the stack keeps its state, by what holds it: the shared directory (accepted
+    ids, the ledger's tail, the health board) and the data directory (journals, payments record)."""
+    return {"tmpfs": stack.shared_dir, "disk": stack.layout.data}
 
 
 def probe_rate(tools: dict[str, Path], jail: CgroupJail | None, limits: StepLimits) -> float:

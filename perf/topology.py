@@ -38,7 +38,9 @@ class FastTopology:
             self.stack = Stack(StackSettings(
                 port=0, default_url=default.url, fallback_url=fallback.url, quiet=True,
                 cgroups=self._jail.directories if self._jail else {},
-                instance_env={"PAYCORE_LOG_LEVEL": "WARNING", **self._instance_env})).start()
+                # The data directory on disk, synced per batch, as docker-compose.yml has it.
+                instance_env={"PAYCORE_LOG_LEVEL": "WARNING", "PAYCORE_JOURNAL_SYNC": "1",
+                              **self._instance_env})).start()
         except BaseException:
             self.__exit__()
             raise

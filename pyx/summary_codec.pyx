@@ -1,7 +1,7 @@
 """GET /payments-summary on the wire: the query's from/to bounds in, the JSON
 body out. One compiled call each way: the summary is asked rarely, so its path
 is cold when it is asked, and a cold Python path costs tens of microseconds."""
-from libc.stdint cimport int64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t
 from libc.stdio cimport snprintf
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -116,7 +116,20 @@ def summary_range(bytes query) -> tuple:
 
 
 def summary_body(tuple totals) -> bytes:
-    """The JSON body of (default_count, default_cents, fallback_count, fallback_cents)."""
+    """The JSON body of (default_count, default_cents, fallback_count, fallback_cents):
+    integers of any size, each amount written exactly."""
     cdef char body[SUMMARY_BODY_MAX]
-    cdef Py_ssize_t length = write_summary_body(totals[0], totals[1], totals[2], totals[3], body)
-    return PyBytes_FromStringAndSize(body, length)
+    cdef Py_ssize_t length
+    if all(INT64_MIN <= total <= INT64_MAX for total in totals):
+        length = write_summary_body(totals[0], totals[1], totals[2], totals[3], body)
+        return PyBytes_FromStringAndSize(body, length)
+    # Past 92 million million cents: no machine word holds it, Python's integers do.
+    default_count, default_cents, fallback_count, fallback_cents = totals
+    return (f'{{"default":{{"totalRequests":{default_count},"totalAmount":{_amount_text(default_cents)}}},'
+            f'"fallback":{{"totalRequests":{fallback_count},"totalAmount":{_amount_text(fallback_cents)}}}}}'
+            ).encode()
+
+
+def _amount_text(cents: int) -> str:
+    whole, fraction = divmod(abs(cents), 100)
+    return f"{'-' if cents < 0 else ''}{whole}.{fraction:02d}"

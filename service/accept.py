@@ -5,6 +5,7 @@ from __future__ import annotations
 from paycore.core.payment_parser import InvalidPayment, parse_payment
 
 from . import responses
+from .payment import Payment
 from .store.base import Acceptance, Deferred, Store, then
 
 SHUTTING_DOWN = responses.error_response(
@@ -14,8 +15,8 @@ _ANSWERS = {
     Acceptance.DUPLICATE: responses.ALREADY_ACCEPTED,
     Acceptance.CONFLICT: responses.error_response(
         409, "correlationId already accepted with a different amount"),
-    Acceptance.IDS_FULL: responses.error_response(
-        503, "accepted-payment registry is full", b"Retry-After: 5\r\n"),
+    Acceptance.BUSY: responses.error_response(
+        503, "this correlationId is being accepted by another request, retry", b"Retry-After: 1\r\n"),
     Acceptance.QUEUE_FULL: responses.error_response(
         503, "too many payments waiting, retry shortly", b"Retry-After: 1\r\n"),
 }
@@ -49,9 +50,9 @@ class PaymentIntake:
 
     def accept(self, body: bytes) -> Deferred[bytes]:
         try:
-            uuid16, cents = parse_payment(body)
+            payment = Payment(*parse_payment(body))
         except InvalidPayment as error:
             return _rejection(error)
         if not self._accepting:
             return SHUTTING_DOWN
-        return then(self._store.accept(uuid16, cents), _answer, responses.store_unavailable)
+        return then(self._store.accept(payment), _answer, responses.store_unavailable)

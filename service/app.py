@@ -21,7 +21,8 @@ from .delivery import Dispatcher
 from .handoff import HandoffListener, claim_socket_path
 from .health import HealthMonitor
 from .http_server import HttpProtocol
-from .metrics import GaugeSources, Metrics, MetricsEndpoint
+from .lookup import PaymentLookup
+from .metrics import Metrics, MetricsEndpoint
 from .processor_client import ProcessorClient
 from .router import PROCESSOR_NAMES, Router
 from .routes import Routes
@@ -59,10 +60,12 @@ class Instance:
         self.settings = settings
         self.store = open_store(settings)
         self.queue = RingQueue(settings.queue_capacity)
+        self.metrics = Metrics()
+        self.metrics.register_gauge("paycore_queue_depth", "gauge", "Payments waiting in the queue.",
+                                    self.queue.__len__)
         self.clients = tuple(
             ProcessorClient(name, url, settings.request_timeout_ms)
             for name, url in zip(PROCESSOR_NAMES, (settings.default_url, settings.fallback_url)))
-        self.metrics = Metrics()
         self.router = Router(settings.default_max_latency_ms, self.metrics)
         self.dispatcher = Dispatcher(
             self.queue, self.router, self.clients, self.store, self.metrics,
@@ -71,19 +74,20 @@ class Instance:
         self.health = HealthMonitor(self.store.health, self.clients, self.router,
                                     settings.health_interval_ms)
         self.intake = PaymentIntake(self.store)
-        self.routes = Routes(self.intake, Summary(self.store), self.store, self.metrics,
-                             AdminToken(settings.admin_token))
+        self.routes = Routes(self.intake, Summary(self.store), PaymentLookup(self.store), self.store,
+                             self.metrics, AdminToken(settings.admin_token))
         self.connections = ConnectionGuard(ConnectionLimits(
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
+        self.connections.register_metrics(self.metrics)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics)
         self._servers: list[asyncio.AbstractServer | HandoffListener] = []
         self._metrics_server: asyncio.AbstractServer | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> None:
         await self.store.start(self.queue, self.dispatcher)
-        self.metrics_endpoint = MetricsEndpoint(self.metrics, GaugeSources(
-            self.queue, self.dispatcher, self.router, self.store.journal, self.connections))
+        self.store.register_metrics(self.metrics)
         self.dispatcher.start()
         self.health.start()
         for address in self.settings.listen:

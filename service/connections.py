@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 SWEEP_INTERVAL_S = 0.25
 
@@ -41,6 +44,14 @@ class ConnectionGuard:
     @property
     def open_connections(self) -> int:
         return len(self._open)
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        metrics.register_gauge("paycore_open_connections", "gauge",
+                               "Client connections open, on every listener of this instance.",
+                               lambda: self.open_connections)
+        metrics.register_gauge("paycore_refused_connections_total", "counter",
+                               "Connections refused for being over PAYCORE_MAX_CONNECTIONS.",
+                               lambda: self.refused)
 
     def admit(self, connection: GuardedConnection) -> bool:
         if len(self._open) >= self.limits.max_connections:

@@ -27,16 +27,11 @@ import time
 
 from paycore.core.ring_queue import RingQueue
 
-from .metrics import (
-    PINNED_RESEND,
-    REQUEUED,
-    RESUMED_UNRESOLVED,
-    RESUMED_UNSENT,
-    Metrics,
-)
+from .metrics import Metrics
+from .payment import Attempt, Payment
 from .processor_client import Outcome, ProcessorClient, ProcessorError
-from .router import Router
-from .store.base import Deferred, Store, Unresolved, Unsent, resolve
+from .router import PROCESSOR_NAMES, Router
+from .store.base import Deferred, Store, resolve
 
 log = logging.getLogger("paycore.delivery")
 
@@ -48,6 +43,11 @@ log = logging.getLogger("paycore.delivery")
 # side). A timer is what lets the loop block first; call_soon runs before the
 # loop polls again.
 HAND_OFF_DELAY_S = 0.001
+
+RETRY_KINDS = ("requeued", "pinned_resend", "resumed_unsent", "resumed_unresolved")
+REQUEUED, PINNED_RESEND, RESUMED_UNSENT, RESUMED_UNRESOLVED = range(len(RETRY_KINDS))
+# An outcome's position among the outcome labels.
+OUTCOME_INDEX = {outcome: index for index, outcome in enumerate(Outcome)}
 
 
 def wall_clock_ms() -> int:
@@ -63,8 +63,16 @@ class Dispatcher:
         self._router = router
         self._clients = clients
         self._store = store
-        self._outcomes = metrics.outcomes
-        self._retries = metrics.retries
+        self._outcomes = metrics.counter_family(
+            "paycore_processor_outcomes_total",
+            "Payment requests sent to a processor, by how they ended: ok (200), 422 (already "
+            "held), 5xx, 429, 4xx, unreachable (never sent), timeout (unknown outcome).",
+            {"processor": PROCESSOR_NAMES, "outcome": [outcome.value for outcome in Outcome]})
+        self._retries = metrics.counter_family(
+            "paycore_payment_retries_total",
+            "Payments tried again: requeued after an attempt that stored nothing (or a pinned "
+            "payment its processor does not hold), resends of pinned payments (unknown "
+            "outcome), and payments resumed from the journal at start.", {"kind": RETRY_KINDS})
         self._max_in_flight = max_in_flight
         self._retry_min_s = retry_min_ms / 1000
         self._retry_max_s = retry_max_ms / 1000
@@ -76,6 +84,15 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._pinned: set[asyncio.Task] = set()
         self._running_loop: asyncio.AbstractEventLoop | None = None
+        metrics.register_gauge(
+            "paycore_payments_in_flight", "gauge",
+            "Payments taken from the queue whose attempt has not ended (at most PAYCORE_MAX_IN_FLIGHT).",
+            lambda: self.in_flight)
+        metrics.register_gauge(
+            "paycore_payments_unresolved", "gauge",
+            "Payments worked on outside the queue: pinned after an unknown outcome, "
+            "being looked up after a restart, or waiting for room in the queue.",
+            lambda: self.unresolved)
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -127,7 +144,8 @@ class Dispatcher:
     async def _run(self) -> None:
         backoff_s = self._retry_min_s
         while True:
-            if len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing:
+            if (len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing
+                    or self._in_flight + len(self._pinned) >= self._store.settlement_room):
                 # Before yielding, the sends just taken are written in one batch,
                 # so their tasks find them written and need no later pass.
                 self._store.flush_waiting()
@@ -147,34 +165,32 @@ class Dispatcher:
                     backoff_s = self._longer(backoff_s)
             else:
                 backoff_s = self._retry_min_s
-            payment = self._queue.pop()
-            if payment is None:
+            popped = self._queue.pop()
+            if popped is None:
                 self._probing = False
                 continue
-            requested_at_ms = wall_clock_ms()
-            recorded = self._store.sending(payment[0], processor, requested_at_ms)
+            attempt = Attempt(Payment(*popped), processor, wall_clock_ms())
+            recorded = self._store.sending(attempt)
             self._in_flight += 1
-            self._loop.create_task(
-                self._deliver(payment[0], payment[1], processor, requested_at_ms, self._probing, recorded))
+            self._loop.create_task(self._deliver(attempt, self._probing, recorded))
 
-    async def _deliver(self, uuid16: bytes, cents: int, processor: int, requested_at_ms: int,
-                       probe: bool, recorded: Deferred[bool]) -> None:
+    async def _deliver(self, attempt: Attempt, probe: bool, recorded: Deferred[bool]) -> None:
         try:
-            outcome = await self._send_once_recorded(recorded, processor, uuid16, cents, requested_at_ms)
+            outcome = await self._send_once_recorded(recorded, attempt)
         finally:
             self._in_flight -= 1
             if probe:
                 self._probing = False
         if outcome is Outcome.UNKNOWN:
-            self._hold(self._settle_unknown(processor, uuid16, cents, requested_at_ms))
+            self._hold(self._settle_unknown(attempt))
         elif outcome is not None and outcome.stored_nothing:
-            self._requeue(uuid16, cents)
+            self._requeue(attempt.payment)
         self.notify()
 
-    async def _send_once_recorded(self, recorded: Deferred[bool], processor: int, uuid16: bytes,
-                                  cents: int, requested_at_ms: int) -> Outcome | None:
-        """The attempt, once the store has the send; None: the payment is no
-        longer this instance's (another one took it over)."""
+    async def _send_once_recorded(self, recorded: Deferred[bool], attempt: Attempt) -> Outcome | None:
+        """The attempt, once the store has the send; None: the payment is not
+        this instance's to send (another one took it over, or it was paid
+        before)."""
         try:
             ours = await resolve(recorded)
         except ConnectionError as error:
@@ -183,38 +199,33 @@ class Dispatcher:
             await asyncio.sleep(self._retry_max_s)
             return Outcome.NOT_SENT
         if not ours:
-            log.info("payment %s was taken over by another instance", uuid16.hex())
             return None
-        return await self._attempt(processor, uuid16, cents, requested_at_ms)
+        return await self._attempt(attempt)
 
-    async def _attempt(self, processor: int, uuid16: bytes, cents: int,
-                       requested_at_ms: int) -> Outcome:
+    async def _attempt(self, attempt: Attempt) -> Outcome:
+        processor = attempt.processor
         ticket = self._router.start(processor)
-        outcome = await self._clients[processor].send_payment(uuid16, cents, requested_at_ms)
+        outcome = await self._clients[processor].send_payment(
+            attempt.payment.correlation_id, attempt.payment.cents, attempt.requested_at_ms)
         self._router.end(processor, ticket, outcome)
-        self._outcomes[processor][outcome] += 1
+        self._outcomes[processor][OUTCOME_INDEX[outcome]] += 1
         if outcome is Outcome.PROCESSED:
-            self._settle(processor, uuid16, requested_at_ms, cents)
+            self._store.settle(attempt)
         elif outcome is Outcome.ALREADY_HELD:
-            await self._record_held(processor, uuid16, cents, requested_at_ms)
+            await self._record_held(attempt)
         return outcome
 
-    async def _record_held(self, processor: int, uuid16: bytes, cents: int,
-                           requested_at_ms: int) -> None:
+    async def _record_held(self, attempt: Attempt) -> None:
         """A 422: record it under the requestedAt the processor holds, which is
         ours unless an attempt given up on long ago landed after all."""
         try:
-            held = await self._clients[processor].find_payment(uuid16)
+            held = await self._clients[attempt.processor].find_payment(attempt.payment.correlation_id)
         except ProcessorError:
             held = None
-        self._settle(processor, uuid16, held.requested_at_ms if held else requested_at_ms, cents)
+        self._store.settle(attempt if held is None else attempt._replace(requested_at_ms=held.requested_at_ms))
 
-    def _settle(self, processor: int, uuid16: bytes, requested_at_ms: int, cents: int) -> None:
-        """The processor holds the payment: into the ledger, pending no more."""
-        self._store.settle(uuid16, processor, requested_at_ms, cents)
-
-    async def _settle_unknown(self, processor: int, uuid16: bytes, cents: int,
-                              requested_at_ms: int) -> None:
+    async def _settle_unknown(self, attempt: Attempt) -> None:
+        processor = attempt.processor
         client = self._clients[processor]
         last_sent_ms = time.monotonic() * 1000
         backoff_s = self._retry_min_s
@@ -223,7 +234,7 @@ class Dispatcher:
             backoff_s = self._longer(backoff_s)
             if self._router.usable(processor):
                 self._retries[PINNED_RESEND] += 1
-                outcome = await self._attempt(processor, uuid16, cents, requested_at_ms)
+                outcome = await self._attempt(attempt)
                 if outcome.recorded:
                     return
                 if outcome is not Outcome.NOT_SENT:
@@ -232,29 +243,28 @@ class Dispatcher:
             if time.monotonic() * 1000 - last_sent_ms < self._pin_release_ms:
                 continue
             try:
-                held = await client.find_payment(uuid16)
+                held = await client.find_payment(attempt.payment.correlation_id)
             except ProcessorError:
                 continue
             if held is not None:
-                self._settle(processor, uuid16, held.requested_at_ms, cents)
+                self._store.settle(attempt._replace(requested_at_ms=held.requested_at_ms))
             else:
-                self._requeue(uuid16, cents)
+                self._requeue(attempt.payment)
                 self.notify()
             return
 
-    def resume(self, unsent: list[Unsent], unresolved: list[Unresolved]) -> None:
+    def resume(self, unsent: list[Payment], unresolved: list[Attempt]) -> None:
         """Take over what a previous run of this instance, or a dead instance, left."""
         self._retries[RESUMED_UNSENT] += len(unsent)
         self._retries[RESUMED_UNRESOLVED] += len(unresolved)
-        for uuid16, cents in unsent:
-            if not self._queue.push(uuid16, cents):
-                self._hold(self._requeue_when_room(uuid16, cents))
-        for uuid16, cents, processor, requested_at_ms in unresolved:
-            self._hold(self._resolve_after_restart(uuid16, cents, processor, requested_at_ms))
+        for payment in unsent:
+            if not self._queue.push(payment.correlation_id, payment.cents):
+                self._hold(self._requeue_when_room(payment))
+        for attempt in unresolved:
+            self._hold(self._resolve_after_restart(attempt))
         self.notify()
 
-    async def _resolve_after_restart(self, uuid16: bytes, cents: int, processor: int,
-                                     requested_at_ms: int) -> None:
+    async def _resolve_after_restart(self, attempt: Attempt) -> None:
         """A send whose outcome died with the previous process: ask both
         processors first. Not held anywhere yet, it may still be on its way
         to where it was last sent, so it stays pinned there (same requestedAt,
@@ -262,27 +272,27 @@ class Dispatcher:
         backoff_s = self._retry_min_s
         while True:
             try:
-                held = [await client.find_payment(uuid16) for client in self._clients]
+                held = [await client.find_payment(attempt.payment.correlation_id) for client in self._clients]
                 break
             except ProcessorError:
                 await asyncio.sleep(backoff_s)
                 backoff_s = self._longer(backoff_s)
         for holder, payment in enumerate(held):
             if payment is not None:
-                self._settle(holder, uuid16, payment.requested_at_ms, cents)
+                self._store.settle(Attempt(attempt.payment, holder, payment.requested_at_ms))
                 return
-        await self._settle_unknown(processor, uuid16, cents, requested_at_ms)
+        await self._settle_unknown(attempt)
 
     def _longer(self, backoff_s: float) -> float:
         """The next wait of an exponential backoff, capped at PAYCORE_RETRY_MAX_MS."""
         return min(backoff_s * 2, self._retry_max_s)
 
-    def _requeue(self, uuid16: bytes, cents: int) -> None:
+    def _requeue(self, payment: Payment) -> None:
         self._retries[REQUEUED] += 1
-        if not self._queue.push_front(uuid16, cents):
+        if not self._queue.push_front(payment.correlation_id, payment.cents):
             # Only possible when new payments filled the ring meanwhile: hold
             # this one in a task until there is room again; it is never dropped.
-            self._hold(self._requeue_when_room(uuid16, cents))
+            self._hold(self._requeue_when_room(payment))
 
     def _hold(self, work) -> None:
         """Run a payment's work outside the queue, counted as unresolved until it ends."""
@@ -290,7 +300,7 @@ class Dispatcher:
         self._pinned.add(task)
         task.add_done_callback(self._pinned.discard)
 
-    async def _requeue_when_room(self, uuid16: bytes, cents: int) -> None:
-        while not self._queue.push_front(uuid16, cents):
+    async def _requeue_when_room(self, payment: Payment) -> None:
+        while not self._queue.push_front(payment.correlation_id, payment.cents):
             await asyncio.sleep(self._retry_min_s)
         self.notify()

@@ -24,10 +24,13 @@ from . import responses
 from .responses import CLOSE, KEEP_ALIVE
 from .connections import ConnectionGuard
 from .flow_control import FEED_BYTES, INPUT_HELD, MAX_OWED_ANSWERS, FlowControl
-from .metrics import UNROUTED, LatencyHistogram, Metrics
+from .metrics import Metrics
 from .store.base import Deferred
 
 NOT_IN_A_REQUEST = -1
+# The route of an answer the HTTP layer gave before any handler saw the request.
+UNROUTED = "unrouted"
+UNROUTED_MEANING = "refused by the HTTP layer (malformed, too large, too slow, too many connections)"
 # The lengths of the header names looked at: expect, connection, authorization,
 # content-length. Any other header costs one length lookup.
 NOTED_NAME_LENGTHS = frozenset((6, 10, 13, 14))
@@ -41,9 +44,12 @@ class RequestHandler(Protocol):
 
 
 class Durability(Protocol):
-    """When answers may leave (the store, or its journal)."""
+    """When answers may leave (the store, or its journal): a connection's
+    answers wait for what its own requests made the store promise, nothing else."""
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None: ...
+    promised: int
+
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None: ...
 
     def flush_waiting(self) -> None: ...
 
@@ -68,11 +74,13 @@ class HttpProtocol(asyncio.Protocol):
         "_metrics",
         "_owed",
         "_parser",
+        "_promised",
         "_request_sweeps",
         "_routes",
         "_started_at",
         "_transport",
         "_unanswered",
+        "_unrouted",
         "_unread",
         "_url",
     )
@@ -81,10 +89,12 @@ class HttpProtocol(asyncio.Protocol):
                  metrics: Metrics) -> None:
         self._routes = routes
         self._durability = durability
+        self._promised = 0  # what this connection's answers wait for the store to hold
         self._guard = guard
         self._limits = guard.limits
         self._metrics = metrics
-        self._latency = self._metrics.latency
+        self._latency = metrics.latency
+        self._unrouted = metrics.route(UNROUTED, UNROUTED_MEANING)
         self._parser = httptools.HttpRequestParser(self)
         # None once no more requests are served on the connection (it ends after
         # the answers owed); the transport itself stays with the flow control.
@@ -282,7 +292,10 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        promised = self._durability.promised
         response = self._routes.handle(self._parser.get_method(), self._url, body, self._authorization)
+        if self._durability.promised != promised:
+            self._promised = self._durability.promised
         ending = self._ending
         if ending is None and isinstance(response, bytes) and not self._unanswered:
             # The request path: an answer known at once, nothing before it.
@@ -299,7 +312,7 @@ class HttpProtocol(asyncio.Protocol):
         """Answer and hang up: after a broken request the stream cannot be trusted."""
         transport, self._transport = self._transport, None
         if transport is not None:
-            self._metrics.responded(UNROUTED, response)
+            self._metrics.responded(self._unrouted, response)
             self._answer_in_order(response, transport, CLOSE, None)
 
     def _answer_in_order(self, response: Deferred[bytes], transport: asyncio.Transport,
@@ -328,7 +341,8 @@ class HttpProtocol(asyncio.Protocol):
         started_at, unless None (refused before any route saw it)."""
         if ending is not None:
             response = responses.with_connection(response, ending)
-        self._durability.after_durable(self._write, transport, response, ending is CLOSE, started_at)
+        self._durability.after_durable(self._promised, self._write, transport, response, ending is CLOSE,
+                                       started_at)
 
     def _write(self, transport: asyncio.Transport, response: bytes, hang_up: bool,
                started_at: float | None) -> None:

@@ -114,8 +114,16 @@ class Router:
         self._default_max_latency_ms = default_max_latency_ms
         self._tickets = count()
         self._last_route: int | None = DEFAULT
-        self._decisions = metrics.routing_decisions
-        self._changes = metrics.route_changes
+        self._decisions = metrics.counter_family(
+            "paycore_routing_decisions_total",
+            "Where the dispatcher was told to send the next payment; none: both processors "
+            "unusable, payments wait.", {"target": ROUTE_NAMES})
+        self._changes = metrics.counter_family(  # by the new route
+            "paycore_route_changes_total", "Changes of route, by the route changed to.", {"to": ROUTE_NAMES})
+        metrics.register_gauges(
+            "paycore_processor_requests_in_flight", "gauge",
+            "Payment requests sent to a processor and not answered yet, resends of pinned payments included.",
+            "processor", lambda: ((state.name, state.in_flight) for state in self.processors))
 
     def choose(self) -> int | None:
         route, reason = self._decide()

@@ -76,3 +76,16 @@ def test_docker_compose_accepts_the_file():
     checked = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_what_must_survive_lives_on_a_disk_volume_with_its_sync_policy(compose):
+    """The journal and the payments record outlive the containers on a named
+    volume that is not tmpfs; the instances sync what they promise."""
+    data_volumes = set()
+    for name, instance in instances(compose["services"]).items():
+        environment = instance["environment"]
+        assert environment["PAYCORE_JOURNAL_SYNC"] == "1", name
+        mounts = dict(volume.split(":")[::-1] for volume in instance["volumes"])
+        data_volumes.add(mounts[environment["PAYCORE_DATA_DIR"]])
+    (data,) = data_volumes  # one record for the host, shared by its instances
+    assert (compose["volumes"][data] or {}).get("driver_opts", {}).get("type") != "tmpfs"

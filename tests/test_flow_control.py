@@ -92,7 +92,9 @@ class Answers:
 
 
 class AtOnce:
-    def after_durable(self, callback, *args) -> None:
+    promised = 0
+
+    def after_durable(self, promise, callback, *args) -> None:
         callback(*args)
 
     def flush_waiting(self) -> None:

@@ -102,7 +102,7 @@ def test_the_installed_package_runs_the_production_topology(tmp_path, start, ins
     python = str(venv / "bin" / "python")
     imported = subprocess.run(
         [python, "-c", "import sys, paycore, paycore.service.store, paycore.service.balancer, "
-                       "paycore.emulator, paycore.core.ledger\n"
+                       "paycore.emulator, paycore.core.ledger_tail\n"
                        "print(paycore.__file__); print(paycore.service.store.__file__); print(*sys.path, sep='\\n')"],
         cwd=tmp_path, env=env, capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr

@@ -1,8 +1,9 @@
-"""Prometheus metrics: the exposition format, what the components count, the
-numbers of a real stack adding up, and nothing internal reachable through the
-load balancer's public port."""
+"""Prometheus metrics: the exposition format, the registry and who registers
+what, what the components count, the numbers of a real stack adding up, and
+nothing internal reachable through the load balancer's public port."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
 import socket
@@ -12,32 +13,46 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import UnixHTTPConnection, call, quick_stack, random_uuid
+from paycore.service.accept import PaymentIntake
+from paycore.service.admin import AdminToken
+from paycore.service.app import Instance
 from paycore.service.config import Settings
 from paycore.service.connections import ConnectionGuard, ConnectionLimits
-from paycore.service.delivery import Dispatcher
+from paycore.service.delivery import Dispatcher, wall_clock_ms
 from paycore.service.http_server import HttpProtocol
-from paycore.service.metrics import GaugeSources, Metrics, MetricsEndpoint
+from paycore.service.lookup import PaymentLookup
+from paycore.service.metrics import Metrics, MetricsEndpoint
+from paycore.service.payment import Attempt, Payment
 from paycore.service.processor_client import Outcome
 from paycore.service.router import Router
+from paycore.service.routes import Routes
+from paycore.service.store.base import Acceptance
 from paycore.service.store.embedded.store import EmbeddedStore
+from paycore.service.summary import Summary
 from test_compose import instances
-from test_journal_writer import FailingFirstWrites
 from test_service import payment, post_many
 
-from paycore.core.journal import Journal
 from paycore.core.ring_queue import RingQueue
 
 REPO = Path(__file__).resolve().parents[1]
+SERVICE = REPO / "service"
 
 # --- the exposition format (0.0.4), strictly -------------------------------
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL_VALUE = r'(?:[^"\\\n]|\\[\\"n])*'  # the only escapes: \\, \" and \n
 COMMENT = re.compile(rf"# (HELP|TYPE) ({NAME}) (.+)")
-SAMPLE = re.compile(rf'({NAME})(?:\{{((?:[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*",?)*)\}})? (\S+)')
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
+SAMPLE = re.compile(rf'({NAME})(?:\{{((?:[a-zA-Z_][a-zA-Z0-9_]*="{LABEL_VALUE}",?)*)\}})? (\S+)')
+LABEL = re.compile(rf'([a-zA-Z_][a-zA-Z0-9_]*)="({LABEL_VALUE})"')
+UNESCAPED = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 Series = tuple[str, frozenset[tuple[str, str]]]
+
+
+def parse_labels(labels: str) -> frozenset[tuple[str, str]]:
+    return frozenset((name, re.sub(r"\\.", lambda escape: UNESCAPED[escape.group()], text))
+                     for name, text in LABEL.findall(labels))
 
 
 def parse_exposition(text: str) -> dict[Series, float]:
@@ -68,7 +83,7 @@ def parse_exposition(text: str) -> dict[Series, float]:
             (name.removesuffix(suffix) for suffix in HISTOGRAM_SUFFIXES
              if name.endswith(suffix) and types.get(name.removesuffix(suffix)) == "histogram"), None)
         assert family is not None, f"sample before its TYPE: {line!r}"
-        series = (name, frozenset(LABEL.findall(labels or "")))
+        series = (name, parse_labels(labels or ""))
         assert series not in samples, f"series twice: {line!r}"
         samples[series] = float(value)
     assert helped == set(types), "every family has HELP and TYPE"
@@ -92,6 +107,131 @@ def total(samples: dict[Series, float], name: str, **labels: str) -> float:
     wanted = set(labels.items())
     return sum(sample for (series_name, series_labels), sample in samples.items()
                if series_name == name and wanted <= series_labels)
+
+
+def scrape_endpoint(endpoint: MetricsEndpoint) -> tuple[str, dict[Series, float]]:
+    """The text a GET /metrics answers, and its samples."""
+    head, _, body = endpoint.handle(b"GET", b"/metrics", b"", b"").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
+    return body.decode(), parse_exposition(body.decode())
+
+
+def family_names(text: str) -> set[str]:
+    return set(re.findall(rf"^# TYPE ({NAME}) ", text, re.MULTILINE))
+
+
+REQUEST_FAMILIES = {"paycore_http_requests_total", "paycore_http_request_duration_seconds"}
+INSTANCE_FAMILIES = REQUEST_FAMILIES | {
+    "paycore_queue_depth", "paycore_open_connections", "paycore_refused_connections_total",
+    "paycore_processor_outcomes_total", "paycore_payment_retries_total", "paycore_payments_in_flight",
+    "paycore_payments_unresolved", "paycore_routing_decisions_total", "paycore_route_changes_total",
+    "paycore_processor_requests_in_flight",
+}
+EMBEDDED_STORE_FAMILIES = {
+    "paycore_journal_backlog_records", "paycore_journal_batches_total", "paycore_journal_records_total",
+    "paycore_journal_uncommitted_records", "paycore_journal_write_errno",
+    "paycore_accepted_ids_live", "paycore_accepted_ids_window_seconds",
+    "paycore_accepted_ids_early_advances_total", "paycore_ledger_tail_entries", "paycore_ledger_tail_room",
+}
+
+
+# --- the registry --------------------------------------------------------------
+
+def relative_imports(path: Path) -> set[str]:
+    """The service modules a module imports, as paths relative to service/ without .py."""
+    package = path.parent.relative_to(SERVICE).parts
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1]
+            module = (*base, *node.module.split(".")) if node.module else base
+            imported.update("/".join((*module, alias.name)) if not node.module else "/".join(module)
+                            for alias in node.names)
+    return imported
+
+
+def test_metrics_imports_none_of_the_modules_that_report_to_it():
+    users = {str(path.relative_to(SERVICE).with_suffix("")) for path in SERVICE.rglob("*.py")
+             if "metrics" in relative_imports(path) and path.name != "metrics.py"}
+    # The owners of the families, each registering its own.
+    assert {"app", "routes", "http_server", "delivery", "router", "connections",
+            "store/embedded/store", "store/embedded/journal"} <= users
+    assert relative_imports(SERVICE / "metrics.py") == {"responses"}
+    assert not users & relative_imports(SERVICE / "metrics.py")
+
+
+def test_a_family_is_registered_once():
+    metrics = Metrics()
+    Router(1500, metrics)
+    with pytest.raises(ValueError, match="paycore_routing_decisions_total registered twice"):
+        Router(1500, metrics)
+    guard = ConnectionGuard(ConnectionLimits(16, 1024, 1024, 1000, 1000))
+    guard.register_metrics(metrics)
+    with pytest.raises(ValueError, match="registered twice"):
+        guard.register_metrics(metrics)
+    metrics.register_gauge("a_gauge", "gauge", "a", lambda: 1)
+    with pytest.raises(ValueError, match="registered twice"):
+        metrics.register_gauges("a_gauge", "gauge", "b", "kind", lambda: ())
+    with pytest.raises(ValueError, match="registered twice"):
+        metrics.register_gauge("paycore_http_requests_total", "counter", "c", lambda: 1)
+    text, _ = scrape_endpoint(MetricsEndpoint(metrics))
+    assert text.count("# TYPE a_gauge ") == 1 and "a_gauge 1\n" in text
+
+
+@pytest.mark.parametrize("register", [
+    lambda metrics: metrics.register_gauge("answers", "counter", "a counter needs _total", lambda: 1),
+    lambda metrics: metrics.register_gauge("latency_seconds", "histogram", "not a gauge", lambda: 1),
+    lambda metrics: metrics.register_gauge("2xx", "gauge", "not a name", lambda: 1),
+    lambda metrics: metrics.register_gauge("a-b", "gauge", "not a name", lambda: 1),
+    lambda metrics: metrics.register_gauges("by_bucket", "gauge", "reserved label", "le", lambda: ()),
+    lambda metrics: metrics.register_gauges("by_x", "gauge", "reserved label", "__x", lambda: ()),
+    lambda metrics: metrics.counter_family("unlabelled_total", "needs a label", {}),
+    lambda metrics: metrics.counter_family("by_total", "not a label", {"a b": ("x",)}),
+])
+def test_names_kinds_and_labels_are_checked_when_registered(register):
+    metrics = Metrics()
+    with pytest.raises(ValueError):
+        register(metrics)
+    text, _ = scrape_endpoint(MetricsEndpoint(metrics))
+    assert family_names(text) == REQUEST_FAMILIES  # nothing half registered
+
+
+def test_counter_families_count_in_the_lists_they_hand_out():
+    metrics = Metrics()
+    by_kind = metrics.counter_family("things_total", "Things.", {"kind": ("a", "b")})
+    by_pair = metrics.counter_family("pairs_total", "Pairs.", {"x": ("1", "2"), "y": ("p", "q", "r")})
+    by_kind[1] += 2
+    by_pair[1][2] += 5
+    by_pair[0][1] += 1
+    _, samples = scrape_endpoint(MetricsEndpoint(metrics))
+    assert value(samples, "things_total", kind="a") == 0
+    assert value(samples, "things_total", kind="b") == 2
+    assert value(samples, "pairs_total", x="2", y="r") == 5
+    assert value(samples, "pairs_total", x="1", y="q") == 1
+    assert total(samples, "pairs_total") == 6
+    assert len([series for series in samples if series[0] == "pairs_total"]) == 6
+
+
+def test_gauges_are_read_at_each_scrape_and_label_values_escaped():
+    metrics = Metrics()
+    held = {"plain": 1, 'quote " back \\ slash\nnewline': 2}
+    metrics.register_gauges("held_things", "gauge", "Things held.", "thing", lambda: held.items())
+    endpoint = MetricsEndpoint(metrics)
+    _, samples = scrape_endpoint(endpoint)
+    assert value(samples, "held_things", thing='quote " back \\ slash\nnewline') == 2
+    held["plain"] = 7
+    _, samples = scrape_endpoint(endpoint)
+    assert value(samples, "held_things", thing="plain") == 7
+
+
+def test_a_route_label_is_shared_by_its_handlers_and_means_one_thing():
+    metrics = Metrics()
+    assert metrics.route("/x", "one thing") == metrics.route("/x") == metrics.route("/x", "one thing")
+    with pytest.raises(ValueError, match="already means"):
+        metrics.route("/x", "another thing")
+    text, _ = scrape_endpoint(MetricsEndpoint(metrics))
+    assert "'/x': one thing" in text
 
 
 # --- components counting, in one process -----------------------------------
@@ -137,46 +277,59 @@ class ScriptedClient:
         return None
 
 
-class Parts:
-    """What an instance counts with, around the given processor clients."""
+TAIL_CAPACITY = 64
 
-    def __init__(self, directory: Path, clients: tuple[ScriptedClient, ScriptedClient],
-                 failing_writes: int = 0) -> None:
+
+class Parts:
+    """The components that count, around an embedded store in a directory of
+    its own and the given processor clients."""
+
+    def __init__(self, directory: Path, clients: tuple[ScriptedClient, ScriptedClient]) -> None:
         self.metrics = Metrics()
-        settings = Settings(instance="1", shared_dir=str(directory), ledger_capacity=1024,
-                            accepted_id_slots=1024, metrics_listen="")
-        self.store = EmbeddedStore(
-            settings, lambda path, sync: FailingFirstWrites(Journal(path, sync), failing_writes))
-        self.ledger = self.store.ledger
+        settings = Settings(instance="1", shared_dir=str(directory / "shared"),
+                            data_dir=str(directory / "data"), idempotency_capacity=1024,
+                            ledger_tail_capacity=TAIL_CAPACITY, metrics_listen="")
+        self.store = EmbeddedStore(settings)
         self.queue = RingQueue(16)
         self.router = Router(1500, self.metrics)
         self.dispatcher = Dispatcher(self.queue, self.router, clients, self.store, self.metrics,
                                      max_in_flight=4, retry_min_ms=5, retry_max_ms=20, pin_release_ms=1000)
         self.connections = ConnectionGuard(ConnectionLimits(16, 1024, 1024, 1000, 1000))
+        self.connections.register_metrics(self.metrics)
+        self.routes = Routes(PaymentIntake(self.store), Summary(self.store), PaymentLookup(self.store),
+                             self.store, self.metrics, AdminToken(""))
+        self.endpoint = MetricsEndpoint(self.metrics)
 
     async def start(self) -> None:
         await self.store.start(self.queue, self.dispatcher)
+        self.store.register_metrics(self.metrics)
         self.journal = self.store.journal
-        self.endpoint = MetricsEndpoint(self.metrics, GaugeSources(
-            self.queue, self.dispatcher, self.router, self.journal, self.connections))
 
-    def connect(self) -> tuple[HttpProtocol, RecordingTransport]:
-        protocol = HttpProtocol(self.endpoint, self.store, self.connections, self.metrics)
+    def connect(self, handler) -> tuple[HttpProtocol, RecordingTransport]:
+        protocol = HttpProtocol(handler, self.store, self.connections, self.metrics)
         transport = RecordingTransport()
         protocol.connection_made(transport)
         return protocol, transport
 
     def scrape(self) -> dict[Series, float]:
-        head, _, body = self.endpoint.handle(b"GET", b"/metrics", b"", b"").partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
-        return parse_exposition(body.decode())
+        return scrape_endpoint(self.endpoint)[1]
+
+    @property
+    def idle(self) -> bool:
+        return not len(self.queue) and not self.dispatcher.in_flight and not self.dispatcher.unresolved
+
+
+async def until(condition, what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
 
 def run_with_parts(tmp_path: Path, scenario,
-                   clients: tuple[ScriptedClient, ScriptedClient] | None = None,
-                   failing_writes: int = 0) -> None:
+                   clients: tuple[ScriptedClient, ScriptedClient] | None = None) -> None:
     async def main() -> None:
-        parts = Parts(tmp_path, clients or (ScriptedClient(), ScriptedClient()), failing_writes)
+        parts = Parts(tmp_path, clients or (ScriptedClient(), ScriptedClient()))
         await parts.start()
         try:
             await scenario(parts)
@@ -188,69 +341,73 @@ def run_with_parts(tmp_path: Path, scenario,
 
 def test_requests_are_counted_by_route_and_status_with_their_latency(tmp_path):
     async def scenario(parts: Parts) -> None:
-        protocol, transport = parts.connect()
+        protocol, transport = parts.connect(parts.endpoint)
         protocol.data_received(b"GET /metrics HTTP/1.1\r\n\r\nGET /nope HTTP/1.1\r\n\r\n"
                                b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
         assert transport.written.count(b"HTTP/1.1 200 OK\r\n") == 1
         assert transport.written.count(b"HTTP/1.1 404 Not Found\r\n") == 2
-        broken, _ = parts.connect()
+        public, answers = parts.connect(parts.routes)
+        public.data_received(b"GET /nope HTTP/1.1\r\n\r\nPOST /purge-payments HTTP/1.1\r\n"
+                             b"Content-Length: 0\r\n\r\nDELETE /payments HTTP/1.1\r\n\r\n")
+        assert answers.written.count(b"HTTP/1.1 ") == 3
+        broken, _ = parts.connect(parts.routes)
         broken.data_received(b"NOT HTTP\r\n\r\n")
 
         samples = parts.scrape()
         requests = "paycore_http_requests_total"
         assert value(samples, requests, route="/metrics", status="200") == 1
-        assert value(samples, requests, route="other", status="404") == 2
+        assert value(samples, requests, route="other", status="404") == 3  # from both handlers
+        assert value(samples, requests, route="/purge-payments", status="403") == 1
+        assert value(samples, requests, route="/payments", status="405") == 1
         assert value(samples, requests, route="unrouted", status="400") == 1
-        assert total(samples, requests) == 4
+        assert total(samples, requests) == 7
         # Routed requests only; each was answered at once, well within a second.
-        assert value(samples, "paycore_http_request_duration_seconds_count") == 3
-        assert value(samples, "paycore_http_request_duration_seconds_bucket", le="0.1") == 3
+        assert value(samples, "paycore_http_request_duration_seconds_count") == 6
+        assert value(samples, "paycore_http_request_duration_seconds_bucket", le="0.1") == 6
         assert 0 < value(samples, "paycore_http_request_duration_seconds_sum") < 1
-        assert value(samples, "paycore_open_connections") == 2
+        assert value(samples, "paycore_open_connections") == 3
+        assert value(samples, "paycore_refused_connections_total") == 0
     run_with_parts(tmp_path, scenario)
 
 
 def test_latency_runs_until_the_answer_is_written_after_the_journal(tmp_path):
     async def scenario(parts: Parts) -> None:
-        parts.journal.accepted(random_uuid().bytes, 100)  # a batch that holds answers back
-        protocol, transport = parts.connect()
-        protocol.data_received(b"GET /nope HTTP/1.1\r\n\r\n")  # its write fails: the answer waits
-        assert transport.written == b""
+        body = payment()
+        protocol, transport = parts.connect(parts.routes)
+        protocol.data_received(b"POST /payments HTTP/1.1\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert transport.written == b""  # the 202 waits for the journal to hold the payment
         assert value(parts.scrape(), "paycore_journal_backlog_records") == 1
-        time.sleep(0.03)  # noqa: ASYNC251 - the loop stalls, as in a slow journal write
-        parts.journal.flush()
-        assert transport.written.startswith(b"HTTP/1.1 404 ")
+        time.sleep(0.03)  # noqa: ASYNC251 - the loop stalls, as behind a slow journal write
+        await until(lambda: transport.written, "the answer never left")
+        assert transport.written.startswith(b"HTTP/1.1 202 ")
         samples = parts.scrape()
         assert value(samples, "paycore_http_request_duration_seconds_bucket", le="0.025") == 0
         assert value(samples, "paycore_http_request_duration_seconds_count") == 1
         assert value(samples, "paycore_http_request_duration_seconds_sum") >= 0.03
-        assert value(samples, "paycore_journal_backlog_records") == 0
-    run_with_parts(tmp_path, scenario, failing_writes=1)
+    run_with_parts(tmp_path, scenario)
 
 
 def test_outcomes_routing_and_retries_are_counted(tmp_path):
     default = ScriptedClient(Outcome.FAILED)
     fallback = ScriptedClient(Outcome.PROCESSED, Outcome.UNKNOWN, Outcome.PROCESSED, Outcome.PROCESSED)
 
-    async def settled(parts: Parts, count: int) -> None:
-        deadline = time.monotonic() + 5
-        while len(parts.ledger) < count or parts.dispatcher.unresolved:
-            assert time.monotonic() < deadline, "payments did not settle"
-            await asyncio.sleep(0.005)
-
     async def scenario(parts: Parts) -> None:
+        def answered(left: int):
+            return lambda: len(default.outcomes) + len(fallback.outcomes) == left and parts.idle
+
         parts.dispatcher.start()
         # A 5xx from the default: requeued, and the route changes to the fallback.
         parts.queue.push(random_uuid().bytes, 100)
         parts.dispatcher.notify()
-        await settled(parts, 1)
+        await until(answered(3), "the requeued payment was not sent again")
         # A timeout: pinned to the fallback and resent there.
         parts.queue.push(random_uuid().bytes, 200)
         parts.dispatcher.notify()
-        await settled(parts, 2)
+        await until(answered(1), "the pinned payment was not resent")
         # Left unsent by a previous run.
-        parts.dispatcher.resume([(random_uuid().bytes, 300)], [])
-        await settled(parts, 3)
+        parts.dispatcher.resume([Payment(random_uuid().bytes, 300)], [])
+        await until(answered(0), "the resumed payment was not sent")
 
         samples = parts.scrape()
         outcomes = "paycore_processor_outcomes_total"
@@ -269,10 +426,88 @@ def test_outcomes_routing_and_retries_are_counted(tmp_path):
         assert value(samples, retries, kind="pinned_resend") == 1
         assert value(samples, retries, kind="resumed_unsent") == 1
         assert value(samples, retries, kind="resumed_unresolved") == 0
-        for gauge in ("paycore_queue_depth", "paycore_payments_in_flight", "paycore_payments_unresolved"):
+        for gauge in ("paycore_payments_in_flight", "paycore_payments_unresolved"):
             assert value(samples, gauge) == 0, gauge
         assert total(samples, "paycore_processor_requests_in_flight") == 0
+        # The three settlements reach the payments record, which frees the tail.
+        await until(lambda: value(parts.scrape(), "paycore_ledger_tail_entries") == 0,
+                    "the payments record did not commit the settlements")
+        assert value(parts.scrape(), "paycore_ledger_tail_room") == TAIL_CAPACITY
     run_with_parts(tmp_path, scenario, (default, fallback))
+
+
+def test_the_embedded_store_reports_its_journal_ids_and_ledger_tail(tmp_path):
+    async def scenario(parts: Parts) -> None:
+        payments = [Payment(random_uuid().bytes, 100 * n) for n in range(1, 4)]
+        assert [parts.store.accept(each) for each in payments] == [Acceptance.ACCEPTED] * 3
+        samples = parts.scrape()
+        assert value(samples, "paycore_accepted_ids_live") == 3
+        assert value(samples, "paycore_journal_backlog_records") == 3
+        assert value(samples, "paycore_journal_records_total") == 0
+
+        await asyncio.wait_for(parts.journal.durable(), 5)
+        samples = parts.scrape()
+        assert value(samples, "paycore_journal_backlog_records") == 0
+        assert value(samples, "paycore_journal_records_total") == 3
+        assert 1 <= value(samples, "paycore_journal_batches_total") <= 3
+        assert value(samples, "paycore_journal_write_errno") == 0
+        # Durable, and the payments record not told yet.
+        assert value(samples, "paycore_journal_uncommitted_records") == 3
+        assert parts.store.accept(payments[0]) == Acceptance.DUPLICATE
+        assert value(samples, "paycore_accepted_ids_live") == 3
+        # The whole window, and at most the part of an epoch the oldest live one has run past it.
+        window_s = value(samples, "paycore_accepted_ids_window_seconds")
+        assert 3600 <= window_s <= 3600 + parts.store.ids.epoch_ms / 1000
+        assert value(samples, "paycore_accepted_ids_early_advances_total") == 0
+
+        parts.store.settle(Attempt(payments[0], 0, wall_clock_ms()))
+        samples = parts.scrape()
+        assert value(samples, "paycore_ledger_tail_entries") == 1
+        assert value(samples, "paycore_ledger_tail_room") == TAIL_CAPACITY - 1
+        await until(lambda: value(parts.scrape(), "paycore_ledger_tail_entries") == 0,
+                    "the payments record did not commit the settlement")
+        samples = parts.scrape()
+        assert value(samples, "paycore_ledger_tail_room") == TAIL_CAPACITY
+        assert value(samples, "paycore_journal_uncommitted_records") == 0
+        assert value(samples, "paycore_journal_records_total") == 4
+    run_with_parts(tmp_path, scenario)
+
+
+def serve_instance(settings: Settings, scenario) -> None:
+    async def main() -> None:
+        instance = Instance(settings)
+        await instance.start()
+        try:
+            await scenario(instance)
+        finally:
+            await instance.stop()
+    asyncio.run(main())
+
+
+def instance_settings(tmp_path: Path, **overrides) -> Settings:
+    # Processors nobody listens on: nothing is sent in these tests.
+    return Settings(instance="1", shared_dir=str(tmp_path / "shared"), data_dir=str(tmp_path / "data"),
+                    listen=("127.0.0.1:0",), metrics_listen="", default_url="http://127.0.0.1:9",
+                    fallback_url="http://127.0.0.1:9", idempotency_capacity=1024, drain_timeout_ms=0,
+                    **overrides)
+
+
+def test_an_instance_wires_every_family_to_its_owner(tmp_path):
+    async def scenario(instance: Instance) -> None:
+        instance.queue.push(random_uuid().bytes, 100)
+        text, samples = scrape_endpoint(instance.metrics_endpoint)
+        assert family_names(text) == INSTANCE_FAMILIES | EMBEDDED_STORE_FAMILIES
+        assert value(samples, "paycore_queue_depth") == 1
+        assert instance.queue.pop() is not None
+        assert value(scrape_endpoint(instance.metrics_endpoint)[1], "paycore_queue_depth") == 0
+    serve_instance(instance_settings(tmp_path), scenario)
+
+
+def test_a_redis_store_adds_no_families(tmp_path, redis_url):
+    async def scenario(instance: Instance) -> None:
+        text, _ = scrape_endpoint(instance.metrics_endpoint)
+        assert family_names(text) == INSTANCE_FAMILIES
+    serve_instance(instance_settings(tmp_path, store=redis_url), scenario)
 
 
 def test_format_checks_catch_broken_exposition():

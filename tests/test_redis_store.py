@@ -1,7 +1,7 @@
 """What only the Redis store does: instances on one Redis claiming ids against
 each other, taking over what a dead instance held (never what a live one
 holds), refusing the send of a payment taken over, counting a payment once,
-summing by seconds and milliseconds exactly, and sharing the health poll."""
+summing across bucket edges exactly, and sharing the health poll."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +19,7 @@ from test_resp import run
 from conftest import random_uuid
 from paycore.core.ring_queue import RingQueue
 from paycore.service.config import Settings
+from paycore.service.payment import Attempt, Payment
 from paycore.service.store.base import Acceptance
 from paycore.service.store.redis_store import RedisStore
 
@@ -73,12 +74,12 @@ def test_one_id_posted_to_two_instances_at_once_is_accepted_once(redis_url):
     async def scenario():
         first, second = new_store(redis_url, "a"), new_store(redis_url, "b")
         ids = payment_ids(300)
-        answers = await asyncio.gather(*(store.accept(uuid16, 1000)
+        answers = await asyncio.gather(*(store.accept(Payment(uuid16, 1000))
                                          for uuid16 in ids for store in (first, second)))
         for index in range(0, len(answers), 2):
             assert sorted(answers[index:index + 2]) == [Acceptance.ACCEPTED, Acceptance.DUPLICATE]
-        assert await first.accept(ids[0], 1001) == Acceptance.CONFLICT
-        assert await second.accept(ids[0], 1000) == Acceptance.DUPLICATE
+        assert await first.accept(Payment(ids[0], 1001)) == Acceptance.CONFLICT
+        assert await second.accept(Payment(ids[0], 1000)) == Acceptance.DUPLICATE
         await first.close()
         await second.close()
 
@@ -89,7 +90,7 @@ def test_new_payments_reach_the_queue_only_while_it_has_room(redis_url):
     async def scenario():
         async with running_store(redis_url, "a", queue_capacity=10) as (store, queue, work):
             ids = payment_ids(25)
-            await asyncio.gather(*(store.accept(uuid16, 100 + index) for index, uuid16 in enumerate(ids)))
+            await asyncio.gather(*(store.accept(Payment(uuid16, 100 + index)) for index, uuid16 in enumerate(ids)))
             await until(lambda: len(queue) == 10)
             await asyncio.sleep(0.3)
             assert len(queue) == 10 and work.unsent == [] and work.notified > 0
@@ -107,6 +108,7 @@ CRASHING_INSTANCE = f"""
 import asyncio, sys
 from paycore.core.ring_queue import RingQueue
 from paycore.service.config import Settings
+from paycore.service.payment import Attempt, Payment
 from paycore.service.store.redis_store import RedisStore
 
 class Idle:
@@ -120,7 +122,7 @@ async def main(url, payments):
     while len(queue) < payments:
         await asyncio.sleep(0.01)
     uuid16, cents = queue.pop()
-    assert await store.sending(uuid16, 1, 1234567)
+    assert await store.sending(Attempt(Payment(uuid16, cents), 1, 1234567))
     print(uuid16.hex(), flush=True)
     await asyncio.sleep(3600)
 
@@ -135,7 +137,7 @@ async def instance_a_holding(url: str, ids: list[bytes]
     here): it has taken them all and recorded the send of the first one.
     Yields the process and that payment."""
     accepting = new_store(url, "accepting only")
-    assert await asyncio.gather(*(accepting.accept(uuid16, 500) for uuid16 in ids)) == [
+    assert await asyncio.gather(*(accepting.accept(Payment(uuid16, 500)) for uuid16 in ids)) == [
         Acceptance.ACCEPTED] * len(ids)
     await accepting.close()
     process = await asyncio.create_subprocess_exec(
@@ -166,7 +168,7 @@ def test_a_live_instance_keeps_its_payments_and_a_dead_one_loses_them_with_its_s
 
             process.kill()
             await until(lambda: len(work.unsent) + len(work.unresolved) == 5, LEASE_MS * 4 / 1000)
-            assert work.unresolved == [(sent_one, 500, 1, 1234567)]
+            assert work.unresolved == [Attempt(Payment(sent_one, 500), 1, 1234567)]
             assert sorted(work.unsent) == sorted((uuid16, 500) for uuid16 in ids if uuid16 != sent_one)
             assert b"$1\r\nb\r\n" in consumers(redis_server)
             assert b"$1\r\na\r\n" not in consumers(redis_server)  # nothing left: forgotten
@@ -174,11 +176,11 @@ def test_a_live_instance_keeps_its_payments_and_a_dead_one_loses_them_with_its_s
             # "a" comes back (a stalled process, a restart holding on to it):
             # the payment is not its to send or to resume any more.
             returning = new_store(redis_url, "a")
-            assert await returning.sending(sent_one, 0, 7654321) is False
-            assert await store.sending(sent_one, 0, 7654321) is True
+            assert await returning.sending(Attempt(Payment(sent_one, 500), 0, 7654321)) is False
+            assert await store.sending(Attempt(Payment(sent_one, 500), 0, 7654321)) is True
             # Both report it held: it counts once.
-            returning.settle(sent_one, 1, 1234567, 500)
-            store.settle(sent_one, 0, 7654321, 500)
+            returning.settle(Attempt(Payment(sent_one, 500), 1, 1234567))
+            store.settle(Attempt(Payment(sent_one, 500), 0, 7654321))
             await returning.close()
             await until(lambda: store.settles_in_flight == 0)
             totals = await store.summary(None, None)
@@ -193,7 +195,7 @@ def test_a_restarted_instance_resumes_what_it_held(redis_url):
         async with instance_a_holding(redis_url, ids) as (process, sent_one):
             process.kill()
         async with running_store(redis_url, "a") as (_, queue, work):
-            assert work.unresolved == [(sent_one, 500, 1, 1234567)]
+            assert work.unresolved == [Attempt(Payment(sent_one, 500), 1, 1234567)]
             assert sorted(work.unsent) == sorted((uuid16, 500) for uuid16 in ids if uuid16 != sent_one)
             assert len(queue) == 0  # resumed, not delivered a second time
 
@@ -206,7 +208,7 @@ def test_a_clean_close_hands_what_is_left_to_the_others_at_once(redis_url):
         queue_a = RingQueue(1024)
         await closing.start(queue_a, RecordingWork())
         ids = payment_ids(3)
-        await asyncio.gather(*(closing.accept(uuid16, 700) for uuid16 in ids))
+        await asyncio.gather(*(closing.accept(Payment(uuid16, 700)) for uuid16 in ids))
         await until(lambda: len(queue_a) == 3)
         async with running_store(redis_url, "b") as (_, _, work_b):
             await closing.close()
@@ -221,21 +223,21 @@ def test_a_payment_settled_twice_counts_once(redis_url):
     async def scenario():
         async with running_store(redis_url, "a") as (store, queue, _):
             ids = payment_ids(2)
-            await asyncio.gather(*(store.accept(uuid16, 250) for uuid16 in ids))
+            await asyncio.gather(*(store.accept(Payment(uuid16, 250)) for uuid16 in ids))
             await until(lambda: len(queue) == 2)
             for uuid16 in ids:
-                assert await store.sending(uuid16, 0, 1_700_000_000_123) is True
-            store.settle(ids[0], 0, 1_700_000_000_123, 250)
-            store.settle(ids[0], 0, 1_700_000_000_123, 250)
-            store.settle(ids[1], 1, 1_700_000_000_999, 250)
-            store.settle(ids[1], 0, 1_700_000_000_123, 250)
+                assert await store.sending(Attempt(Payment(uuid16, 250), 0, 1_700_000_000_123)) is True
+            store.settle(Attempt(Payment(ids[0], 250), 0, 1_700_000_000_123))
+            store.settle(Attempt(Payment(ids[0], 250), 0, 1_700_000_000_123))
+            store.settle(Attempt(Payment(ids[1], 250), 1, 1_700_000_000_999))
+            store.settle(Attempt(Payment(ids[1], 250), 0, 1_700_000_000_123))
             await until(lambda: store.settles_in_flight == 0)
             assert await store.summary(None, None) == (1, 250, 1, 250)
-            assert await store.accept(ids[0], 250) == Acceptance.DUPLICATE
-            assert await store.accept(ids[0], 251) == Acceptance.CONFLICT
+            assert await store.accept(Payment(ids[0], 250)) == Acceptance.DUPLICATE
+            assert await store.accept(Payment(ids[0], 251)) == Acceptance.CONFLICT
             assert await store.summary(1_700_000_000_123, 1_700_000_000_123) == (1, 250, 0, 0)
             # Settled: no longer this instance's to send.
-            assert await store.sending(ids[0], 0, 1_700_000_000_500) is False
+            assert await store.sending(Attempt(Payment(ids[0], 250), 0, 1_700_000_000_500)) is False
 
     run(scenario)
 
@@ -245,12 +247,12 @@ def test_a_settle_redis_drops_is_sent_again(tmp_path):
         async def scenario():
             async with running_store(server.url, "a") as (store, queue, _):
                 payment = payment_ids(1)[0]
-                await store.accept(payment, 900)
+                await store.accept(Payment(payment, 900))
                 await until(lambda: len(queue) == 1)
-                assert await store.sending(payment, 0, 1_700_000_000_000)
+                assert await store.sending(Attempt(Payment(payment, 900), 0, 1_700_000_000_000))
                 # Redis holds writes back, then drops the connection the settle waits on.
                 server.call("CLIENT", "PAUSE", "500", "WRITE")
-                store.settle(payment, 0, 1_700_000_000_000, 900)
+                store.settle(Attempt(Payment(payment, 900), 0, 1_700_000_000_000))
                 await asyncio.sleep(0.1)
                 assert server.call("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") != b":0\r\n"
                 await until(lambda: store.settles_in_flight == 0)
@@ -284,10 +286,10 @@ def test_summary_matches_a_brute_force_sum_across_seconds_and_their_edges(redis_
         async with running_store(redis_url, "a") as (store, queue, _):
             assert await store.summary(None, None) == (0, 0, 0, 0)
             ids = payment_ids(len(payments))
-            await asyncio.gather(*(store.accept(uuid16, cents) for uuid16, (_, _, cents) in zip(ids, payments)))
+            await asyncio.gather(*(store.accept(Payment(uuid16, cents)) for uuid16, (_, _, cents) in zip(ids, payments)))
             await until(lambda: len(queue) == len(payments))
             for uuid16, (processor, requested_at_ms, cents) in zip(ids, payments):
-                store.settle(uuid16, processor, requested_at_ms, cents)
+                store.settle(Attempt(Payment(uuid16, cents), processor, requested_at_ms))
             await until(lambda: store.settles_in_flight == 0)
 
             bounds = [(None, None), (None, base_ms + 5_500), (base_ms + 5_500, None), (base_ms + 9, base_ms + 3)]
@@ -304,26 +306,38 @@ def test_summary_matches_a_brute_force_sum_across_seconds_and_their_edges(redis_
     run(scenario)
 
 
-def test_purge_forgets_the_ledger_and_settled_ids_but_not_pending_payments(redis_url):
+def ledger_keys(redis_server) -> bytes:
+    return redis_server.call("KEYS", "paycore:ledger:*:*")
+
+
+def test_purge_forgets_the_ledger_only_and_sweeps_its_keys(redis_url, redis_server):
     async def scenario():
         async with running_store(redis_url, "a", queue_capacity=1) as (store, queue, _):
             settled, pending = payment_ids(2)
-            await store.accept(settled, 100)
+            await store.accept(Payment(settled, 100))
             await until(lambda: len(queue) == 1)
-            assert await store.sending(settled, 0, 1_700_000_000_000)
-            store.settle(settled, 0, 1_700_000_000_000, 100)
-            await store.accept(pending, 200)
+            assert await store.sending(Attempt(Payment(settled, 100), 0, 1_700_000_000_000))
+            store.settle(Attempt(Payment(settled, 100), 0, 1_700_000_000_000))
+            await store.accept(Payment(pending, 200))
             await until(lambda: store.settles_in_flight == 0)
+            assert b"paycore:ledger:0:" in ledger_keys(redis_server)
 
             assert await store.purge() is None
             assert await store.summary(None, None) == (0, 0, 0, 0)
-            assert await store.accept(settled, 100) == Acceptance.ACCEPTED
-            # Still pending, so still taken: it must not be sent twice.
-            assert await store.accept(pending, 200) == Acceptance.DUPLICATE
-            assert await store.accept(pending, 201) == Acceptance.CONFLICT
+            await store.swept()
+            assert ledger_keys(redis_server) == b"*0\r\n"
+            # Neither is taken again: the paid one is not paid twice, the pending one not sent twice.
+            assert await store.accept(Payment(settled, 100)) == Acceptance.DUPLICATE
+            assert await store.accept(Payment(pending, 200)) == Acceptance.DUPLICATE
+            assert await store.accept(Payment(pending, 201)) == Acceptance.CONFLICT
             queue.pop()
             await until(lambda: len(queue) == 1)
             assert queue.pop() == (pending, 200)
+            assert await store.sending(Attempt(Payment(pending, 200), 1, 1_700_000_000_001))
+            store.settle(Attempt(Payment(pending, 200), 1, 1_700_000_000_001))
+            await until(lambda: store.settles_in_flight == 0)
+            assert await store.summary(None, None) == (0, 0, 1, 200)
+            assert b"paycore:ledger:1:" in ledger_keys(redis_server)
 
     run(scenario)
 
@@ -334,7 +348,7 @@ def test_an_unreachable_redis_fails_the_acceptance():
             bound_not_listening.bind(("127.0.0.1", 0))
             store = new_store(f"redis://127.0.0.1:{bound_not_listening.getsockname()[1]}/0", "a")
             with pytest.raises(ConnectionError):
-                await asyncio.wait_for(store.accept(random_uuid().bytes, 100), 1)
+                await asyncio.wait_for(store.accept(Payment(random_uuid().bytes, 100)), 1)
             await store.close()
 
     run(scenario)

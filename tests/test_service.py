@@ -97,9 +97,9 @@ def test_summary_shape_and_purge(live):
 
 
 WRONG_ROUTES = [
-    ("GET", "/nope", 404), ("GET", "/", 404), ("POST", "/payments/extra", 404),
-    ("GET", "/payments", 405), ("PUT", "/payments", 405), ("POST", "/payments-summary", 405),
-    ("GET", "/purge-payments", 405),
+    ("GET", "/nope", 404), ("GET", "/", 404), ("GET", "/payments/extra", 400),
+    ("POST", "/payments/extra", 405), ("GET", "/payments", 405), ("PUT", "/payments", 405),
+    ("POST", "/payments-summary", 405), ("GET", "/purge-payments", 405),
 ]
 
 

@@ -12,16 +12,34 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
-from test_ledger import INT64_MAX, INT64_MIN, Model
 
 from conftest import random_uuid
 from paycore.core.ring_queue import RingQueue
 from paycore.service.config import Settings
+from paycore.service.payment import Attempt, Payment
 from paycore.service.store import Acceptance, Store, open_store
-from paycore.service.store.base import resolve
+from paycore.service.store.base import PaymentStatus, resolve
 
 DEFAULT, FALLBACK = 0, 1
 HEALTH_INTERVAL_MS = 300
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class Model:
+    """The ledger by brute force: totals per requestedAt, summed over the keys in range."""
+
+    def __init__(self) -> None:
+        self.totals_by_key: dict[int, list[int]] = {}
+
+    def record(self, processor: int, key: int, cents: int) -> None:
+        totals = self.totals_by_key.setdefault(key, [0, 0, 0, 0])
+        totals[2 * processor] += 1
+        totals[2 * processor + 1] += cents
+
+    def summary(self, first: int | None = None, last: int | None = None) -> tuple[int, int, int, int]:
+        in_range = [totals for key, totals in self.totals_by_key.items()
+                    if (first is None or key >= first) and (last is None or key <= last)]
+        return tuple(map(sum, zip([0, 0, 0, 0], *in_range)))
 
 
 class RecordingWork:
@@ -29,8 +47,8 @@ class RecordingWork:
 
     def __init__(self) -> None:
         self.notified = 0
-        self.unsent: list[tuple[bytes, int]] = []
-        self.unresolved: list[tuple[bytes, int, int, int]] = []
+        self.unsent: list[Payment] = []
+        self.unresolved: list[Attempt] = []
 
     def notify(self) -> None:
         self.notified += 1
@@ -68,10 +86,10 @@ class Deployment:
     def work(self, instance: str) -> RecordingWork:
         return self.open[instance][2]
 
-    def drain_queues(self) -> list[tuple[Store, bytes, int]]:
+    def drain_queues(self) -> list[tuple[Store, Payment]]:
         """Everything on the queues, each with the store of the instance that took it."""
-        return [(store, *payment) for store, queue, _ in self.open.values()
-                for payment in iter(queue.pop, None)]
+        return [(store, Payment(*popped)) for store, queue, _ in self.open.values()
+                for popped in iter(queue.pop, None)]
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -79,8 +97,9 @@ def deployment_settings(request, tmp_path) -> Callable[[str], Settings]:
     store = "embedded" if request.param == "embedded" else request.getfixturevalue("redis_url")
 
     def settings_for(instance: str) -> Settings:
-        return Settings(instance=instance, store=store, store_lease_ms=600, shared_dir=str(tmp_path),
-                        ledger_capacity=1024, accepted_id_slots=4096, metrics_listen="")
+        return Settings(instance=instance, store=store, store_lease_ms=600, shared_dir=str(tmp_path / "shared"),
+                        data_dir=str(tmp_path / "data"), idempotency_capacity=4096, ledger_tail_capacity=1024,
+                        metrics_listen="")
     return settings_for
 
 
@@ -95,9 +114,23 @@ def run(deployment_settings, scenario: Callable[[Deployment], Awaitable[None]]) 
 
 
 async def accept(store: Store, uuid16: bytes, cents: int) -> Acceptance:
-    acceptance = await resolve(store.accept(uuid16, cents))
+    acceptance = store.accept(Payment(uuid16, cents))
     store.flush_waiting()
+    acceptance = await resolve(acceptance)
+    answered = asyncio.get_running_loop().create_future()
+    store.after_durable(store.promised, answered.set_result, None)
+    store.flush_waiting()
+    await answered  # as the HTTP layer does: the answer leaves once the store holds the payment
     return acceptance
+
+
+async def send_and_settle(store: Store, payment: Payment, processor: int, requested_at_ms: int) -> None:
+    attempt = Attempt(payment, processor, requested_at_ms)
+    sending = store.sending(attempt)
+    store.flush_waiting()
+    assert await resolve(sending) is True
+    store.settle(attempt)
+    store.flush_waiting()
 
 
 async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
@@ -118,6 +151,29 @@ def test_an_id_is_accepted_once_whichever_instance_sees_it(deployment_settings):
     run(deployment_settings, scenario)
 
 
+def test_no_instance_says_already_accepted_before_the_claim_is_durable(deployment_settings):
+    """A 2xx is only ever given for a payment some instance's store holds:
+    the same id posted to another instance meanwhile waits for the claim."""
+    async def scenario(deployment: Deployment) -> None:
+        first, second = await deployment.start("a"), await deployment.start("b")
+        payment = Payment(random_uuid().bytes, 1995)
+        events = []
+        claimed = first.accept(payment)
+        first.after_durable(first.promised, events.append, "claim durable")
+        duplicate = second.accept(payment)
+        if isinstance(duplicate, asyncio.Future):
+            duplicate.add_done_callback(lambda _: events.append("duplicate answered"))
+        else:
+            events.append("duplicate answered")
+        first.flush_waiting()
+        second.flush_waiting()
+        assert await resolve(claimed) == Acceptance.ACCEPTED
+        assert await resolve(duplicate) == Acceptance.DUPLICATE
+        await eventually(lambda: len(events) == 2, "the claim never became durable")
+        assert events == ["claim durable", "duplicate answered"]
+    run(deployment_settings, scenario)
+
+
 def test_every_accepted_payment_is_pending_on_exactly_one_instance(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         stores = [await deployment.start(name) for name in ("a", "b", "c")]
@@ -129,7 +185,7 @@ def test_every_accepted_payment_is_pending_on_exactly_one_instance(deployment_se
         taken = await _take(deployment, len(accepted))
         await asyncio.sleep(0.2)  # nothing arrives twice, even late
         assert deployment.drain_queues() == []
-        assert {uuid16: cents for uuid16, (_, cents) in taken.items()} == accepted
+        assert {uuid16: payment.cents for uuid16, (_, payment) in taken.items()} == accepted
         assert sum(deployment.work(name).notified > 0 for name in deployment.open) >= 1
     run(deployment_settings, scenario)
 
@@ -138,9 +194,9 @@ def test_an_answer_waits_for_the_store_to_hold_the_payment(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         store = await deployment.start("a")
         answered = []
-        acceptance = await resolve(store.accept(random_uuid().bytes, 100))
-        store.after_durable(answered.append, "first")
-        store.after_durable(answered.append, "second")
+        acceptance = await resolve(store.accept(Payment(random_uuid().bytes, 100)))
+        store.after_durable(store.promised, answered.append, "first")
+        store.after_durable(store.promised, answered.append, "second")
         store.flush_waiting()
         await eventually(lambda: len(answered) == 2, "answers never released")
         assert acceptance == Acceptance.ACCEPTED
@@ -159,14 +215,13 @@ def test_settled_payments_are_summed_exactly_for_every_instance(deployment_setti
             assert await accept(rng.choice(stores), random_uuid().bytes, rng.randint(1, 100_000)) \
                 == Acceptance.ACCEPTED
         # Sent and settled by the instance that took each payment from the pending ones.
-        for uuid16, (store, cents) in (await _take(deployment, payments)).items():
+        for store, payment in (await _take(deployment, payments)).values():
             # Clustered around a few second boundaries, so ranges cut seconds in parts.
             requested_at_ms = (base_ms + rng.choice((0, 1000, 2000, 60_000))
                                + rng.randint(-3, 3) * rng.choice((1, 7, 250)))
             processor = rng.choice((DEFAULT, FALLBACK))
-            assert await resolve(store.sending(uuid16, processor, requested_at_ms)) is True
-            store.settle(uuid16, processor, requested_at_ms, cents)
-            model.record(processor, requested_at_ms, cents)
+            await send_and_settle(store, payment, processor, requested_at_ms)
+            model.record(processor, requested_at_ms, payment.cents)
         keys = sorted(model.totals_by_key)
 
         async def summaries_match() -> None:
@@ -190,39 +245,69 @@ def test_settled_payments_are_summed_exactly_for_every_instance(deployment_setti
     run(deployment_settings, scenario)
 
 
-def test_purge_forgets_ledger_and_ids_but_keeps_pending_payments(deployment_settings):
+def test_purge_forgets_the_ledger_not_the_ids_nor_the_pending_payments(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
         settled, pending = random_uuid().bytes, random_uuid().bytes
         for uuid16 in (settled, pending):
             assert await accept(first, uuid16, 500) == Acceptance.ACCEPTED
-        owners = {uuid16: store for uuid16, (store, _) in (await _take(deployment, 2)).items()}
-        assert await resolve(owners[settled].sending(settled, DEFAULT, 1_000)) is True
-        owners[settled].settle(settled, DEFAULT, 1_000, 500)
+        taken = await _take(deployment, 2)
+        await send_and_settle(*taken[settled], DEFAULT, 1_000)
         await _wait_for_totals(first, (1, 500, 0, 0))
 
         await resolve(second.purge())
         await _wait_for_totals(first, (0, 0, 0, 0))
         await _wait_for_totals(second, (0, 0, 0, 0))
-        # A settled payment's id may be used again.
-        assert await accept(second, settled, 700) == Acceptance.ACCEPTED
-        assert (await _take(deployment, 1)).keys() == {settled}
+        # Posted again after the purge, neither is taken again: never paid nor counted twice.
+        assert await accept(second, settled, 500) == Acceptance.DUPLICATE
+        assert await accept(first, pending, 500) == Acceptance.DUPLICATE
+        assert await accept(second, pending, 700) == Acceptance.CONFLICT
+        await asyncio.sleep(0.1)
+        assert deployment.drain_queues() == []
         # The payment still pending is still delivered, and counted after the purge.
-        assert await resolve(owners[pending].sending(pending, FALLBACK, 2_000)) is True
-        owners[pending].settle(pending, FALLBACK, 2_000, 500)
+        await send_and_settle(*taken[pending], FALLBACK, 2_000)
         await _wait_for_totals(second, (0, 0, 1, 500))
+        await _wait_for_totals(first, (0, 0, 1, 500))
     run(deployment_settings, scenario)
 
 
-async def _take(deployment: Deployment, count: int) -> dict[bytes, tuple[Store, int]]:
+def test_a_settled_payment_and_a_pending_one_can_be_looked_up(deployment_settings):
+    async def scenario(deployment: Deployment) -> None:
+        first, second = await deployment.start("a"), await deployment.start("b")
+        settled, pending, unknown = (random_uuid().bytes for _ in range(3))
+        for uuid16 in (settled, pending):
+            assert await accept(first, uuid16, 2005) == Acceptance.ACCEPTED
+        taken = await _take(deployment, 2)
+        await send_and_settle(*taken[settled], FALLBACK, 1_700_000_000_123)
+        settled_status = PaymentStatus(Payment(settled, 2005),
+                                       Attempt(Payment(settled, 2005), FALLBACK, 1_700_000_000_123))
+        for store in (first, second):
+            await eventually_async(lambda store=store: _looked_up(store, settled), settled_status)
+            assert await resolve(store.lookup(pending)) == PaymentStatus(Payment(pending, 2005), None)
+            assert await resolve(store.lookup(unknown)) is None
+    run(deployment_settings, scenario)
+
+
+async def _looked_up(store: Store, uuid16: bytes) -> PaymentStatus | None:
+    return await resolve(store.lookup(uuid16))
+
+
+async def eventually_async(read: Callable[[], Awaitable], expected, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (current := await read()) != expected:
+        assert time.monotonic() < deadline, (current, expected)
+        await asyncio.sleep(0.01)
+
+
+async def _take(deployment: Deployment, count: int) -> dict[bytes, tuple[Store, Payment]]:
     """Wait until `count` payments reach the instances' queues: uuid16 -> (the
-    store of the instance that took it, cents). None may arrive twice."""
-    taken: dict[bytes, tuple[Store, int]] = {}
+    store of the instance that took it, the payment). None may arrive twice."""
+    taken: dict[bytes, tuple[Store, Payment]] = {}
 
     def all_taken() -> bool:
-        for store, uuid16, cents in deployment.drain_queues():
-            assert uuid16 not in taken, "a payment pending on two instances"
-            taken[uuid16] = (store, cents)
+        for store, payment in deployment.drain_queues():
+            assert payment.correlation_id not in taken, "a payment pending on two instances"
+            taken[payment.correlation_id] = (store, payment)
         return len(taken) >= count
     await eventually(all_taken, "accepted payments did not reach a queue")
     return taken
@@ -238,23 +323,24 @@ async def _wait_for_totals(store: Store, totals: tuple[int, int, int, int]) -> N
 def test_a_restarted_instance_resumes_what_it_left(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         store = await deployment.start("a")
-        unsent, sent, settled = (random_uuid().bytes for _ in range(3))
-        for uuid16 in (unsent, sent, settled):
-            assert await accept(store, uuid16, 250) == Acceptance.ACCEPTED
+        unsent, sent, settled = (Payment(random_uuid().bytes, 250) for _ in range(3))
+        for payment in (unsent, sent, settled):
+            assert await accept(store, *payment) == Acceptance.ACCEPTED
         await eventually(lambda: len(deployment.queue("a")) == 3, "payments not queued")
-        assert await resolve(store.sending(sent, FALLBACK, 1_234)) is True
-        assert await resolve(store.sending(settled, DEFAULT, 1_235)) is True
-        store.settle(settled, DEFAULT, 1_235, 250)
+        sending = store.sending(Attempt(sent, FALLBACK, 1_234))
+        store.flush_waiting()
+        assert await resolve(sending) is True
+        await send_and_settle(store, settled, DEFAULT, 1_235)
         await _wait_for_totals(store, (1, 250, 0, 0))
         await deployment.stop("a")
 
         restarted = await deployment.start("a")
         work = deployment.work("a")
-        resumed_unsent = work.unsent + [(uuid16, cents) for _, uuid16, cents in deployment.drain_queues()]
-        assert resumed_unsent == [(unsent, 250)]
-        assert work.unresolved == [(sent, 250, FALLBACK, 1_234)]
+        resumed_unsent = work.unsent + [payment for _, payment in deployment.drain_queues()]
+        assert resumed_unsent == [unsent]
+        assert work.unresolved == [Attempt(sent, FALLBACK, 1_234)]
         assert await resolve(restarted.summary(None, None)) == (1, 250, 0, 0)
-        assert await accept(restarted, settled, 250) == Acceptance.DUPLICATE
+        assert await accept(restarted, *settled) == Acceptance.DUPLICATE
     run(deployment_settings, scenario)
 
 

@@ -25,11 +25,6 @@ class EmulatorProcess:
         self._process.kill()
         self._process.wait()
 
-    def kill(self) -> None:
-        """End it as a crash would: SIGKILL, no time to finish anything."""
-        self._process.kill()
-        self._process.wait()
-
     def stop(self, timeout: float = 5.0) -> int:
         """End the emulator and return its exit code (killed if SIGTERM is not enough)."""
         if self._process.poll() is None:

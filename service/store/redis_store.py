@@ -5,61 +5,72 @@ Each call is one round trip: one command, or one Lua script where it reads
 and writes more than one key, so that it is atomic. Keys, all in the selected
 database:
 
-    paycore:ids              hash    uuid16 -> cents of every accepted id
     paycore:pending          stream  a pending payment per entry {id: uuid16, cents},
                                      read by the consumer group "dispatch": one
                                      consumer per instance, named PAYCORE_INSTANCE
     paycore:entry            hash    uuid16 -> its pending entry id
     paycore:sent             hash    uuid16 -> "processor:requestedAt" of its recorded send
+    paycore:paid             hash    uuid16 -> "processor:requestedAt:cents" once settled
+    paycore:paid:day:<day>   list    with a retention: the ids paid on that day
+    paycore:paid:days        zset    with a retention: the days that have such a list
+    paycore:ledger:...       hashes  counts and cents by requestedAt (redis/ledger.py)
     paycore:lease:<instance> string  exists while the instance lives (PX store_lease_ms)
-    paycore:ledger:seconds   zset    epoch seconds holding settled payments
-    paycore:ledger:by_second hash    "<second>:<processor>:n" / ":c" -> count / cents
-    paycore:ledger:millis    zset    epoch milliseconds holding settled payments
-    paycore:ledger:by_milli  hash    "<ms>:<processor>:n" / ":c" -> count / cents
-    paycore:ledger:total     hash    "<processor>:n" / ":c" -> count / cents, all time
     paycore:health:poller    string  the instance polling processor health (PX interval)
     paycore:health:board     hash    processor name -> JSON report, "version" -> publish count
+
+What grows: the pending payments' keys with the payments pending, nothing
+else with the payments accepted; the paid record and the ledger with the
+payments of the retention (PAYCORE_RETENTION_DAYS; 0: all of them). An id
+is known while its payment is pending or paid, whatever its age: a repost
+is answered from the stream or the paid record at once (the idempotency
+window of the embedded store's shared table is not needed here), and no
+payment is sent or counted twice. A paid record older than the retention
+is forgotten a slice at a time by every instance, the ledger's keys expire
+by themselves.
 
 A payment read from the stream is in its instance's pending-entries list until
 settled. An instance whose lease has expired is dead: the others claim its
 entries (with the sends it recorded) and resume them. Before each send the
 sender checks that the entry is still its own, so a payment taken over is
 sent by one instance only, and a settle counts only if it acknowledges the
-entry, so a payment is counted once. A purge forgets the ledger and the ids,
-except those of payments still pending: they stay taken, so a payment posted
-again after a purge is not sent twice. A summary adds up whole seconds from
-the per-second buckets and the partial seconds at its edges from the
-per-millisecond ones.
+entry, so a payment is counted once. A purge starts the ledger over and
+keeps the rest.
 
-A reply from Redis is as durable as Redis is configured to make it
-(appendonly/appendfsync). Lease keys are named in the scripts rather than
-passed as KEYS: this is one Redis, not a cluster.
+Redis must not evict keys: the store refuses to start unless its
+maxmemory-policy is noeviction. A reply from Redis is as durable as Redis is
+configured to make it (appendonly/appendfsync). Some keys are named in the
+scripts rather than passed as KEYS: this is one Redis, not a cluster.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from paycore.core.ring_queue import RingQueue
 
 from ..config import Settings
-from .base import Acceptance, PendingWork, Totals, Unresolved, Unsent
+from ..payment import Attempt, Payment
+from .base import Acceptance, PaymentStatus, PendingWork
+from .redis import ledger
 from .resp import Arg, RedisClient, RedisError, Script
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("paycore.store")
 
-IDS = b"paycore:ids"
 STREAM = b"paycore:pending"
 ENTRIES = b"paycore:entry"
 SENT = b"paycore:sent"
+PAID = b"paycore:paid"
+PAID_DAYS = b"paycore:paid:days"
 LEASE_PREFIX = b"paycore:lease:"
-LEDGER = (b"paycore:ledger:seconds", b"paycore:ledger:by_second", b"paycore:ledger:millis",
-          b"paycore:ledger:by_milli", b"paycore:ledger:total")
 POLLER = b"paycore:health:poller"
 BOARD = b"paycore:health:board"
 GROUP = b"dispatch"
@@ -73,27 +84,35 @@ QUEUE_ROOM_WAIT_S = 0.02
 TAKE_BATCH = 256
 # At close: how long Redis gets to take the settles still on their way.
 CLOSE_WAIT_S = 1.0
-# Summary cents are added up in Lua's doubles in two parts, below and above this.
-CENTS_SPLIT = 10**9
+# With a retention: how often the paid record is looked at, and ids forgotten per call.
+RETENTION_CHECK_S = 60.0
+RETENTION_SLICE = 1000
+# Keys a purge's sweep of the ledger's past generations looks at per SCAN.
+SWEEP_COUNT = 1000
+REQUIRED_EVICTION_POLICY = b"noeviction"
 
-ACCEPT = Script("""
--- KEYS: ids, entries, stream. ARGV: uuid16, cents.
+# Lua: the cents of the payment pending under uuid16, or nil.
+_PENDING_CENTS = """
+local function pending_cents(entries, stream, uuid)
+  local entry = redis.call('HGET', entries, uuid)
+  if entry then return redis.call('XRANGE', stream, entry, entry)[1][2][4] end
+end
+"""
+
+ACCEPT = Script(_PENDING_CENTS + """
+-- KEYS: entries, stream, paid. ARGV: uuid16, cents.
 -- Answers an Acceptance: 0 accepted, 1 duplicate, 2 conflict.
-local known = redis.call('HGET', KEYS[1], ARGV[1])
+local known = pending_cents(KEYS[1], KEYS[2], ARGV[1])
 if not known then
-  -- Accepted before a purge and still pending: the id is still taken.
-  local entry = redis.call('HGET', KEYS[2], ARGV[1])
-  if entry then
-    known = redis.call('XRANGE', KEYS[3], entry, entry)[1][2][4]
-  end
+  local paid = redis.call('HGET', KEYS[3], ARGV[1])
+  if paid then known = string.match(paid, '[^:]*$') end
 end
 if known then
   if known == ARGV[2] then return 1 end
   return 2
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local entry = redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'cents', ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], entry)
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'cents', ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], entry)
 return 0
 """)
 
@@ -107,23 +126,21 @@ redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """)
 
-SETTLE = Script("""
--- KEYS: entries, stream, sent, seconds, by_second, millis, by_milli, total.
--- ARGV: group, uuid16, processor, second, millisecond, cents.
+SETTLE = Script(ledger.ADD + """
+-- KEYS: entries, stream, sent, paid, paid days. ARGV: group, uuid16, processor,
+-- requestedAt, cents, cents mod 2**32, cents >> 32, how long the ledger keeps
+-- it (0: for ever), its day ('' without a retention).
 -- Into the ledger only when this call acknowledges the entry: a payment counts once.
 local entry = redis.call('HGET', KEYS[1], ARGV[2])
 if not entry then return 0 end
 local acknowledged = redis.call('XACK', KEYS[2], ARGV[1], entry)
 if acknowledged == 1 then
-  local function add(hash, prefix)
-    redis.call('HINCRBY', hash, prefix .. ARGV[3] .. ':n', 1)
-    redis.call('HINCRBY', hash, prefix .. ARGV[3] .. ':c', ARGV[6])
+  add_to_ledger(ARGV[3], ARGV[4], ARGV[6], ARGV[7], ARGV[8])
+  redis.call('HSET', KEYS[4], ARGV[2], ARGV[3] .. ':' .. ARGV[4] .. ':' .. ARGV[5])
+  if ARGV[9] ~= '' then
+    redis.call('RPUSH', 'paycore:paid:day:' .. ARGV[9], ARGV[2])
+    redis.call('ZADD', KEYS[5], ARGV[9], ARGV[9])
   end
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[4])
-  add(KEYS[5], ARGV[4] .. ':')
-  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[5])
-  add(KEYS[7], ARGV[5] .. ':')
-  add(KEYS[8], '')
 end
 redis.call('XDEL', KEYS[2], entry)
 redis.call('HDEL', KEYS[1], ARGV[2])
@@ -131,53 +148,22 @@ redis.call('HDEL', KEYS[3], ARGV[2])
 return acknowledged
 """)
 
-SUMMARY = Script("""
--- KEYS: seconds, by_second, millis, by_milli, total.
--- ARGV: 'total', or triples (unit 's' or 'm', first, last), bounds inclusive.
--- Answers per processor: count, cents / 1e9, cents % 1e9 (each part stays
--- exact in Lua's doubles).
-local sums = {0, 0, 0, 0, 0, 0}
-local function add(processor, count, cents)
-  if not count then return end
-  local at = processor * 3
-  sums[at + 1] = sums[at + 1] + tonumber(count)
-  local digits = #cents
-  if digits > 9 then
-    sums[at + 2] = sums[at + 2] + tonumber(string.sub(cents, 1, digits - 9))
-    cents = string.sub(cents, digits - 8)
-  end
-  sums[at + 3] = sums[at + 3] + tonumber(cents)
-end
-local function add_buckets(hash, prefixes)
-  local fields = {}
-  for _, prefix in ipairs(prefixes) do
-    fields[#fields + 1] = prefix .. '0:n'
-    fields[#fields + 1] = prefix .. '0:c'
-    fields[#fields + 1] = prefix .. '1:n'
-    fields[#fields + 1] = prefix .. '1:c'
-  end
-  local values = redis.call('HMGET', hash, unpack(fields))
-  for i = 1, #values, 4 do
-    add(0, values[i], values[i + 1])
-    add(1, values[i + 2], values[i + 3])
-  end
-end
-if ARGV[1] == 'total' then
-  add_buckets(KEYS[5], {''})
-  return sums
-end
-local levels = {s = {KEYS[1], KEYS[2]}, m = {KEYS[3], KEYS[4]}}
-for i = 1, #ARGV, 3 do
-  local level = levels[ARGV[i]]
-  local units = redis.call('ZRANGE', level[1], ARGV[i + 1], ARGV[i + 2], 'BYSCORE')
-  -- In slices: unpack() takes a few thousand values at most.
-  for first = 1, #units, 1000 do
-    local prefixes = {}
-    for j = first, math.min(first + 999, #units) do prefixes[#prefixes + 1] = units[j] .. ':' end
-    add_buckets(level[2], prefixes)
-  end
-end
-return sums
+LOOKUP = Script(_PENDING_CENTS + """
+-- KEYS: entries, stream, paid. ARGV: uuid16.
+-- Answers {cents if pending or false, "processor:requestedAt:cents" if paid or false}.
+return {pending_cents(KEYS[1], KEYS[2], ARGV[1]) or false, redis.call('HGET', KEYS[3], ARGV[1])}
+""")
+
+FORGET_PAID = Script("""
+-- KEYS: paid, paid days. ARGV: the first day kept, how many ids at most.
+-- Forgets that many ids of the oldest day before it; 1 if it found one, else 0.
+local day = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, 1)[1]
+if not day then return 0 end
+local list = 'paycore:paid:day:' .. day
+local ids = redis.call('LPOP', list, ARGV[2])
+if ids then redis.call('HDEL', KEYS[1], unpack(ids)) end
+if redis.call('EXISTS', list) == 0 then redis.call('ZREM', KEYS[2], day) end
+return 1
 """)
 
 # KEYS: stream, sent. ARGV[1]: group, ARGV[2]: this instance.
@@ -248,42 +234,34 @@ def _nothing(_reply: Any) -> None:
     return None
 
 
-def _totals(sums: list[int]) -> Totals:
-    return (sums[0], sums[1] * CENTS_SPLIT + sums[2], sums[3], sums[4] * CENTS_SPLIT + sums[5])
+def _status(correlation_id: bytes) -> Callable[[list[bytes | None]], PaymentStatus | None]:
+    def status(reply: list[bytes | None]) -> PaymentStatus | None:
+        cents, settled = reply
+        if settled is not None:
+            processor, requested_at_ms, settled_cents = (int(part) for part in settled.split(b":"))
+            payment = Payment(correlation_id, settled_cents)
+            return PaymentStatus(payment, Attempt(payment, processor, requested_at_ms))
+        return None if cents is None else PaymentStatus(Payment(correlation_id, int(cents)), None)
+    return status
 
 
-def summary_ranges(from_ms: int | None, to_ms: int | None) -> list[Arg]:
-    """The summary script's arguments: the whole seconds between the bounds
-    from the per-second buckets, the partial seconds at either edge from the
-    per-millisecond ones."""
-    if from_ms is None and to_ms is None:
-        return [b"total"]
-    first_second = None if from_ms is None else -(-from_ms // 1000)  # the first whole one
-    last_second = None if to_ms is None else (to_ms + 1) // 1000 - 1  # the last whole one
-    if from_ms is not None and to_ms is not None and first_second > last_second:
-        return [b"m", from_ms, to_ms]  # no whole second: two partial ones at most
-    ranges: list[Arg] = [b"s", b"-inf" if first_second is None else first_second,
-                         b"+inf" if last_second is None else last_second]
-    if from_ms is not None and from_ms < first_second * 1000:
-        ranges += [b"m", from_ms, first_second * 1000 - 1]
-    if to_ms is not None and (last_second + 1) * 1000 <= to_ms:
-        ranges += [b"m", (last_second + 1) * 1000, to_ms]
-    return ranges
-
-
-def split_taken(flat: list[bytes]) -> tuple[list[Unsent], list[Unresolved]]:
+def split_taken(flat: list[bytes]) -> tuple[list[Payment], list[Attempt]]:
     """Claimed entries (uuid16, cents, recorded send or b'') into never sent
     and sent with an unknown outcome."""
-    unsent: list[Unsent] = []
-    unresolved: list[Unresolved] = []
+    unsent: list[Payment] = []
+    unresolved: list[Attempt] = []
     for index in range(0, len(flat), 3):
-        uuid16, cents, sent = flat[index], int(flat[index + 1]), flat[index + 2]
+        payment, sent = Payment(flat[index], int(flat[index + 1])), flat[index + 2]
         if sent:
             processor, _, requested_at_ms = sent.partition(b":")
-            unresolved.append((uuid16, cents, int(processor), int(requested_at_ms)))
+            unresolved.append(Attempt(payment, int(processor), int(requested_at_ms)))
         else:
-            unsent.append((uuid16, cents))
+            unsent.append(payment)
     return unsent, unresolved
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _wall_minus_monotonic_ms() -> float:
@@ -337,11 +315,17 @@ def _turn_time(reply: bytes | None) -> float | None:
 
 class RedisStore:
     journal = None  # what Redis answers is durable: no journal per instance
+    # Settles wait in memory while Redis is away, however many: nothing to keep room in.
+    settlement_room = sys.maxsize
+    promised = 0  # what Redis has answered it holds: an answer never waits
 
     def __init__(self, settings: Settings) -> None:
         self._instance = settings.instance.encode()
         self._lease_key = LEASE_PREFIX + self._instance
         self._lease_ms = settings.store_lease_ms
+        self._retention_days = settings.retention_days
+        self._ledger_keep_ms = ledger.keep_ms(settings.retention_days)
+        self._assume_noeviction = settings.store_assume_noeviction
         # Retries of Redis calls back off as payments do (PAYCORE_RETRY_MIN_MS / _MAX_MS).
         self._retry_min_s = settings.retry_min_ms / 1000
         self._retry_max_s = settings.retry_max_ms / 1000
@@ -354,6 +338,7 @@ class RedisStore:
         self._queue: RingQueue | None = None
         self._work: PendingWork | None = None
         self._tasks: list[asyncio.Task] = []
+        self._sweeps: set[asyncio.Task] = set()
         self._settles_in_flight = 0
         self._settles_done = asyncio.Event()
         self._settles_done.set()
@@ -362,6 +347,7 @@ class RedisStore:
     async def start(self, queue: RingQueue, work: PendingWork) -> None:
         self._queue = queue
         self._work = work
+        await self._refuse_evicting_redis()
         await self._create_group()
         # The lease first: nobody may take over what this instance resumes.
         await self._renew_lease()
@@ -370,28 +356,31 @@ class RedisStore:
             log.warning("resuming %d unsent payments and %d with an unknown outcome",
                         len(unsent), len(unresolved))
         work.resume(unsent, unresolved)
-        self._tasks = [asyncio.ensure_future(task()) for task in
-                       (self._feed, self._keep_lease, self._take_over_dead)]
+        tasks = [self._feed, self._keep_lease, self._take_over_dead]
+        if self._retention_days:
+            tasks.append(self._keep_retention)
+        self._tasks = [asyncio.ensure_future(task()) for task in tasks]
 
-    def accept(self, uuid16: bytes, cents: int) -> asyncio.Future:
-        return self._client.run(ACCEPT, (IDS, ENTRIES, STREAM), (uuid16, cents), convert=Acceptance)
+    def accept(self, payment: Payment) -> asyncio.Future:
+        return self._client.run(ACCEPT, (ENTRIES, STREAM, PAID), payment, convert=Acceptance)
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None:
         # What Redis has answered is as durable as this store gets.
         callback(*args)
 
     def flush_waiting(self) -> None:
         self._client.flush()
 
-    def sending(self, uuid16: bytes, processor: int, requested_at_ms: int) -> asyncio.Future:
+    def sending(self, attempt: Attempt) -> asyncio.Future:
         return self._client.run(SENDING, (ENTRIES, STREAM, SENT),
-                                (GROUP, self._instance, uuid16, b"%d:%d" % (processor, requested_at_ms)),
+                                (GROUP, self._instance, attempt.payment.correlation_id,
+                                 b"%d:%d" % (attempt.processor, attempt.requested_at_ms)),
                                 convert=bool)
 
-    def settle(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
+    def settle(self, attempt: Attempt) -> None:
         self._settles_in_flight += 1
         self._settles_done.clear()
-        self._send_settle((uuid16, processor, requested_at_ms, cents), self._retry_min_s)
+        self._send_settle(attempt, self._retry_min_s)
 
     @property
     def settles_in_flight(self) -> int:
@@ -399,20 +388,43 @@ class RedisStore:
         return self._settles_in_flight
 
     def summary(self, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
-        return self._client.run(SUMMARY, LEDGER, summary_ranges(from_ms, to_ms), convert=_totals)
+        retained_from_ms = ledger.retained_from_ms(self._retention_days, _wall_ms())
+        first = retained_from_ms if from_ms is None else max(from_ms, retained_from_ms)
+        last = ledger.DOMAIN_MS if to_ms is None else to_ms
+        return self._client.run(ledger.SUMMARY, (), ledger.summary_runs(first, last), convert=ledger.totals)
+
+    def lookup(self, correlation_id: bytes) -> asyncio.Future:
+        return self._client.run(LOOKUP, (ENTRIES, STREAM, PAID), (correlation_id,),
+                                convert=_status(correlation_id))
 
     def purge(self) -> asyncio.Future:
-        # The pending payments' stream and maps stay: they are still delivered.
-        return self._client.execute(b"UNLINK", IDS, *LEDGER, convert=_nothing)
+        """A new generation of the ledger, at once; the old ones' keys are
+        swept afterwards. The paid record, and the pending payments' stream
+        and maps, stay: pending payments are still delivered, and none is
+        paid or counted twice."""
+        return self._client.run(ledger.NEW_GENERATION, (), (), convert=self._sweep_past_generations)
+
+    async def forget_past_retention(self) -> None:
+        """Forget the paid ids from before the retention, a slice per call."""
+        first_day_kept = ledger.retained_from_ms(self._retention_days, _wall_ms()) // ledger.DAY_MS
+        while await self._client.run(FORGET_PAID, (PAID, PAID_DAYS), (first_day_kept, RETENTION_SLICE)):
+            pass
+
+    async def swept(self) -> None:
+        """Once the ledger's past generations are gone, as far as purges so far go."""
+        await asyncio.gather(*self._sweeps)
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """Nothing of its own to report: what it keeps, Redis reports."""
 
     async def close(self) -> None:
         """What this instance still holds stays pending under its name. The
         lease goes too on a clean close: the others take over at once what is
         left rather than one lease later (with nothing left, they only drop
         the idle consumer); after a crash it expires by itself."""
-        for task in self._tasks:
+        for task in (*self._tasks, *self._sweeps):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._sweeps, return_exceptions=True)
         self._feed_client.close()
         try:
             await asyncio.wait_for(self._settles_done.wait(), CLOSE_WAIT_S)
@@ -427,20 +439,21 @@ class RedisStore:
         self.health.close()
         self._client.close()
 
-    def _send_settle(self, settlement: tuple[bytes, int, int, int], backoff_s: float) -> None:
-        uuid16, processor, requested_at_ms, cents = settlement
-        settled = self._client.run(SETTLE, (ENTRIES, STREAM, SENT, *LEDGER),
-                                   (GROUP, uuid16, processor, requested_at_ms // 1000,
-                                    requested_at_ms, cents))
-        settled.add_done_callback(lambda done: self._settle_answered(done, settlement, backoff_s))
+    def _send_settle(self, attempt: Attempt, backoff_s: float) -> None:
+        payment = attempt.payment
+        day = attempt.requested_at_ms // ledger.DAY_MS if self._retention_days else b""
+        settled = self._client.run(SETTLE, (ENTRIES, STREAM, SENT, PAID, PAID_DAYS),
+                                   (GROUP, payment.correlation_id, attempt.processor, attempt.requested_at_ms,
+                                    payment.cents, *ledger.cents_parts(payment.cents),
+                                    self._ledger_keep_ms, day))
+        settled.add_done_callback(lambda done: self._settle_answered(done, attempt, backoff_s))
 
-    def _settle_answered(self, done: asyncio.Future, settlement: tuple[bytes, int, int, int],
-                         backoff_s: float) -> None:
+    def _settle_answered(self, done: asyncio.Future, attempt: Attempt, backoff_s: float) -> None:
         error = done.exception()
         if error is not None and not self._closed:
             log.warning("settle not taken by Redis, retrying in %.2f s: %r", backoff_s, error)
             asyncio.get_running_loop().call_later(
-                backoff_s, self._send_settle, settlement, self._longer(backoff_s))
+                backoff_s, self._send_settle, attempt, self._longer(backoff_s))
             return
         self._settles_in_flight -= 1
         if self._settles_in_flight == 0:
@@ -449,6 +462,57 @@ class RedisStore:
     def _longer(self, backoff_s: float) -> float:
         """The next wait of an exponential backoff, capped at PAYCORE_RETRY_MAX_MS."""
         return min(backoff_s * 2, self._retry_max_s)
+
+    async def _refuse_evicting_redis(self) -> None:
+        """Evicted keys would be payments lost, paid twice or miscounted."""
+        address = self._client.address
+        try:
+            reply = await self._client.execute(b"CONFIG", b"GET", b"maxmemory-policy")
+        except RedisError as error:
+            if self._assume_noeviction:
+                log.warning("cannot read maxmemory-policy (%s); PAYCORE_STORE_ASSUME_NOEVICTION=1 "
+                            "vouches that it is noeviction", error)
+                return
+            raise SystemExit(
+                f"Redis at {address} does not tell its maxmemory-policy ({error}); the store needs "
+                "noeviction: set it, or when CONFIG is disabled and it is set, start with "
+                "PAYCORE_STORE_ASSUME_NOEVICTION=1") from None
+        policy = reply[1] if len(reply) == 2 else b"(none)"
+        if policy != REQUIRED_EVICTION_POLICY:
+            raise SystemExit(
+                f"Redis at {address} has maxmemory-policy {policy.decode()}, which may evict the "
+                "store's keys (pending payments, the paid record, the ledger): set maxmemory-policy "
+                "noeviction (redis.conf, or CONFIG SET maxmemory-policy noeviction)")
+
+    def _sweep_past_generations(self, prefix: bytes) -> None:
+        sweep = asyncio.ensure_future(self._sweep(prefix))
+        self._sweeps.add(sweep)
+        sweep.add_done_callback(self._sweeps.discard)
+
+    async def _sweep(self, current_prefix: bytes) -> None:
+        """Unlink every ledger key of a generation before the one current_prefix
+        names (never a later one: another purge may have started it)."""
+        current = int(current_prefix.split(b":")[2])
+        cursor = b"0"
+        try:
+            while True:
+                cursor, keys = await self._client.execute(
+                    b"SCAN", cursor, b"MATCH", ledger.KEY_PATTERN, b"COUNT", SWEEP_COUNT)
+                past = [key for key in keys if key != ledger.GENERATION and int(key.split(b":")[2]) < current]
+                if past:
+                    await self._client.execute(b"UNLINK", *past)
+                if cursor == b"0":
+                    return
+        except (ConnectionError, RedisError) as error:
+            log.warning("sweeping the purged ledger failed; the next purge sweeps it again: %r", error)
+
+    async def _keep_retention(self) -> None:
+        while True:
+            try:
+                await self.forget_past_retention()
+            except (ConnectionError, RedisError) as error:
+                log.warning("forgetting paid ids past the retention failed: %r", error)
+            await asyncio.sleep(RETENTION_CHECK_S)
 
     async def _create_group(self) -> None:
         # From the stream's start: entries accepted before the group existed are delivered too.
@@ -461,7 +525,7 @@ class RedisStore:
     async def _renew_lease(self) -> None:
         await self._client.execute(b"SET", self._lease_key, b"1", b"PX", self._lease_ms)
 
-    async def _resume_own(self) -> tuple[list[Unsent], list[Unresolved]]:
+    async def _resume_own(self) -> tuple[list[Payment], list[Attempt]]:
         """What this instance had read before a restart and not settled."""
         taken: list[bytes] = []
         start = b"-"
@@ -511,11 +575,11 @@ class RedisStore:
     def _push(self, entries: list[list[Any]]) -> None:
         assert self._queue is not None and self._work is not None
         # The queue had room when they were asked for; a requeue may have taken it since.
-        overflow: list[Unsent] = []
+        overflow: list[Payment] = []
         for _, fields in entries:
             uuid16, cents = fields[1], int(fields[3])
             if not self._queue.push(uuid16, cents):
-                overflow.append((uuid16, cents))
+                overflow.append(Payment(uuid16, cents))
         if overflow:
             self._work.resume(overflow, [])
         self._work.notify()

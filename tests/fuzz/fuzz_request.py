@@ -93,41 +93,53 @@ class RecordingTransport(asyncio.Transport):
 
 
 class RecordingRoutes:
-    def __init__(self) -> None:
+    """Answers every request at once; while `promising`, each answer promises
+    a payment the journal must hold first."""
+
+    def __init__(self, journal: BatchingJournal) -> None:
         self.calls = 0
+        self.promising = False
+        self._journal = journal
 
     def handle(self, method: bytes, url: bytes, body: bytes, authorization: bytes) -> bytes:
         assert len(body) <= LIMITS.max_body_bytes, f"handler got a body of {len(body)} bytes"
         assert len(url) <= LIMITS.max_head_bytes, f"handler got a URL of {len(url)} bytes"
         self.calls += 1
+        if self.promising:
+            self._journal.promise()
         return HANDLED
 
 
 class BatchingJournal:
-    """JournalWriter's contract: callbacks wait, in order, while a batch holding
-    a promise is pending; flush() writes it unless the write fails (`failing`)."""
+    """JournalWriter's contract: a callback waits, in order, until the batch
+    holding its promise is written; flush() writes the open batch unless the
+    write fails (`failing`)."""
 
     def __init__(self) -> None:
         self.failing = False
-        self.waiting = False
+        self.promised = 0
+        self._durable = 0
         self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        if self.waiting:
-            self._waiting.append((callback, args))
-        else:
+    def promise(self) -> None:
+        self.promised += 1
+
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None:
+        if promise <= self._durable and not self._waiting:
             callback(*args)
+        else:
+            self._waiting.append((callback, args))
 
     def flush(self) -> None:
         if self.failing:
             return
-        self.waiting = False
+        self._durable = self.promised
         waiting, self._waiting = self._waiting, []
         for callback, args in waiting:
             callback(*args)
 
     def flush_waiting(self) -> None:
-        if self.waiting:
+        if self.promised > self._durable:
             self.flush()
 
 
@@ -151,7 +163,8 @@ async def turns_until_reading(transport: RecordingTransport) -> None:
 
 async def exchange(data: bytes) -> None:
     chunks, journal_writing, sweeps, hang_up_early = split_input(data)
-    routes, journal, transport = RecordingRoutes(), BatchingJournal(), RecordingTransport()
+    journal, transport = BatchingJournal(), RecordingTransport()
+    routes = RecordingRoutes(journal)
     protocol = make_protocol(routes, journal)
     protocol.connection_made(transport)
     for chunk, writing, sweep in zip(chunks, journal_writing, sweeps):
@@ -161,9 +174,8 @@ async def exchange(data: bytes) -> None:
         await turns_until_reading(transport)
         if transport.closing:
             break  # a closing transport reads no more
-        # A batch holding a promise is pending (another connection's), and its
-        # write fails or not.
-        journal.waiting = journal.waiting or writing
+        # The requests of this read promise payments, and their batch's write fails.
+        routes.promising = writing
         journal.failing = writing
         if chunk and transport.reading:  # asyncio never delivers an empty read
             protocol.data_received(chunk)

@@ -1,115 +1,207 @@
-"""Group commit: what the service promises or attempts is journaled before it
-leaves the process.
+"""Group commit off the event loop: what the service promises or attempts is
+journaled before it leaves the process, and the loop never waits for a disk.
 
-Records appended while handling one read (a connection's requests) or one
-pass of the dispatcher are written together with one write (and one fdatasync
-when PAYCORE_JOURNAL_SYNC=1) at its end, by whoever appended them (`flush`); a
-callback scheduled at the first append is the safety net. Only then do the
-answers that promised those payments go out (`after_durable`) and the sends
-that were recorded start (`durable`). If the write fails, the batch is kept
-and retried: nothing is promised or sent that the journal does not hold.
+The loop appends records to the journal's open batch and hands the batch to
+the writer thread at the end of each read (a connection's requests) or pass
+of the dispatcher (`flush`); a callback scheduled at the first append is the
+safety net. The writer writes (and, with PAYCORE_JOURNAL_SYNC=1, syncs) each
+batch without the GIL and signals the loop through an eventfd; only then do
+the answers that promised those payments go out (`after_durable`) and the
+sends that were recorded start (`durable`). A slow or failing disk delays only
+what waits on it: a failed write is retried by the writer until it succeeds,
+and nothing is promised or sent that the journal does not hold.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paycore.core.journal import Journal
-from paycore.core.ledger import Ledger
+
+from ...payment import Attempt, Payment
+
+if TYPE_CHECKING:
+    from ...metrics import Metrics
 
 log = logging.getLogger("paycore.journal")
 
-RETRY_AFTER_ERROR_S = 0.05
+WRITER_STOP_TIMEOUT_S = 10.0
+# Newer observations of how long the writer takes count this much.
+LATENCY_SMOOTHING = 1 / 8
 
 
 class JournalWriter:
-    def __init__(self, journal: Journal, ledger: Ledger) -> None:
+    def __init__(self, journal: Journal, on_durable: Callable[[int], None], spin_us: int = 0) -> None:
+        """journal: recovered, not yet served. on_durable(seq) runs on the loop
+        each time the writer has made every record up to seq durable.
+
+        spin_us: after handing a batch over, the loop may wait this long for
+        the writer, without the GIL, instead of going back to its poll and
+        being woken through the eventfd (two thread wake-ups, tens of µs on
+        a VM). It does so only while writes usually finish within that time
+        (a journal on tmpfs, or a disk without sync), never for a slow disk."""
         self._journal = journal
-        self._ledger = ledger  # its purge generation stamps every record
+        self._on_durable = on_durable
         self._loop = asyncio.get_running_loop()
-        self._waiting: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self._batch_written: asyncio.Future | None = None
+        # (sequence number, callback, args): released once durable_seq reaches it.
+        self._waiting: deque[tuple[int, Callable[..., Any], tuple[Any, ...]]] = deque()
+        # (sequence number, future): the same for sends.
+        self._batches: deque[tuple[int, asyncio.Future]] = deque()
+        self._durable_seq = journal.durable_seq
         self._nothing_to_wait_for = self._loop.create_future()
         self._nothing_to_wait_for.set_result(True)
-        # The pending write: scheduled at the first promise or send of a batch,
-        # or the retry after a failed write. None: nobody waits.
         self._scheduled_flush: asyncio.Handle | None = None
-        self.batches = 0
-        self.records = 0
+        self._spin_ns = spin_us * 1000
+        self._spin: asyncio.Handle | None = None
+        self._submitted_at_ns = 0      # when the oldest batch not yet durable was handed over
+        self._write_ns = 0.0           # how long the writer usually takes
+        self._reported_error = 0
+        self._loop.add_reader(journal.event_fd, self._written)
+        self._thread = threading.Thread(target=journal.serve, name="journal-writer", daemon=True)
+        self._thread.start()
 
     @property
-    def waiting(self) -> bool:
-        """A promise or a send is appended and not yet written."""
-        return self._scheduled_flush is not None
+    def journal(self) -> Journal:
+        return self._journal
 
     @property
     def backlog(self) -> int:
-        """Records appended and not yet written."""
-        return self._journal.pending
+        """Records appended and not yet durable."""
+        return self._journal.appended_seq - self._durable_seq
 
-    def accepted(self, uuid16: bytes, cents: int) -> None:
-        self._journal.accepted(uuid16, cents, self._ledger.generation)
+    def register_metrics(self, metrics: Metrics) -> None:
+        journal = self._journal
+        metrics.register_gauge("paycore_journal_backlog_records", "gauge",
+                               "Journal records appended and not yet durable.", lambda: self.backlog)
+        metrics.register_gauge("paycore_journal_batches_total", "counter",
+                               "Journal writes (group commits).", lambda: journal.batches_written)
+        metrics.register_gauge("paycore_journal_records_total", "counter",
+                               "Journal records written.", lambda: journal.records_written)
+        metrics.register_gauge("paycore_journal_uncommitted_records", "gauge",
+                               "Durable journal records past the payments record's last commit "
+                               "(durable_seq - committed_seq): how far the record trails the journal, "
+                               "whose segments stay until it catches up.",
+                               lambda: journal.durable_seq - journal.committed_seq)
+        metrics.register_gauge("paycore_journal_write_errno", "gauge",
+                               "errno of the journal's last failed write, 0 once a write succeeds; "
+                               "while it is not 0, what waits for the journal waits.",
+                               lambda: journal.error)
+
+    def accepted(self, payment: Payment) -> int:
+        """The record's sequence number: what an answer promising it waits for."""
+        seq = self._journal.accepted(payment.correlation_id, payment.cents)
+        self._schedule_flush()
+        return seq
+
+    def sending(self, attempt: Attempt) -> None:
+        self._journal.sending(attempt.payment.correlation_id, attempt.processor, attempt.requested_at_ms)
         self._schedule_flush()
 
-    def sending(self, uuid16: bytes, processor: int, requested_at_ms: int) -> None:
-        self._journal.sending(uuid16, processor, requested_at_ms, self._ledger.generation)
+    def settled(self, attempt: Attempt, generation: int) -> int:
+        """The settlement's sequence number: it rides with the next batch."""
+        seq = self._journal.settled(attempt.payment.correlation_id, attempt.processor,
+                                    attempt.requested_at_ms, attempt.payment.cents, generation)
+        self._schedule_flush()
+        return seq
+
+    def discarded(self, payment: Payment) -> None:
+        self._journal.discarded(payment.correlation_id)
         self._schedule_flush()
 
-    def settled(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
-        """Rides along with the next batch: nothing waits on it, and if a crash
-        loses it the restart asks the processor instead (recovery.py)."""
-        self._journal.settled(uuid16, processor, requested_at_ms, cents, self._ledger.generation)
-
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Run callback(*args) once every promise or send appended so far is
-        written: at once when none is waiting. Callbacks run in the order given."""
-        if self.waiting:
-            self._waiting.append((callback, args))
-        else:
+    def after_durable(self, seq: int, callback: Callable[..., Any], *args: Any) -> None:
+        """callback(*args) once every record up to seq is durable: at once if
+        it is. Released in the order given: a callback given after one that
+        waits for a later batch waits for that batch too (a batch or two)."""
+        if seq <= self._durable_seq:
             callback(*args)
+        else:
+            self._waiting.append((seq, callback, args))
 
     def durable(self) -> asyncio.Future:
-        """A future of True once every promise or send appended so far is written."""
-        if not self.waiting:
+        """A future of True once every record appended so far is durable."""
+        seq = self._journal.appended_seq
+        if seq <= self._durable_seq:
             return self._nothing_to_wait_for
-        if self._batch_written is None:
-            self._batch_written = self._loop.create_future()
-        return self._batch_written
+        if self._batches and self._batches[-1][0] == seq:
+            return self._batches[-1][1]
+        future = self._loop.create_future()
+        self._batches.append((seq, future))
+        return future
 
     def flush(self) -> None:
-        """Write the batch now and release what waited on it: at the end of a
-        read that appended promises, so answers leave in the same callback,
-        and at shutdown. The flush that was scheduled is then called off."""
+        """Hand the open batch to the writer: at the end of a read or a
+        dispatcher pass, so what it promises leaves as soon as it is durable."""
         if self._scheduled_flush is not None:
             self._scheduled_flush.cancel()
             self._scheduled_flush = None
-        try:
-            written = self._journal.flush()
-        except OSError as error:
-            log.error("journal write failed, retrying: %s", error)
-            self._scheduled_flush = self._loop.call_later(RETRY_AFTER_ERROR_S, self.flush)
-            return
-        if written:
-            self.batches += 1
-            self.records += written
-        batch_written, self._batch_written = self._batch_written, None
-        if batch_written is not None and not batch_written.done():
-            batch_written.set_result(True)
-        waiting, self._waiting = self._waiting, []
-        for callback, args in waiting:
-            callback(*args)
-
-    def close(self) -> None:
-        self.flush()
-        self._journal.close()
+        if self._journal.submit() and not self._submitted_at_ns:
+            self._submitted_at_ns = time.monotonic_ns()
+            if self._spin_ns and self._write_ns <= self._spin_ns and self._spin is None:
+                # After this turn's other callbacks: their batches ride along.
+                self._spin = self._loop.call_soon(self._wait_briefly)
 
     def flush_waiting(self) -> None:
-        """Write the batch if a promise or a send waits in it."""
-        if self.waiting:
+        """Hand the batch over if anything was appended since the last flush."""
+        if self._scheduled_flush is not None:
             self.flush()
 
     def _schedule_flush(self) -> None:
         if self._scheduled_flush is None:
             self._scheduled_flush = self._loop.call_soon(self.flush)
+
+    def _wait_briefly(self) -> None:
+        self._spin = None
+        if self._journal.wait_durable(self._journal.appended_seq, self._spin_ns):
+            self._release(self._journal.durable_seq)
+
+    def _written(self) -> None:
+        journal = self._journal
+        journal.drain_event()
+        self._report_error(journal.error)
+        self._release(journal.durable_seq)
+
+    def _release(self, durable: int) -> None:
+        if durable <= self._durable_seq:
+            return
+        self._durable_seq = durable
+        now_ns = time.monotonic_ns()
+        self._write_ns += (now_ns - self._submitted_at_ns - self._write_ns) * LATENCY_SMOOTHING
+        self._submitted_at_ns = now_ns if durable < self._journal.appended_seq else 0
+        batches = self._batches
+        while batches and batches[0][0] <= durable:
+            future = batches.popleft()[1]
+            if not future.done():
+                future.set_result(True)
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= durable:
+            _, callback, args = waiting.popleft()
+            callback(*args)
+        self._on_durable(durable)
+
+    def _report_error(self, error: int) -> None:
+        if error != self._reported_error:
+            if error:
+                log.error("journal write failed, retrying: %s (%d records wait)",
+                          os.strerror(error), self.backlog)
+            else:
+                log.warning("journal writes succeed again")
+            self._reported_error = error
+
+    def close(self) -> None:
+        """Write what was appended, stop the writer and release the files."""
+        self.flush()
+        self._journal.stop()
+        self._thread.join(WRITER_STOP_TIMEOUT_S)
+        self._loop.remove_reader(self._journal.event_fd)
+        if self._thread.is_alive():
+            log.error("the journal writer did not stop within %.0f s; %d records were not written",
+                      WRITER_STOP_TIMEOUT_S, self.backlog)
+            return
+        self._written()
+        self._journal.close()

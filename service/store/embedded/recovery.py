@@ -1,96 +1,90 @@
-"""At start: read what the journal says a previous run of this instance left
-behind, and turn it into work.
+"""At start, before serving: turn what the journal and the payments record
+say a previous run of this instance left into work, and leave the shared
+state consistent with them.
 
-- Payments a processor confirmed (SETTLED) of the current purge generation
-  become this instance's share of the ledger again, and their ids are claimed
-  again (both may have been lost with the shared directory).
-- Payments accepted and never sent go back to the queue.
-- Payments whose last send has no known outcome are resolved by asking the
-  processors before anything is sent again (Dispatcher.resolve_after_restart).
-
-The journal is then rewritten with only what is still needed, so it does not
-grow across restarts.
+- Settlements the journal holds and the record had not committed yet go into
+  the record now (it ignores those it holds), so the summary survives any
+  kill; the ledger's tail of this instance then starts empty.
+- Payments the journal holds as outstanding are resumed: never sent ones
+  are queued again, sent ones with an unknown outcome are asked about first.
+  One the record already holds as paid is dropped (a segment left behind by
+  a crash may replay history the record has).
+- The accepted-id table may have been lost with the shared directory, or
+  hold claims this instance made and never made durable: the outstanding ids
+  are remembered again, and its claims the journal does not hold are
+  abandoned, so a client's retry of those is accepted. A table found empty
+  (the shared directory lost, as at a host's reboot) is refilled from the
+  record with the payments of the idempotency window, so a retry within it
+  is still answered "already accepted".
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from paycore.core.journal import RecordKind, read_journal, write_journal
+from paycore.core.accepted_ids import AcceptedIds
+from paycore.core.journal import Journal
+from paycore.core.ledger_tail import LedgerTail
 
-# (kind, uuid16, processor, cents, requested_at_ms, generation), as read_journal gives them.
-JournalEntry = tuple[int, bytes, int, int, int, int]
+from ...payment import Attempt, Payment
+from .record import PaymentsRecord, Settlement, wall_clock_ms
 
+log = logging.getLogger("paycore.recovery")
 
-@dataclass
-class _PaymentHistory:
-    cents: int
-    accepted_generation: int
-    last_send: tuple[int, int] | None = None   # (processor, requested_at_ms)
-    settled: JournalEntry | None = None
+NEVER_SENT = -1
 
 
 @dataclass
-class Replay:
-    generation: int
-    # (processor, requested_at_ms, cents): this instance's share of the ledger.
-    settled: list[tuple[int, int, int]] = field(default_factory=list)
-    # (uuid16, cents) of the current generation, settled or not: the accepted ids.
-    accepted: list[tuple[bytes, int]] = field(default_factory=list)
-    # (uuid16, cents), in the order they were accepted.
-    unsent: list[tuple[bytes, int]] = field(default_factory=list)
-    # (uuid16, cents, processor, requested_at_ms) of the last send.
-    unresolved: list[tuple[bytes, int, int, int]] = field(default_factory=list)
-    # What the journal must still hold.
-    compacted: list[JournalEntry] = field(default_factory=list)
+class Resumed:
+    unsent: list[Payment] = field(default_factory=list)
+    unresolved: list[Attempt] = field(default_factory=list)
+    already_paid: list[Payment] = field(default_factory=list)
 
 
-def replay(records: list[JournalEntry], ledger_generation: int) -> Replay:
-    """Fold the journal's records into the work they leave. The current purge
-    generation is the ledger's, or the journal's newest if the ledger's
-    directory was lost (it starts again from 0)."""
-    generation = max([ledger_generation, *(record[5] for record in records)])
-    histories: dict[bytes, _PaymentHistory] = {}
-    for record in records:
-        kind, uuid16, processor, cents, requested_at_ms, record_generation = record
-        history = histories.get(uuid16)
-        if kind == RecordKind.ACCEPTED:
-            if history is None:
-                histories[uuid16] = _PaymentHistory(cents, record_generation)
-        elif history is None:
-            if kind == RecordKind.SETTLED:  # a compacted journal keeps only this
-                histories[uuid16] = _PaymentHistory(cents, record_generation, settled=record)
-        elif history.settled is None:
-            if kind == RecordKind.SENDING:
-                history.last_send = (processor, requested_at_ms)
-            else:
-                history.settled = record
+def recover(journal: Journal, record: PaymentsRecord, tail: LedgerTail, ids: AcceptedIds) -> Resumed:
+    def commit(chunk: list[tuple[bytes, int, int, int, int, int]]) -> None:
+        record.record_recovered([
+            Settlement(correlation_id=correlation_id, cents=cents, processor=processor,
+                       requested_at_ms=requested_at_ms, generation=generation, journal_seq=seq)
+            for correlation_id, processor, requested_at_ms, cents, generation, seq in chunk], chunk[-1][5])
 
-    result = Replay(generation)
-    for uuid16, history in histories.items():
-        settled = history.settled
-        if settled is not None:
-            if settled[5] == generation:
-                result.settled.append((settled[2], settled[4], settled[3]))
-                result.accepted.append((uuid16, history.cents))
-                result.compacted.append(settled)
-            continue
-        if history.accepted_generation == generation:
-            result.accepted.append((uuid16, history.cents))
-        result.compacted.append((RecordKind.ACCEPTED, uuid16, 0, history.cents, 0,
-                                 history.accepted_generation))
-        if history.last_send is None:
-            result.unsent.append((uuid16, history.cents))
+    journal.recover(record.committed_seq(), commit)
+    record.record_recovered([], journal.durable_seq)
+    tail.raise_generation(record.generation())
+    tail.reset()
+
+    outstanding = journal.outstanding()
+    paid = record.settled_among([correlation_id for correlation_id, *_ in outstanding])
+    resumed = Resumed()
+    for correlation_id, cents, processor, requested_at_ms in outstanding:
+        payment = Payment(correlation_id, cents)
+        if correlation_id in paid:
+            resumed.already_paid.append(payment)
+        elif processor == NEVER_SENT:
+            resumed.unsent.append(payment)
         else:
-            processor, requested_at_ms = history.last_send
-            result.unresolved.append((uuid16, history.cents, processor, requested_at_ms))
-            result.compacted.append((RecordKind.SENDING, uuid16, processor, 0, requested_at_ms,
-                                     history.accepted_generation))
-    return result
+            resumed.unresolved.append(Attempt(payment, processor, requested_at_ms))
 
-
-def recover(path: str, ledger_generation: int, sync: bool) -> Replay:
-    """Replay the journal at `path` and leave it compacted. The caller holds
-    the instance's ledger, so no other process writes this journal meanwhile."""
-    result = replay(read_journal(path), ledger_generation)
-    write_journal(path, result.compacted, sync)
-    return result
+    held = {payment.correlation_id for payment in (*resumed.unsent, *(a.payment for a in resumed.unresolved))}
+    abandoned = 0
+    for correlation_id in ids.claims_of_this_instance():
+        if correlation_id in held:
+            ids.confirm(correlation_id)
+        else:
+            ids.abandon(correlation_id)
+            abandoned += 1
+    for payment in (*resumed.unsent, *(attempt.payment for attempt in resumed.unresolved)):
+        ids.remember(payment.correlation_id, payment.cents)
+    if ids.live_ids == 0:
+        refilled = 0
+        for payment in record.settled_since(wall_clock_ms() - ids.window_ms):
+            ids.remember(payment.correlation_id, payment.cents)
+            refilled += 1
+        if refilled:
+            log.warning("the accepted-id table was empty: %d ids of the idempotency window "
+                        "remembered again from the payments record", refilled)
+    if resumed.unsent or resumed.unresolved or abandoned:
+        log.warning("resuming %d unsent payments and %d with an unknown outcome from the journal; "
+                    "%d claims never made durable abandoned",
+                    len(resumed.unsent), len(resumed.unresolved), abandoned)
+    return resumed

@@ -1,106 +1,296 @@
-"""The default store: every instance on one host shares memory-mapped files on
-tmpfs (the ledger's regions, the accepted ids, the health board), and each
-instance keeps its own journal of what it promised and sent (journal.py),
-replayed at its next start (recovery.py). No server to run."""
+"""The default store: the instances of one host share memory-mapped files on
+tmpfs (the accepted ids of the idempotency window, the ledger's uncommitted
+tail, the health board) and a payments record on disk (SQLite); each instance
+keeps its own journal of what it promised, tried and learnt (journal.py),
+replayed at its next start (recovery.py). No server to run.
+
+The path of a payment through it:
+- accept: the id is claimed in the shared table (not yet durable: no other
+  instance answers "already accepted" for it meanwhile), the payment queued
+  and journaled; once the journal holds it the claim is confirmed and the
+  answer leaves.
+- sending: the send is journaled and the payments record asked whether the
+  id was paid before, at any age (an id past the window is claimed anew);
+  the request leaves once both are known.
+- settle: journaled, and published at once in this instance's ledger tail
+  (so summaries count it); once durable in the journal it goes to the
+  payments record, which commits it in batches and then lets the tail and
+  the journal drop it.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from paycore.core.accepted_ids import CLAIMED, CONFLICT, DUPLICATE, FULL, AcceptedIds
+from paycore.core.accepted_ids import CLAIMED, CONFLICT, DUPLICATE, IN_PROGRESS, AcceptedIds
 from paycore.core.journal import Journal
-from paycore.core.ledger import Ledger
+from paycore.core.ledger_tail import LedgerTail
 from paycore.core.ring_queue import RingQueue
 
 from ...config import Settings
-from ..base import Acceptance, PendingWork, Totals
+from ...payment import Attempt, Payment
+from ..base import Acceptance, PaymentStatus, PendingWork, Totals, then
 from .health_board import FileHealthBoard
 from .journal import JournalWriter
-from .recovery import Replay, recover
+from .recovery import recover
+from .record import PaymentsRecord, Settlement
+
+if TYPE_CHECKING:
+    from ...metrics import Metrics
 
 log = logging.getLogger("paycore.store")
 
-_ACCEPTANCE = {CLAIMED: Acceptance.ACCEPTED, DUPLICATE: Acceptance.DUPLICATE,
-               CONFLICT: Acceptance.CONFLICT, FULL: Acceptance.IDS_FULL}
+_ACCEPTANCE = {DUPLICATE: Acceptance.DUPLICATE, CONFLICT: Acceptance.CONFLICT}
+# A claim another instance has not made durable yet is looked at again this
+# often, for at most this long (its journal write waits for a slow disk).
+CLAIM_POLL_S = 0.001
+CLAIM_WAIT_S = 2.0
+# The payments record is told how far the journal is durable at least this
+# often when no settlement rides along (so it lets old segments go).
+RECORD_PROGRESS_S = 0.1
+RECORD_FILE = "payments.db"
 
 
 class EmbeddedStore:
-    def __init__(self, settings: Settings,
-                 open_journal: Callable[[str, bool], Journal] = Journal) -> None:
+    def __init__(self, settings: Settings) -> None:
         os.makedirs(settings.shared_dir, exist_ok=True)
-        os.makedirs(settings.journal_dir, exist_ok=True)
-        self._journal_path = os.path.join(settings.journal_dir, f"journal-{settings.instance}.log")
-        self._journal_sync = settings.journal_sync
-        self._open_journal = open_journal
-        self.ledger = Ledger(settings.shared_dir, settings.instance, settings.ledger_capacity)
-        self.accepted_ids = AcceptedIds(os.path.join(settings.shared_dir, "accepted-ids.shm"),
-                                        settings.accepted_id_slots)
+        os.makedirs(settings.data_dir, exist_ok=True)
+        self._settings = settings
+        self._journal_directory = os.path.join(settings.data_dir, f"journal-{settings.instance}")
+        self.ids = AcceptedIds(os.path.join(settings.shared_dir, "accepted-ids.shm"), settings.instance,
+                               settings.idempotency_capacity, settings.idempotency_window_s * 1000)
+        self.tail = LedgerTail(settings.shared_dir, settings.instance, settings.ledger_tail_capacity)
+        self.record = PaymentsRecord(os.path.join(settings.data_dir, RECORD_FILE), settings.instance,
+                                     sync=settings.journal_sync, retention_days=settings.retention_days)
         self.health = FileHealthBoard(settings.shared_dir)
         self.journal: JournalWriter | None = None
+        self.promised = 0  # the journal sequence number of the last acceptance
         self._queue: RingQueue | None = None
         self._work: PendingWork | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Settled, not yet handed to the record: handed once the journal holds them.
+        self._settlements: list[Settlement] = []
+        self._reported_seq = 0
+        self._progress: asyncio.TimerHandle | None = None
+        # Pre-send checks asked in this turn of the loop: one lookup for all.
+        self._checks: dict[bytes, asyncio.Future] = {}
 
     async def start(self, queue: RingQueue, work: PendingWork) -> None:
-        # The ledger region is this instance's alone, so nobody writes its journal meanwhile.
-        replay = recover(self._journal_path, self.ledger.generation, self._journal_sync)
-        self._restore(replay)
-        self.journal = JournalWriter(self._open_journal(self._journal_path, self._journal_sync), self.ledger)
+        self._loop = asyncio.get_running_loop()
+        self.record.open()
+        journal = Journal(self._journal_directory, self._settings.journal_sync,
+                          self._settings.journal_segment_bytes)
+        resumed = recover(journal, self.record, self.tail, self.ids)
+        journal.keep_pending_ids(self.ids)
+        self._reported_seq = journal.durable_seq
+        self.journal = JournalWriter(journal, self._journal_durable, self._settings.journal_spin_us)
+        self.record.start(self._loop, self._record_committed)
+        for payment in resumed.already_paid:
+            self.journal.discarded(payment)
         self._queue = queue
         self._work = work
-        work.resume(replay.unsent, replay.unresolved)
+        work.resume(resumed.unsent, resumed.unresolved)
 
-    def _restore(self, replay: Replay) -> None:
-        """This instance's ledger share and accepted ids, as its journal has them
-        (the shared directory may have been lost)."""
-        self.ledger.restore(replay.generation, replay.settled)
-        refused = sum(self.accepted_ids.claim(uuid16, cents) == FULL for uuid16, cents in replay.accepted)
-        if refused:
-            log.error("%d journaled payment ids did not fit the accepted-id table", refused)
-        if replay.unsent or replay.unresolved:
-            log.warning("resuming %d unsent payments and %d with an unknown outcome from the journal",
-                        len(replay.unsent), len(replay.unresolved))
+    def register_metrics(self, metrics: Metrics) -> None:
+        """After start (the journal exists from then on)."""
+        self.journal.register_metrics(metrics)
+        ids, tail = self.ids, self.tail
+        metrics.register_gauge("paycore_accepted_ids_live", "gauge",
+                               "Slots taken in the live epochs of the accepted-id table this host's "
+                               "instances share (approximate).", lambda: ids.live_ids)
+        metrics.register_gauge("paycore_accepted_ids_window_seconds", "gauge",
+                               "How far back every accepted correlationId is still known; below "
+                               "PAYCORE_IDEMPOTENCY_WINDOW_S while epochs end early.",
+                               lambda: ids.effective_window_ms / 1000)
+        metrics.register_gauge("paycore_accepted_ids_early_advances_total", "counter",
+                               "Epochs of the accepted-id table begun early because the previous one "
+                               "was full: traffic above PAYCORE_IDEMPOTENCY_CAPACITY per window.",
+                               lambda: ids.early_advances)
+        metrics.register_gauge("paycore_ledger_tail_entries", "gauge",
+                               "Settlements this instance published for summaries that the payments "
+                               "record has not committed yet.", lambda: len(tail))
+        metrics.register_gauge("paycore_ledger_tail_room", "gauge",
+                               "Settlements this instance's ledger tail can still take: payments in "
+                               "flight never outnumber it (the dispatcher waits for the payments record).",
+                               lambda: tail.room)
 
-    def accept(self, uuid16: bytes, cents: int) -> Acceptance:
-        queue = self._queue
+    # --- accepting ---------------------------------------------------------------------
+
+    def accept(self, payment: Payment) -> Acceptance | asyncio.Future:
+        acceptance = self._claim(payment)
+        if acceptance is not None:
+            return acceptance
+        answer = self._loop.create_future()
+        self._loop.call_later(CLAIM_POLL_S, self._claim_again, payment, answer,
+                              self._loop.time() + CLAIM_WAIT_S)
+        return answer
+
+    def _claim(self, payment: Payment) -> Acceptance | None:
+        """The answer, or None while another instance's claim of the same id
+        is not durable yet."""
         # Checked before the claim, so a claimed payment always fits the queue.
-        if queue.is_full:
+        if self._queue.is_full:
             return Acceptance.QUEUE_FULL
-        claim = self.accepted_ids.claim(uuid16, cents)
+        claim = self.ids.claim(payment.correlation_id, payment.cents)
         if claim == CLAIMED:
-            queue.push(uuid16, cents)
-            self.journal.accepted(uuid16, cents)
+            self._queue.push(payment.correlation_id, payment.cents)
+            self.promised = self.journal.accepted(payment)
+            # Before the answer, which the caller queues after this.
+            self.journal.after_durable(self.promised, self.ids.confirm, payment.correlation_id)
             self._work.notify()
             return Acceptance.ACCEPTED
+        if claim == IN_PROGRESS:
+            return None
         return _ACCEPTANCE[claim]
 
-    def after_durable(self, callback: Callable[..., Any], *args: Any) -> None:
-        self.journal.after_durable(callback, *args)
+    def _claim_again(self, payment: Payment, answer: asyncio.Future, deadline: float) -> None:
+        """The other instance's answer decides this one's, once its claim is
+        durable (or given up: then this one may claim)."""
+        if answer.done():
+            return
+        acceptance = self._claim(payment)
+        if acceptance is None and self._loop.time() < deadline:
+            self._loop.call_later(CLAIM_POLL_S, self._claim_again, payment, answer, deadline)
+            return
+        if acceptance is Acceptance.ACCEPTED:
+            # Answered later than the request was read: the answer waits here.
+            self.journal.after_durable(self.promised, answer.set_result, acceptance)
+        else:
+            answer.set_result(Acceptance.BUSY if acceptance is None else acceptance)
+
+    def after_durable(self, promise: int, callback: Callable[..., Any], *args: Any) -> None:
+        self.journal.after_durable(promise, callback, *args)
 
     def flush_waiting(self) -> None:
         self.journal.flush_waiting()
 
-    def sending(self, uuid16: bytes, processor: int, requested_at_ms: int) -> asyncio.Future:
-        self.journal.sending(uuid16, processor, requested_at_ms)
-        return self.journal.durable()
+    # --- sending and settling -------------------------------------------------------------
 
-    def settle(self, uuid16: bytes, processor: int, requested_at_ms: int, cents: int) -> None:
-        self.journal.settled(uuid16, processor, requested_at_ms, cents)
-        self.ledger.record(processor, requested_at_ms, cents)
+    def sending(self, attempt: Attempt) -> asyncio.Future:
+        self.journal.sending(attempt)
+        journaled = self.journal.durable()
+        if not self._checks:
+            self._loop.call_soon(self._check_paid_before)
+        checked = self._checks.get(attempt.payment.correlation_id)
+        if checked is None:
+            checked = self._checks[attempt.payment.correlation_id] = self._loop.create_future()
+        ours = self._loop.create_future()
 
-    def summary(self, from_ms: int | None, to_ms: int | None) -> Totals:
-        return self.ledger.summary(from_ms, to_ms)
+        def decide(_: asyncio.Future) -> None:
+            if not journaled.done() or not checked.done() or ours.done():
+                return
+            error = checked.exception()
+            if error is not None:
+                ours.set_exception(error)
+            elif checked.result():
+                log.info("payment %s was paid before: not sent again", attempt.payment.correlation_id.hex())
+                self.journal.discarded(attempt.payment)
+                ours.set_result(False)
+            else:
+                ours.set_result(True)
 
-    def purge(self) -> None:
-        """Every instance's ledger region and the accepted ids start over."""
-        self.ledger.purge()
-        self.accepted_ids.purge()
+        journaled.add_done_callback(decide)
+        checked.add_done_callback(decide)
+        return ours
+
+    def _check_paid_before(self) -> None:
+        """One lookup in the payments record for every send of this turn: a
+        correlationId paid before, at any age, is never sent again."""
+        checks, self._checks = self._checks, {}
+        lookup = self.record.lookup(list(checks))
+
+        def answer(done: asyncio.Future) -> None:
+            error = done.exception()
+            for correlation_id, checked in checks.items():
+                if error is not None:
+                    checked.set_exception(ConnectionError(f"payments record unavailable: {error!r}"))
+                else:
+                    checked.set_result(correlation_id in done.result())
+
+        lookup.add_done_callback(answer)
+
+    def settle(self, attempt: Attempt) -> None:
+        generation = self.tail.generation
+        seq = self.journal.settled(attempt, generation)
+        payment = attempt.payment
+        if not self.tail.append(seq, generation, attempt.processor, attempt.requested_at_ms, payment.cents):
+            log.error("ledger tail full: payment %s counts in summaries once the record has it",
+                      payment.correlation_id.hex())
+        self._settlements.append(Settlement(
+            correlation_id=payment.correlation_id, cents=payment.cents, processor=attempt.processor,
+            requested_at_ms=attempt.requested_at_ms, generation=generation, journal_seq=seq))
+
+    @property
+    def settlement_room(self) -> int:
+        return self.tail.room
+
+    def _journal_durable(self, durable_seq: int) -> None:
+        """Hand the settlements the journal now holds to the payments record."""
+        settlements = self._settlements
+        ready = 0
+        while ready < len(settlements) and settlements[ready].journal_seq <= durable_seq:
+            ready += 1
+        if ready:
+            self.record.submit(settlements[:ready], durable_seq)
+            del settlements[:ready]
+            self._reported_seq = durable_seq
+        elif self._progress is None and durable_seq > self._reported_seq:
+            self._progress = self._loop.call_later(RECORD_PROGRESS_S, self._report_progress)
+
+    def _report_progress(self) -> None:
+        self._progress = None
+        durable_seq = self.journal.journal.durable_seq
+        unsubmitted = self._settlements[0].journal_seq - 1 if self._settlements else durable_seq
+        through = min(durable_seq, unsubmitted)
+        if through > self._reported_seq:
+            self.record.submit([], through)
+            self._reported_seq = through
+
+    def _record_committed(self, committed_seq: int) -> None:
+        self.tail.release_through(committed_seq)
+        self.journal.journal.committed_seq = committed_seq
+        self._work.notify()  # the tail has room again, should the dispatcher wait for it
+
+    # --- reading -------------------------------------------------------------------------
+
+    def summary(self, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
+        # The tail first: what the record commits meanwhile is then in its snapshot.
+        tail = self.tail.snapshot()
+        generation = self.tail.generation
+
+        def add_tail(read: tuple[Totals, dict[str, int]]) -> Totals:
+            committed, committed_seqs = read
+            uncommitted = tail.totals(committed_seqs, generation, from_ms, to_ms)
+            return tuple(a + b for a, b in zip(committed, uncommitted))
+
+        return then(self.record.summary(generation, from_ms, to_ms), add_tail)
+
+    def lookup(self, correlation_id: bytes) -> asyncio.Future:
+        def answer(settled_ones: dict[bytes, Attempt]) -> PaymentStatus | None:
+            settled = settled_ones.get(correlation_id)
+            if settled is not None:
+                return PaymentStatus(settled.payment, settled)
+            accepted = self.ids.state(correlation_id)
+            return None if accepted is None else PaymentStatus(Payment(correlation_id, accepted[1]), None)
+
+        return then(self.record.lookup([correlation_id]), answer)
+
+    def purge(self) -> asyncio.Future:
+        """Every instance's ledger starts over: a new generation, durable in
+        the record before any instance counts in it."""
+        return then(self.record.purge(), self.tail.raise_generation)
 
     async def close(self) -> None:
+        if self._progress is not None:
+            self._progress.cancel()
         if self.journal is not None:
             self.journal.close()
+            self._journal_durable(self.journal.journal.durable_seq)
+            self._report_progress()
+        await self.record.close()
         self.health.close()
-        self.ledger.close()
-        self.accepted_ids.close()
+        self.tail.close()
+        self.ids.close()

@@ -1,0 +1,483 @@
+"""The payments record: every settled payment on disk, once per correlationId,
+and the aggregates that answer summaries over any range of history. One
+SQLite file per host (record_sql.py has the schema), shared by every instance
+of the host, each with its own connections.
+
+A settlement reaches the record once its journal record is durable. The
+instance's writer thread commits what was handed to it in groups (at most
+every COMMIT_INTERVAL_S, sooner when COMMIT_AT_ONCE wait) together with the
+instance's journal sequence they reach, then tells the event loop
+(`on_committed`), which may then delete the journal segments below it. A
+reader thread answers lookups and summaries. Both threads hold the GIL only
+to bind a statement's parameters and read its rows: statements bind many rows
+at once, so a commit takes the GIL back a handful of times, whatever its size,
+and an event loop that holds it for long stretches does not starve them.
+
+Before `start`, the synchronous calls serve recovery on the caller's thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
+from typing import Any, NamedTuple
+
+from ...payment import Attempt, Payment
+from ..base import Totals
+from . import record_sql
+from .record_ranges import DAY_MS
+from .record_sql import RecordError, Settlement
+
+__all__ = ["PaymentsRecord", "RecordError", "Settlement"]
+
+log = logging.getLogger("paycore.record")
+
+COMMIT_INTERVAL_S = 0.02
+COMMIT_AT_ONCE = 4096            # settlements waiting that start a commit at once
+RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0   # after a failed commit
+RETENTION_CHECK_S = 60.0         # an idle writer looks at the day this often
+RETENTION_SLICE_ROWS = 1000      # per table and level, per retention transaction
+# With sync: commits are made durable together (one fdatasync of the WAL) this often.
+SYNC_INTERVAL_S = 0.2
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PaymentsRecord:
+    def __init__(self, path: str, instance: str, *, sync: bool, retention_days: int = 0,
+                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+        """retention_days 0 keeps every payment; otherwise payments (and their
+        buckets) from before the day that many days back, by clock_ms, are
+        deleted, a slice at a time between commits."""
+        self.path = path
+        self.instance = instance
+        self._sync = sync
+        self._retention_days = retention_days
+        self._clock_ms = clock_ms
+        self._writer: _Writer | None = None
+        self._reader: _Reader | None = None
+        self._started = False
+
+    def open(self) -> None:
+        """Create the file and schema, or check them (RecordError if this
+        version cannot use it)."""
+        writing = record_sql.connect_writer(self.path)
+        self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms,
+                               wal_path=self.path + "-wal" if self._sync else None)
+        self._reader = _Reader(record_sql.connect_reader(self.path))
+
+    # Before start, on the caller's thread.
+
+    def committed_seq(self) -> int:
+        """This instance's last journal sequence whose settlements the record holds."""
+        return record_sql.committed_seq(self._idle_reader(), self.instance)
+
+    def generation(self) -> int:
+        """The durable purge generation."""
+        return record_sql.generation(self._idle_reader())
+
+    def settled_among(self, correlation_ids: Sequence[bytes]) -> dict[bytes, Attempt]:
+        return record_sql.settled_among(self._idle_reader(), correlation_ids)
+
+    def settled_since(self, from_ms: int) -> Iterator[Payment]:
+        return record_sql.settled_since(self._idle_reader(), from_ms)
+
+    def record_recovered(self, settlements: Sequence[Settlement], through_seq: int) -> None:
+        """Commit now what the journal replayed (correlationIds already held count nothing)."""
+        self._idle_writer().commit_now(settlements, through_seq)
+
+    # Running: called on the event loop's thread.
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_committed: Callable[[int], None]) -> None:
+        """Start the writer and reader threads; on_committed(through_seq) runs
+        on `loop` after each commit."""
+        writer, reader = self._idle_writer(), self._reader
+        assert reader is not None
+        self._started = True
+        writer.start(loop, on_committed)
+        reader.start(loop)
+
+    def submit(self, settlements: list[Settlement], through_seq: int) -> None:
+        """Hand a batch to the writer: the instance's journal is durable
+        through through_seq and these are its settlements not handed yet (an
+        empty batch only moves the committed sequence). The list is the
+        record's from then on: the caller must not change it."""
+        self._running_writer().submit(settlements, through_seq)
+
+    def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future[dict[bytes, Attempt]]:
+        """A future of the ids the record holds, at any age, as settled."""
+        return self._running_reader().lookup(correlation_ids)
+
+    def summary(self, generation: int, from_ms: int | None,
+                to_ms: int | None) -> asyncio.Future[tuple[Totals, dict[str, int]]]:
+        """A future of the totals of `generation` for requestedAt in
+        [from_ms, to_ms] (inclusive, None unbounded), and every instance's
+        committed sequence as of the same read: settlements with a higher
+        sequence are not in the totals."""
+        return self._running_reader().summary(generation, from_ms, to_ms)
+
+    def purge(self) -> asyncio.Future[int]:
+        """A future of a new purge generation, resolved once it is durable.
+        Payments stay: a correlationId is never paid twice after a purge either."""
+        return self._running_writer().purge()
+
+    async def close(self) -> None:
+        """Commit what was submitted, stop the threads, close the connections."""
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        if reader is not None:
+            await reader.close()
+        if writer is not None:
+            await writer.close()
+
+    def _idle_writer(self) -> _Writer:
+        if self._writer is None or self._started:
+            raise RuntimeError("payments record: not open, or already started")
+        return self._writer
+
+    def _idle_reader(self) -> sqlite3.Connection:
+        if self._reader is None or self._started:
+            raise RuntimeError("payments record: not open, or already started")
+        return self._reader.connection
+
+    def _running_writer(self) -> _Writer:
+        if self._writer is None or not self._started:
+            raise RuntimeError("payments record: not started, or closed")
+        return self._writer
+
+    def _running_reader(self) -> _Reader:
+        if self._reader is None or not self._started:
+            raise RuntimeError("payments record: not started, or closed")
+        return self._reader
+
+
+class _Writer:
+    """The instance's one writing connection and the thread that commits on it."""
+
+    def __init__(self, connection: sqlite3.Connection, instance: str, retention_days: int,
+                 clock_ms: Callable[[], int], wal_path: str | None) -> None:
+        """wal_path: with sync, the WAL to make durable before a commit is
+        reported (the journal then deletes what the commit holds); None:
+        reported at once."""
+        self._connection = connection
+        self._wal = _DurableFile(wal_path) if wal_path else None
+        self._instance = instance
+        self._retention_days = retention_days
+        self._clock_ms = clock_ms
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_committed: Callable[[int], None] | None = None
+        self._thread: threading.Thread | None = None
+        self._closed: asyncio.Future | None = None
+        # Shared with the loop's thread, under _wake's lock.
+        self._wake = threading.Condition()
+        self._batches: list[Sequence[Settlement]] = []
+        self._waiting = 0              # settlements in _batches
+        self._through_seq = record_sql.committed_seq(connection, instance)
+        self._purges: list[asyncio.Future] = []
+        self._closing = False
+        # The writer thread's own (read under the lock by submit, which only
+        # needs to know whether the thread may be asleep with nothing to do).
+        self._committed_seq = self._through_seq
+        self._unsynced_seq = 0         # committed, not yet made durable (with sync)
+        self._last_sync = 0.0
+        self._last_commit = 0.0
+        self._retry_at = 0.0
+        self._retry_s = RETRY_MIN_S
+        self._retained_from = -record_sql.UNBOUNDED_MS
+        self._trimming = False         # the last retention slice left rows behind
+        self._trim_retry_at = 0.0
+
+    def commit_now(self, settlements: Sequence[Settlement], through_seq: int) -> None:
+        record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
+        self._committed_seq = self._through_seq = max(self._through_seq, through_seq)
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_committed: Callable[[int], None]) -> None:
+        self._loop = loop
+        self._on_committed = on_committed
+        self._closed = loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="payments-record-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, settlements: Sequence[Settlement], through_seq: int) -> None:
+        with self._wake:
+            idle = not self._waiting and self._through_seq <= self._committed_seq
+            if settlements:
+                self._batches.append(settlements)
+                self._waiting += len(settlements)
+            self._through_seq = max(self._through_seq, through_seq)
+            if idle or self._waiting >= COMMIT_AT_ONCE:
+                self._wake.notify()
+
+    def purge(self) -> asyncio.Future[int]:
+        assert self._loop is not None
+        future = self._loop.create_future()
+        with self._wake:
+            self._purges.append(future)
+            self._wake.notify()
+        return future
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            with self._wake:
+                self._closing = True
+                self._wake.notify()
+            assert self._closed is not None
+            await self._closed
+            self._thread.join()
+        self._connection.close()
+        if self._wal is not None:
+            self._wal.close()
+
+    # On the writer thread.
+
+    def _run(self) -> None:
+        assert self._loop is not None and self._closed is not None
+        try:
+            while True:
+                work = self._next_work()
+                if work.batches or work.through_seq > self._committed_seq:
+                    self._commit(work.batches, work.through_seq, work.closing)
+                if self._unsynced_seq and (work.sync or work.closing):
+                    self._make_durable()
+                for future in work.purges:
+                    self._purge(future)
+                if work.closing:
+                    return
+                if work.trim:
+                    self._trim()
+        finally:
+            self._loop.call_soon_threadsafe(_resolve, self._closed, None, None)
+
+    def _next_work(self) -> _Work:
+        """Wait until a commit is due (COMMIT_INTERVAL_S after the last one, at
+        once when COMMIT_AT_ONCE settlements wait, or a purge or close is
+        asked) or a retention slice is; take what is due."""
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                commit_in, trim_in = self._commit_in(now), self._trim_in(now)
+                sync_in = self._last_sync + SYNC_INTERVAL_S - now if self._unsynced_seq else None
+                commit = self._closing or bool(self._purges) or (commit_in is not None and commit_in <= 0)
+                trim = trim_in is not None and trim_in <= 0
+                sync = sync_in is not None and sync_in <= 0
+                if commit or trim or sync:
+                    break
+                waits = [wait for wait in (commit_in, trim_in, sync_in) if wait is not None]
+                self._wake.wait(min(waits) if waits else None)
+            if not commit:
+                return _Work([], self._committed_seq, [], False, trim, sync)
+            batches, self._batches = self._batches, []
+            purges, self._purges = self._purges, []
+            self._waiting = 0
+            return _Work(batches, self._through_seq, purges, self._closing, trim, sync)
+
+    def _commit_in(self, now: float) -> float | None:
+        """Seconds until the next commit is due; None: nothing to commit."""
+        if not self._waiting and self._through_seq <= self._committed_seq:
+            return None
+        if self._waiting >= COMMIT_AT_ONCE:
+            return self._retry_at - now
+        return max(self._last_commit + COMMIT_INTERVAL_S, self._retry_at) - now
+
+    def _trim_in(self, now: float) -> float | None:
+        """Seconds until the next retention slice is due, or until the writer
+        looks at the day again; None: everything is kept."""
+        if not self._retention_days:
+            return None
+        if self._trimming or self._cutoff_ms() > self._retained_from:
+            return self._trim_retry_at - now
+        return RETENTION_CHECK_S
+
+    def _commit(self, batches: list[Sequence[Settlement]], through_seq: int, closing: bool) -> None:
+        self._last_commit = time.monotonic()
+        settlements = batches[0] if len(batches) == 1 else list(chain.from_iterable(batches))
+        try:
+            record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
+        except sqlite3.Error as error:
+            if closing:
+                # Nothing is lost: the journal keeps what the record does not hold.
+                log.error("payments record: commit failed at close, the journal keeps it: %s", error)
+                return
+            log.error("payments record: commit failed, retrying in %.2f s: %s", self._retry_s, error)
+            with self._wake:
+                self._batches[:0] = batches
+                self._waiting += len(settlements)
+            self._retry_at = time.monotonic() + self._retry_s
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            return
+        self._retry_s = RETRY_MIN_S
+        self._committed_seq = through_seq
+        if self._wal is not None:
+            self._unsynced_seq = through_seq
+            return
+        self._report(through_seq)
+
+    def _make_durable(self) -> None:
+        """One fdatasync of the WAL for every commit since the last: what the
+        commits hold is in the WAL, or in the database file by a checkpoint
+        that SQLite synced before it let the WAL start over."""
+        assert self._wal is not None
+        self._last_sync = time.monotonic()
+        try:
+            self._wal.sync()
+        except OSError as error:
+            log.error("payments record: syncing the WAL failed, retrying in %.1f s: %s", SYNC_INTERVAL_S, error)
+            return
+        seq, self._unsynced_seq = self._unsynced_seq, 0
+        self._report(seq)
+
+    def _report(self, through_seq: int) -> None:
+        assert self._loop is not None and self._on_committed is not None
+        self._loop.call_soon_threadsafe(self._on_committed, through_seq)
+
+    def _purge(self, future: asyncio.Future) -> None:
+        try:
+            generation, error = record_sql.next_generation(self._connection), None
+        except sqlite3.Error as failure:
+            generation, error = None, failure
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, future, generation, error)
+
+    def _trim(self) -> None:
+        """One retention slice: rows and buckets from before the cutoff day."""
+        cutoff = self._cutoff_ms()
+        try:
+            _, finished = record_sql.delete_before(self._connection, cutoff, RETENTION_SLICE_ROWS)
+        except sqlite3.Error as error:
+            log.error("payments record: retention slice failed, retrying in %.0f s: %s",
+                      RETENTION_CHECK_S, error)
+            self._trim_retry_at = time.monotonic() + RETENTION_CHECK_S
+            return
+        self._retained_from = cutoff
+        self._trimming = not finished
+
+    def _cutoff_ms(self) -> int:
+        return (self._clock_ms() - self._retention_days * DAY_MS) // DAY_MS * DAY_MS
+
+
+class _Work(NamedTuple):
+    batches: list[Sequence[Settlement]]
+    through_seq: int
+    purges: list[asyncio.Future]
+    closing: bool
+    trim: bool
+    sync: bool = False
+
+
+class _DurableFile:
+    """A file to fdatasync by path: opened at the first sync (SQLite makes
+    the WAL at the first write) and again whenever the path names another
+    file than the one held."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._fd = -1
+
+    def sync(self) -> None:
+        if self._fd >= 0 and os.stat(self._path).st_ino != os.fstat(self._fd).st_ino:
+            self.close()
+        if self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_LOOKUP, _SUMMARY, _STOP = range(3)  # what the reader is asked
+
+
+class _Reader:
+    """A connection that only reads, and the thread that answers on it.
+    Lookups waiting together are answered by one query."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self._jobs: queue.SimpleQueue[tuple[int, tuple, asyncio.Future]] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="payments-record-reader", daemon=True)
+        self._thread.start()
+
+    def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future:
+        return self._ask(_LOOKUP, correlation_ids)
+
+    def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
+        return self._ask(_SUMMARY, generation, from_ms, to_ms)
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            await self._ask(_STOP)
+            self._thread.join()
+        self.connection.close()
+
+    def _ask(self, kind: int, *args: Any) -> asyncio.Future:
+        assert self._loop is not None
+        future = self._loop.create_future()
+        self._jobs.put((kind, args, future))
+        return future
+
+    # On the reader thread.
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        stopping = False
+        while not stopping:
+            jobs = [self._jobs.get()]
+            while not self._jobs.empty():
+                jobs.append(self._jobs.get_nowait())
+            answers: list[_Answer] = []
+            lookups = [(args[0], future) for kind, args, future in jobs if kind == _LOOKUP]
+            if lookups:
+                self._answer_lookups(lookups, answers)
+            for kind, args, future in jobs:
+                if kind == _SUMMARY:
+                    try:
+                        answers.append((future, record_sql.summary(self.connection, *args), None))
+                    except sqlite3.Error as error:
+                        answers.append((future, None, error))
+                elif kind == _STOP:
+                    stopping = True
+                    answers.append((future, None, None))
+            self._loop.call_soon_threadsafe(_resolve_all, answers)
+
+    def _answer_lookups(self, lookups: list[tuple[list[bytes], asyncio.Future]], answers: list[_Answer]) -> None:
+        try:
+            wanted = lookups[0][0] if len(lookups) == 1 else list(dict.fromkeys(
+                chain.from_iterable(ids for ids, _ in lookups)))
+            found = record_sql.settled_among(self.connection, wanted)
+        except sqlite3.Error as error:
+            answers.extend((future, None, error) for _, future in lookups)
+            return
+        for ids, future in lookups:
+            answers.append((future, {cid: found[cid] for cid in ids if cid in found}, None))
+
+
+_Answer = tuple[asyncio.Future, Any, BaseException | None]
+
+
+def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
+def _resolve_all(answers: list[_Answer]) -> None:
+    for future, value, error in answers:
+        _resolve(future, value, error)
