@@ -276,7 +276,7 @@ def draw_chart(path: Path, samples: list[dict], memory_limits_mb: dict[str, floa
                                  for s in samples], label=f"RSS {name}")
     for name in samples[0]["storage_bytes"]:
         memory.plot(accepted_m, [s["storage_bytes"][name] / 2**20 for s in samples], linestyle="--",
-                    label=f"{name} (shared dir)" if name == "tmpfs" else f"{name} (run dir)")
+                    label=f"{name} (shared dir)" if name == "tmpfs" else f"{name} (data dir)")
     for name in samples[0]["cgroup_memory_bytes"]:
         if name.startswith("api"):
             memory.plot(accepted_m, [s["cgroup_memory_bytes"][name] / 2**20 for s in samples], linestyle=":",
