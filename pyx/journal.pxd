@@ -103,6 +103,8 @@ cdef class Journal:
     cdef bint serving
     cdef bint deletion_due          # committed_seq moved: segments may go
     cdef bint recovered
+    # Written on the caller's thread (open_here), no writer thread: the loop's own.
+    cdef bint here
 
     # The writer's own (and the recovery's, before it starts).
     cdef RecordBuffer writing

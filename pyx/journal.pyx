@@ -1,6 +1,6 @@
 """The instance journal: checksummed records in segments, appended by the event
 loop and written, synced, checkpointed and deleted by a writer thread that
-never holds the GIL."""
+never holds the GIL, or, for a journal in memory, by the loop itself."""
 import os
 import re
 
@@ -35,6 +35,12 @@ cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, long offset, long length)
     int renameat(int olddirfd, const char* oldpath, int newdirfd, const char* newpath)
     int unlinkat(int dirfd, const char* path, int flags)
+
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs* buffer)
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -87,6 +93,10 @@ cdef enum:
     SEGMENT_NAME_MAX = 32
     RECOVERED_CHUNK = 8192
     RETRY_AFTER_ERROR_NS = 50 * 1000 * 1000
+
+# File systems whose writes are copies into memory: tmpfs, ramfs.
+cdef long TMPFS_MAGIC = 0x01021994
+cdef long RAMFS_MAGIC = 0x858458f6
 
 cdef uint64_t SEGMENT_MAGIC = 0x4c4e524a59415032ULL  # "2PAYJRNL"
 DEFAULT_SEGMENT_BYTES = 8 << 20
@@ -339,6 +349,10 @@ cdef class Journal:
     end of each batch, and read durable_seq when event_fd is readable. Tell it
     committed_seq as the payments record commits settlements: segments whose
     settlements are all committed are deleted. stop() then close() at the end.
+
+    A journal in memory (`in_memory`) may instead be written on the loop's
+    own thread: open_here() once, write_here() at the end of each batch,
+    maintain() at least once a second, close() at the end.
     """
 
     def __cinit__(self):
@@ -529,10 +543,10 @@ cdef class Journal:
             raise RuntimeError("recover() what the journal holds before serve()")
         with nogil:
             pthread_mutex_lock(&self.mutex)
-            if self.serving or self.closing:
+            if self.serving or self.closing or self.here:
                 pthread_mutex_unlock(&self.mutex)
                 with gil:
-                    raise RuntimeError("the journal is already served, or stopped")
+                    raise RuntimeError("the journal is already served, written here, or stopped")
             self.serving = True
             pthread_mutex_unlock(&self.mutex)
             self.serve_raw()
@@ -597,7 +611,8 @@ cdef class Journal:
 
     cdef void notify_loop(self) noexcept nogil:
         cdef uint64_t one = 1
-        write(self.event_fd, &one, sizeof(one))
+        if not self.here:  # written on the loop's thread: the loop knows
+            write(self.event_fd, &one, sizeof(one))
 
     cdef int write_batch(self, RecordBuffer* batch) noexcept nogil:
         """Write, sync, fold into the index, publish; 0, or -1 with the file
@@ -720,6 +735,63 @@ cdef class Journal:
             memcpy(self.segment_starts, &self.segment_starts[deleted], self.segment_count * sizeof(uint64_t))
             self.notify_loop()
 
+    # --- written on the caller's thread ------------------------------------------------
+
+    @property
+    def in_memory(self) -> bool:
+        """The directory is on tmpfs or ramfs: a write is a copy that never
+        waits for a device, cheaper than handing it to a thread."""
+        cdef statfs filesystem
+        if fstatfs(self.directory_fd, &filesystem) != 0:
+            raise_os_error(self.directory)
+        return filesystem.f_type == TMPFS_MAGIC or filesystem.f_type == RAMFS_MAGIC
+
+    def open_here(self):
+        """Write on the caller's thread from now on, instead of serve():
+        starts a new segment with a checkpoint of the outstanding payments."""
+        cdef int result
+        if not self.recovered:
+            raise RuntimeError("recover() what the journal holds before open_here()")
+        if self.serving or self.here or self.closing:
+            raise RuntimeError("the journal is already served, written here, or closed")
+        with nogil:
+            result = self.start_segment()
+        if result != 0:
+            raise OSError(self.write_errno, os.strerror(self.write_errno), self.directory)
+        self.here = True
+        self.maintain()
+
+    def write_here(self) -> bool:
+        """Write (and, with sync, sync) what was appended since the last write.
+        False: the write failed (`error` has its errno) and the records stay
+        appended, to be written with the next call."""
+        cdef int result = 0
+        if not self.here:
+            raise RuntimeError("write_here() after open_here()")
+        if self.open_batch.count == 0:
+            return True
+        with nogil:
+            # Before the batch is published, as the writer thread does.
+            self.remember_pending_ids()
+            result = self.write_batch(&self.open_batch)
+            if result == 0:
+                self.open_batch.count = 0
+                # A new segment that fails is tried again after the next write.
+                if self.segment_size >= self.segment_limit:
+                    self.start_segment()
+                self.delete_committed_segments()
+        return result == 0
+
+    def maintain(self):
+        """What the writer thread does by the clock, for a journal written here:
+        remember the pending ids again at a new epoch, delete the segments the
+        payments record holds."""
+        if not self.here:
+            raise RuntimeError("maintain() after open_here()")
+        with nogil:
+            self.remember_pending_ids()
+            self.delete_committed_segments()
+
     # --- the event loop's side ---------------------------------------------------------
 
     cdef uint64_t append(self, RecordKind kind, const unsigned char* uuid16, int processor, int64_t cents,
@@ -756,6 +828,8 @@ cdef class Journal:
         """Hand what was appended to the writer; the number of records handed."""
         cdef Py_ssize_t count = self.open_batch.count
         cdef int taken
+        if self.here:
+            raise RuntimeError("a journal written here has no writer to submit to: write_here()")
         if count == 0:
             return 0
         with nogil:
@@ -814,6 +888,10 @@ cdef class Journal:
         number: segments holding nothing later may be deleted."""
         if value > atomic_load(&self.committed_seq):
             atomic_store(&self.committed_seq, value)
+            if self.here:
+                with nogil:
+                    self.delete_committed_segments()
+                return
             with nogil:
                 pthread_mutex_lock(&self.mutex)
                 self.deletion_due = True

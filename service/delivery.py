@@ -146,8 +146,9 @@ class Dispatcher:
         while True:
             if (len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing
                     or self._in_flight + len(self._pinned) >= self._store.settlement_room):
-                # Before yielding, the sends just taken are written in one batch,
-                # so their tasks find them written and need no later pass.
+                # Before yielding, the sends just taken end their batch, so their
+                # tasks find them written and need no later pass (a store may
+                # let them wait for an answer's batch instead: flush_waiting).
                 self._store.flush_waiting()
                 await self._sleep_until_notified()
                 continue

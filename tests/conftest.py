@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pathlib
 import random
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -44,6 +47,14 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         report.sections.append(("random test data",
                                 f"PAYCORE_TEST_SEED={TEST_SEED}, seeded again for {item.nodeid}"))
+
+
+@pytest.fixture
+def memory_path(tmp_path):
+    """Like tmp_path, on tmpfs: where a journal is written on the event loop."""
+    path = tempfile.mkdtemp(prefix=f"paycore-test-{os.getpid()}-", dir="/dev/shm")
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def random_uuid() -> uuid.UUID:

@@ -1,4 +1,5 @@
-"""The journal's segments, writer thread, checkpoints and recovery (pyx/journal.pyx)."""
+"""The journal's segments, writers (a thread, or the caller's own thread for a
+journal in memory), checkpoints and recovery (pyx/journal.pyx)."""
 import os
 import resource
 import select
@@ -44,10 +45,14 @@ class Serving:
         """Submit what was appended and wait until it is durable."""
         target = self.journal.appended_seq
         self.journal.submit()
-        while self.journal.durable_seq < target:
+        self.wait_until(lambda: self.journal.durable_seq >= target)
+        return target
+
+    def wait_until(self, condition) -> None:
+        """Until the writer's work makes condition() true."""
+        while not condition():
             assert select.select([self.journal.event_fd], [], [], 5)[0], "the writer did not answer"
             self.journal.drain_event()
-        return target
 
     def close(self) -> None:
         self.journal.stop()
@@ -62,13 +67,42 @@ class Serving:
         self.close()
 
 
+class WrittenHere(Serving):
+    """A recovered journal written on this thread (open_here), as the event
+    loop writes one on tmpfs."""
+
+    def __init__(self, directory, committed_seq=0, pending_ids=None, **options) -> None:
+        self.journal, self.settled = recovered(directory, committed_seq, **options)
+        if pending_ids is not None:
+            self.journal.keep_pending_ids(pending_ids)
+        self.journal.open_here()
+
+    def write(self) -> int:
+        target = self.journal.appended_seq
+        assert self.journal.write_here()
+        assert self.journal.durable_seq == target
+        return target
+
+    def wait_until(self, condition) -> None:
+        assert condition(), "work done here is done on return"
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+@pytest.fixture(params=[Serving, WrittenHere], ids=["writer-thread", "written-here"])
+def writer(request):
+    """Either way of writing a journal: the tests below hold for both."""
+    return request.param
+
+
 def segment_files(directory):
     return sorted(name for name in os.listdir(directory) if name.endswith(".seg"))
 
 
-def test_outstanding_payments_survive_a_restart(tmp_path):
+def test_outstanding_payments_survive_a_restart(tmp_path, writer):
     settled, unsent, sent, discarded = (new_id() for _ in range(4))
-    with Serving(tmp_path) as serving:
+    with writer(tmp_path) as serving:
         journal = serving.journal
         assert journal.accepted(settled, 2005) == 1
         assert journal.accepted(unsent, 1000) == 2
@@ -115,10 +149,9 @@ def test_sequence_numbers_go_on_after_a_restart_and_past_what_the_record_committ
     journal.close()
 
 
-def test_full_segments_are_checkpointed_and_deleted_once_committed(tmp_path):
-
+def test_full_segments_are_checkpointed_and_deleted_once_committed(tmp_path, writer):
     pending = {}
-    with Serving(tmp_path, segment_bytes=HEADER_SIZE + 64 * RECORD_SIZE) as serving:
+    with writer(tmp_path, segment_bytes=HEADER_SIZE + 64 * RECORD_SIZE) as serving:
         journal = serving.journal
         last_settled = 0
         for round_number in range(40):
@@ -133,9 +166,7 @@ def test_full_segments_are_checkpointed_and_deleted_once_committed(tmp_path):
         journal.committed_seq = last_settled
         # The segments before the newest go: their settlements are committed,
         # and the newest segment's checkpoint holds what they left outstanding.
-        while len(segment_files(tmp_path)) > 1:
-            assert select.select([journal.event_fd], [], [], 5)[0], "nothing was deleted"
-            journal.drain_event()
+        serving.wait_until(lambda: len(segment_files(tmp_path)) == 1)
     journal, handed = recovered(tmp_path, committed_seq=last_settled)
     assert handed == []
     assert {payment: cents for payment, cents, _, _ in journal.outstanding()} == pending
@@ -285,14 +316,14 @@ def test_a_writer_killed_mid_batch_leaves_every_batch_it_reported_durable(tmp_pa
     journal.close()
 
 
-def test_the_ids_of_payments_pending_past_the_idempotency_window_stay_known(tmp_path):
+def test_the_ids_of_payments_pending_past_the_idempotency_window_stay_known(tmp_path, writer):
     ids = AcceptedIds(str(tmp_path / "accepted-ids"), "1", 1000, 4000)
     ids._now_ms = 1_000_000_000
     pending, settled = new_id(), new_id()
     for uuid16, cents in ((pending, 100), (settled, 200)):
         assert ids.claim(uuid16, cents) == CLAIMED
         ids.confirm(uuid16)
-    with Serving(tmp_path / "journal", pending_ids=ids) as serving:
+    with writer(tmp_path / "journal", pending_ids=ids) as serving:
         journal = serving.journal
         journal.accepted(pending, 100)
         journal.accepted(settled, 200)
@@ -308,3 +339,48 @@ def test_the_ids_of_payments_pending_past_the_idempotency_window_stay_known(tmp_
                 ids.confirm(other)
         assert ids.state(pending) == (DURABLE, 100)
     ids.close()
+
+
+def test_a_journal_on_tmpfs_knows_it_is_in_memory(memory_path):
+    journal, _ = recovered(memory_path)
+    assert journal.in_memory
+    journal.close()
+
+
+def test_a_journal_written_here_has_no_writer_thread_to_hand_batches_to(tmp_path):
+    with WrittenHere(tmp_path) as here:
+        here.journal.accepted(new_id(), 100)
+        with pytest.raises(RuntimeError):
+            here.journal.submit()
+        with pytest.raises(RuntimeError):
+            here.journal.serve()
+        assert here.write() == 1
+    with Serving(tmp_path) as serving, pytest.raises(RuntimeError):
+        serving.journal.write_here()
+
+
+def test_a_write_that_fails_here_keeps_its_records_for_the_next_write(tmp_path):
+    """A file size limit makes writes fail as a full tmpfs would (EFBIG)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    first, second, third = new_id(), new_id(), new_id()
+    try:
+        with WrittenHere(tmp_path) as here:
+            journal = here.journal
+            journal.accepted(first, 100)
+            here.write()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (HEADER_SIZE + RECORD_SIZE, hard))
+            journal.accepted(second, 200)
+            assert not journal.write_here()
+            assert journal.error == 27  # EFBIG
+            assert journal.durable_seq == 1
+            journal.accepted(third, 300)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            assert here.write() == 3
+            assert journal.error == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    journal, _ = recovered(tmp_path)
+    assert sorted(payment for payment, *_ in journal.outstanding()) == sorted([first, second, third])
+    journal.close()

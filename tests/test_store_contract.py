@@ -1,5 +1,7 @@
 """The store contract (service/store/base.py), run against every store: the
-embedded one (shared memory + journals) and Redis (a real redis-server).
+embedded one (shared memory + journals), with its data on disk (journal
+written by a thread) and on tmpfs (written on the loop), and Redis (a real
+redis-server).
 
 Each test opens stores for several instances on one backing (a shared
 directory, or one Redis database), as the instances of one deployment do."""
@@ -92,13 +94,16 @@ class Deployment:
                 for popped in iter(queue.pop, None)]
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", "embedded-in-memory", "redis"])
 def deployment_settings(request, tmp_path) -> Callable[[str], Settings]:
-    store = "embedded" if request.param == "embedded" else request.getfixturevalue("redis_url")
+    store = "redis" if request.param == "redis" else "embedded"
+    if store == "redis":
+        store = request.getfixturevalue("redis_url")
+    data_parent = request.getfixturevalue("memory_path") if request.param == "embedded-in-memory" else tmp_path
 
     def settings_for(instance: str) -> Settings:
         return Settings(instance=instance, store=store, store_lease_ms=600, shared_dir=str(tmp_path / "shared"),
-                        data_dir=str(tmp_path / "data"), idempotency_capacity=4096, ledger_tail_capacity=1024,
+                        data_dir=str(data_parent / "data"), idempotency_capacity=4096, ledger_tail_capacity=1024,
                         metrics_listen="")
     return settings_for
 

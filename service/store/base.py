@@ -136,7 +136,8 @@ class Store(Protocol):
         mark `promise` (a value `promised` had): at once when it does already."""
 
     def flush_waiting(self) -> None:
-        """End of a batch (a read, a dispatcher pass): write what waits now."""
+        """End of a batch (a read, a dispatcher pass): write what waits now,
+        or, for records no answer waits on, soon (the store's choice)."""
 
     def sending(self, attempt: Attempt) -> Deferred[bool]:
         """Record where a payment is about to be sent, before it is. False:

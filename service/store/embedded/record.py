@@ -38,13 +38,13 @@ __all__ = ["PaymentsRecord", "RecordError", "Settlement"]
 
 log = logging.getLogger("paycore.record")
 
-COMMIT_INTERVAL_S = 0.02
+COMMIT_INTERVAL_S = 0.1
 COMMIT_AT_ONCE = 4096            # settlements waiting that start a commit at once
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0   # after a failed commit
 RETENTION_CHECK_S = 60.0         # an idle writer looks at the day this often
 RETENTION_SLICE_ROWS = 1000      # per table and level, per retention transaction
 # With sync: commits are made durable together (one fdatasync of the WAL) this often.
-SYNC_INTERVAL_S = 0.2
+SYNC_INTERVAL_S = 1.0
 
 
 def wall_clock_ms() -> int:

@@ -34,7 +34,7 @@ from ...config import Settings
 from ...payment import Attempt, Payment
 from ..base import Acceptance, PaymentStatus, PendingWork, Totals, then
 from .health_board import FileHealthBoard
-from .journal import JournalWriter
+from .journal import JournalWriter, start_journal_writer
 from .recovery import recover
 from .record import PaymentsRecord, Settlement
 
@@ -86,7 +86,7 @@ class EmbeddedStore:
         resumed = recover(journal, self.record, self.tail, self.ids)
         journal.keep_pending_ids(self.ids)
         self._reported_seq = journal.durable_seq
-        self.journal = JournalWriter(journal, self._journal_durable, self._settings.journal_spin_us)
+        self.journal = start_journal_writer(journal, self._journal_durable, self._settings.journal_spin_us)
         self.record.start(self._loop, self._record_committed)
         for payment in resumed.already_paid:
             self.journal.discarded(payment)
@@ -251,7 +251,7 @@ class EmbeddedStore:
 
     def _record_committed(self, committed_seq: int) -> None:
         self.tail.release_through(committed_seq)
-        self.journal.journal.committed_seq = committed_seq
+        self.journal.committed(committed_seq)
         self._work.notify()  # the tail has room again, should the dispatcher wait for it
 
     # --- reading -------------------------------------------------------------------------
