@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import perf_counter
 
 from paycore.core.ring_queue import RingQueue
 
@@ -32,6 +33,7 @@ from .payment import Attempt, Payment
 from .processor_client import Outcome, ProcessorClient, ProcessorError
 from .router import PROCESSOR_NAMES, Router
 from .store.base import Deferred, Store, resolve
+from .turn_budget import TurnBudget
 
 log = logging.getLogger("paycore.delivery")
 
@@ -43,6 +45,15 @@ log = logging.getLogger("paycore.delivery")
 # side). A timer is what lets the loop block first; call_soon runs before the
 # loop polls again.
 HAND_OFF_DELAY_S = 0.001
+# A pass over the queue hands payments out for at most this long before the
+# loop gets its turn back: answers never wait long behind a backlog's flush
+# (when a processor comes back to thousands of queued payments), and the
+# sends started in one slice are few enough to start together.
+PASS_SLICE_S = 0.0002
+# Requests started per turn of the loop, at most: a send and its answer cost
+# tens of microseconds each, so a turn stays well under a millisecond however
+# many sends a batch of the journal releases at once.
+SENDS_PER_TURN = 4
 
 RETRY_KINDS = ("requeued", "pinned_resend", "resumed_unsent", "resumed_unresolved")
 REQUEUED, PINNED_RESEND, RESUMED_UNSENT, RESUMED_UNRESOLVED = range(len(RETRY_KINDS))
@@ -78,6 +89,7 @@ class Dispatcher:
         self._retry_max_s = retry_max_ms / 1000
         self._pin_release_ms = pin_release_ms
         self._in_flight = 0
+        self._send_turns = TurnBudget(SENDS_PER_TURN)
         self._probing = False
         self._wakeup: asyncio.Future | None = None
         self._hand_off: asyncio.TimerHandle | None = None
@@ -143,6 +155,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         backoff_s = self._retry_min_s
+        slice_ends = perf_counter() + PASS_SLICE_S
         while True:
             if (len(self._queue) == 0 or self._in_flight >= self._max_in_flight or self._probing
                     or self._in_flight + len(self._pinned) >= self._store.settlement_room):
@@ -151,6 +164,12 @@ class Dispatcher:
                 # let them wait for an answer's batch instead: flush_waiting).
                 self._store.flush_waiting()
                 await self._sleep_until_notified()
+                slice_ends = perf_counter() + PASS_SLICE_S
+                continue
+            if perf_counter() >= slice_ends:
+                self._store.flush_waiting()
+                await asyncio.sleep(0)
+                slice_ends = perf_counter() + PASS_SLICE_S
                 continue
             processor = self._router.choose()
             if processor is None:
@@ -204,6 +223,7 @@ class Dispatcher:
         return await self._attempt(attempt)
 
     async def _attempt(self, attempt: Attempt) -> Outcome:
+        await self._send_turns.take()
         processor = attempt.processor
         ticket = self._router.start(processor)
         outcome = await self._clients[processor].send_payment(

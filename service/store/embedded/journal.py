@@ -58,8 +58,10 @@ class JournalWriter:
     """What the loop appends, and what waits until it is durable."""
 
     # How long sends, settlements and discards may wait for a batch to end
-    # before one is ended for them alone (they ride along with any answer's).
+    # before one is ended for them alone (they ride along with any answer's),
+    # and how many may wait: what a batch releases runs in one turn of the loop.
     deferred_flush_s = 0.0
+    DEFERRED_RECORDS_MAX = 64
 
     def __init__(self, journal: Journal, on_durable: Callable[[int], None]) -> None:
         self._journal = journal
@@ -74,6 +76,7 @@ class JournalWriter:
         self._nothing_to_wait_for.set_result(True)
         self._scheduled_flush: asyncio.Handle | None = None
         self._deferred_flush: asyncio.TimerHandle | None = None
+        self._deferred_records = 0
         self._reported_error = 0
 
     @property
@@ -169,12 +172,14 @@ class JournalWriter:
             self._scheduled_flush = self._loop.call_soon(self.flush)
 
     def _defer_flush(self) -> None:
-        if not self.deferred_flush_s:
+        self._deferred_records += 1
+        if not self.deferred_flush_s or self._deferred_records >= self.DEFERRED_RECORDS_MAX:
             self._schedule_flush()
         elif self._deferred_flush is None:
             self._deferred_flush = self._loop.call_later(self.deferred_flush_s, self.flush)
 
     def _unschedule_flush(self) -> None:
+        self._deferred_records = 0
         if self._scheduled_flush is not None:
             self._scheduled_flush.cancel()
             self._scheduled_flush = None
