@@ -18,6 +18,7 @@ from .admin import AdminToken
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
 from .delivery import Dispatcher
+from .gc_pauses import GcPauses
 from .handoff import HandoffListener, claim_socket_path
 from .health import HealthMonitor
 from .http_server import HttpProtocol
@@ -80,6 +81,8 @@ class Instance:
             settings.max_connections, settings.max_head_bytes, settings.max_body_bytes,
             settings.client_request_timeout_ms, settings.client_idle_timeout_ms))
         self.connections.register_metrics(self.metrics)
+        self.gc_pauses = GcPauses()
+        self.gc_pauses.register_metrics(self.metrics)
         self.metrics_endpoint = MetricsEndpoint(self.metrics)
         self._servers: list[asyncio.AbstractServer | HandoffListener] = []
         self._metrics_server: asyncio.AbstractServer | None = None
@@ -98,6 +101,11 @@ class Instance:
                 self.settings.metrics_listen,
                 lambda: HttpProtocol(self.metrics_endpoint, self.store, self.connections, self.metrics))
         self.connections.start()
+        # Everything built so far lives as long as the process: keep it out of the
+        # collector's way so a full collection costs the request path nothing.
+        gc.collect()
+        gc.freeze()
+        self.gc_pauses.start()
         self.addresses = [_bound_address(address, server)
                           for address, server in zip(self.settings.listen, self._servers)]
         log.info("instance %s listening on %s, metrics on %s", self.settings.instance,
@@ -129,15 +137,13 @@ class Instance:
         for client in self.clients:
             client.close()
         await self.store.close()
+        self.gc_pauses.stop()
+        gc.unfreeze()  # what start froze is the collector's again (an instance in a test's process)
 
 
 async def _serve(settings: Settings) -> None:
     instance = Instance(settings)
     await instance.start()
-    # Everything built so far lives as long as the process: keep it out of the
-    # collector's way so a full collection costs the request path nothing.
-    gc.collect()
-    gc.freeze()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -126,7 +126,8 @@ INSTANCE_FAMILIES = REQUEST_FAMILIES | {
     "paycore_queue_depth", "paycore_open_connections", "paycore_refused_connections_total",
     "paycore_processor_outcomes_total", "paycore_payment_retries_total", "paycore_payments_in_flight",
     "paycore_payments_unresolved", "paycore_routing_decisions_total", "paycore_route_changes_total",
-    "paycore_processor_requests_in_flight",
+    "paycore_processor_requests_in_flight", "paycore_gc_collections_total", "paycore_gc_pause_seconds_total",
+    "paycore_gc_pause_longest_seconds",
 }
 EMBEDDED_STORE_FAMILIES = {
     "paycore_journal_backlog_records", "paycore_journal_batches_total", "paycore_journal_records_total",
