@@ -10,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph bench-capacity soak
+.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ flamegraph: build system-deps $(BENCH_DEPS)
 # Open-loop arrival rates up to saturation under the compose limits (CAPACITY_SECONDS per rate).
 bench-capacity: build $(BENCH_DEPS)
 	$(PY) perf/capacity.py
+
+# The event loop's turns while a backlog drains, beside an idle loop's (LOOP_RUNS rounds).
+bench-loop: build $(BENCH_DEPS)
+	$(PY) perf/loop_turns.py
 
 # SOAK_PAYMENTS (default 10 M) at the highest rate the stack sustains, then a SIGKILLed instance's recovery.
 soak: build $(BENCH_DEPS)
