@@ -2,8 +2,13 @@
 
 The load balancer in front of two instances, as docker-compose.yml runs them,
 each service held by cgroups to the limits the compose file declares; emulated processors and
-the load generator outside the budget, as in the challenge. Writes
-perf/results/bench-<time>.json and .png, and prints the table.
+the load generator outside the budget, as in the challenge. First the same load
+runs against a constant-response server: the generator's floor, whose p99 each
+round is compared with (BENCH_FLOOR=0 skips it). While a round runs, the
+instances' metrics are scraped once a second (service_events.py). Writes
+perf/results/bench-<time>.json and .png (latency per 10 s window beside the
+floor's, the events marked, what the instances did per second, where payments
+were recorded), and prints the table.
 
 BENCH_SECONDS=60 shortens a run (the fault schedule scales with it).
 BENCH_FLAMEGRAPH=1 records py-spy flamegraphs of both instances under perf/flamegraphs/.
@@ -41,14 +46,18 @@ from cgroups import compose_jail, compose_limits  # noqa: E402
 from host import LowLatencyHost  # noqa: E402
 from native import BUILD, build_tools  # noqa: E402
 from report import (  # noqa: E402
+    LATENCY_WINDOW_S,
+    Request,
     draw_chart,
     latencies_by_connection_ms,
     latency_summary_ms,
     read_requests,
     score,
     success_latencies_ms,
+    window_percentiles,
 )
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
+from service_events import MetricsSampler  # noqa: E402
 from usage import process_usage  # noqa: E402
 
 from paycore.stack import Stack, StackSettings  # noqa: E402
@@ -100,7 +109,9 @@ def run_load(loadgen: Path, port: int, seconds: float, out: Path) -> dict:
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-def calibrate(seconds: float, low_latency_host: bool) -> None:
+def measure_floor(seconds: float) -> tuple[list[Request], dict]:
+    """The same load against a constant-response server: the generator's
+    own latency floor, its requests and their summary."""
     tools = build_tools()
     server = subprocess.Popen([str(tools["constant_server"]), "--listen", "127.0.0.1:0"],
                               stderr=subprocess.PIPE, text=True)
@@ -117,10 +128,14 @@ def calibrate(seconds: float, low_latency_host: bool) -> None:
         server.wait()
     requests = read_requests(out)
     arrival, read = success_latencies_ms(requests)
-    summary = {"target": "constant-response server", "seconds": seconds, "requests": len(requests),
-               "rps": round(len(requests) / seconds, 1), "latency_ms": arrival, "read_latency_ms": read,
-               "generator_cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2),
-               "low_latency_host": low_latency_host}
+    return requests, {"target": "constant-response server", "seconds": seconds, "requests": len(requests),
+                      "rps": round(len(requests) / seconds, 1), "latency_ms": arrival, "read_latency_ms": read,
+                      "generator_cpu_s": round(generator["cpu_user_s"] + generator["cpu_sys_s"], 2)}
+
+
+def calibrate(seconds: float, low_latency_host: bool) -> None:
+    _, summary = measure_floor(seconds)
+    summary["low_latency_host"] = low_latency_host
     (RESULTS / "calibration.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
@@ -142,19 +157,26 @@ def main() -> int:
         if "--calibrate" in sys.argv:
             calibrate(seconds, low_latency_host)
             return 0
-        runs = [benchmark(seconds, low_latency_host, variant) for variant in variants()]
+        floor: list[Request] = []
+        if os.environ.get("BENCH_FLOOR", "1") != "0":
+            print("round: the generator's floor (constant-response server)", flush=True)
+            floor, floor_summary = measure_floor(seconds)
+            print(f"floor: p50 {floor_summary['latency_ms']['p50']:.3f}  p99 {floor_summary['latency_ms']['p99']:.3f}"
+                  f"  p99.9 {floor_summary['latency_ms']['p99.9']:.3f} ms", flush=True)
+        runs = [benchmark(seconds, low_latency_host, variant, floor) for variant in variants()]
         if len(runs) > 1:
             print_side_by_side(runs)
         return max(status for status, _ in runs)
 
 
-def benchmark(seconds: float, low_latency_host: bool, variant: Variant) -> tuple[int, dict]:
+def benchmark(seconds: float, low_latency_host: bool, variant: Variant,
+              floor: list[Request]) -> tuple[int, dict]:
     with variant.instance_env() as data_env:
-        return _benchmark(seconds, low_latency_host, variant, data_env)
+        return _benchmark(seconds, low_latency_host, variant, data_env, floor)
 
 
 def _benchmark(seconds: float, low_latency_host: bool, variant: Variant,
-               data_env: dict[str, str]) -> tuple[int, dict]:
+               data_env: dict[str, str], floor: list[Request]) -> tuple[int, dict]:
     print(f"round: {variant.name}", flush=True)
     tools = build_tools()
     limits = compose_limits(REPO / "docker-compose.yml")
@@ -180,11 +202,15 @@ def _benchmark(seconds: float, low_latency_host: bool, variant: Variant,
             measured = {**stack_processes, **harness_processes}
             cpu_before = {name: process_usage(p.pid)[0] for name, p in measured.items()}
             profilers = start_flamegraphs(stack, seconds) if os.environ.get("BENCH_FLAMEGRAPH") else []
+            sampler = MetricsSampler([str(stack.instance_shared_dir(index) / f"metrics-{index}.sock")
+                                      for index in stack.instances])
+            sampler.start()
             load_started_ms = now_ms()
             scenario.start(time.monotonic())
             generator = run_load(tools["loadgen"], stack.port, seconds, requests_csv)
             load_ended = time.monotonic()
             scenario.stop()
+            events = sampler.stop()
             # The challenge reads the processors' totals about 1 s after the load.
             time.sleep(max(0.0, load_ended + 1 - time.monotonic()))
             at_teardown = processors.summary()
@@ -253,10 +279,21 @@ def _benchmark(seconds: float, low_latency_host: bool, variant: Variant,
         "stages": stage_shares,
         "checks_detail": scenario.log.checks,
     }
+    windows_p99 = window_percentiles(requests, 0.99)
+    result["paycore"]["windows_p99_ms"] = [[start, round(p99, 4)] for start, p99 in windows_p99]
+    result["paycore"]["service_events"] = {"totals": events.totals(), "failed_scrapes": events.failed_scrapes}
+    if floor:
+        floor_p99 = latency_summary_ms([request.latency_us for request in floor if request.succeeded])["p99"]
+        result["paycore"]["floor"] = {
+            "p99_ms": floor_p99,
+            "p99_to_floor": round(latency["p99"] / floor_p99, 2),
+            "worst_window_p99_to_floor": round(max(p99 for _, p99 in windows_p99) / floor_p99, 2)}
     out = RESULTS / f"bench-{stamp}.json"
     out.write_text(json.dumps(result, indent=2))
     draw_chart(out.with_suffix(".png"), requests, bucket_s, shares,
-               [stage["from_s"] for stage in stage_shares])
+               [stage["from_s"] for stage in stage_shares], floor=floor,
+               events=events.series(load_started_ms),
+               check_seconds=[(check["at_ms"] - load_started_ms) / 1000 for check in scenario.log.checks])
     print_table(result, out)
     clean = successful == len(requests) and inconsistencies == 0 and result["lag"]["lag"] == 0
     return (0 if clean else 1), result
@@ -304,6 +341,12 @@ def print_table(result: dict, out: Path) -> None:
           f"lag at teardown {result['lag']['lag']}  lag 0 after {run['lag_zero_after_s']} s")
     print(f"score {result['total_liquido']:.2f}  (gross {result['total_bruto']:.2f}, fees "
           f"{result['total_taxas']:.2f}, bonus {result['p99']['bonus']}, fine {result['multa']['porcentagem']})")
+    if "floor" in run:
+        floor = run["floor"]
+        print(f"floor p99 {floor['p99_ms']:.3f} ms: p99 {floor['p99_to_floor']:.2f}x the floor, the worst "
+              f"{LATENCY_WINDOW_S:g} s window's {floor['worst_window_p99_to_floor']:.2f}x")
+    totals = run["service_events"]["totals"]
+    print("instances: " + ", ".join(f"{name} {count:.0f}" for name, count in totals.items()))
     for name, usage in run["stack"].items():
         print(f"{name:>14}  cpu {usage['cpu_s']:.2f} s  peak rss {usage['peak_rss_mb']} MB  "
               f"throttled {usage.get('throttled_periods', '-')}")

@@ -98,33 +98,80 @@ def score(p99_ms: float, processed: dict[str, dict], inconsistencies: int,
     return result
 
 
+LATENCY_WINDOW_S = 10.0
+
+
+def window_percentiles(requests: list[Request], fraction: float,
+                       window_s: float = LATENCY_WINDOW_S) -> list[tuple[float, float]]:
+    """(window start in seconds since the load began, the successful requests'
+    latency percentile in it, ms), for every window holding a request."""
+    windows: dict[int, list[int]] = {}
+    for request in requests:
+        if request.succeeded:
+            windows.setdefault(int(request.start_us / 1e6 // window_s), []).append(request.latency_us)
+    return [(index * window_s, percentile(sorted(windows[index]), fraction) / 1000) for index in sorted(windows)]
+
+
 def draw_chart(path: Path, requests: list[Request], bucket_s: float,
-               shares: list[tuple[float, int, int]], stage_seconds: list[float]) -> None:
+               shares: list[tuple[float, int, int]], stage_seconds: list[float], *,
+               floor: list[Request] | None = None,
+               events: dict[str, list[tuple[float, float]]] | None = None,
+               check_seconds: list[float] = ()) -> None:
+    """Latency per LATENCY_WINDOW_S with the floor's p99 beside it and the events
+    marked (stage changes: grey; route changes: coloured by target; the
+    checker's summaries: ticks), what the instances did per second (events
+    from service_events.py), and where payments were recorded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    buckets: dict[int, list[int]] = {}
-    for request in requests:
-        if request.succeeded:
-            buckets.setdefault(int(request.start_us / 1e6 // bucket_s), []).append(request.latency_us)
-    times = sorted(buckets)
-    figure, (latency_axis, share_axis) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    panels = 3 if events else 2
+    figure, axes = plt.subplots(panels, 1, figsize=(11, 3.4 * panels), sharex=True)
+    latency_axis, share_axis = axes[0], axes[-1]
     for name, fraction in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)):
-        latency_axis.plot([t * bucket_s for t in times],
-                          [percentile(sorted(buckets[t]), fraction) / 1000 for t in times], label=name)
-    latency_axis.axhline(0.5, color="red", linestyle=":", label="target p99 0.5 ms")
+        points = window_percentiles(requests, fraction)
+        latency_axis.plot([t for t, _ in points], [v for _, v in points], label=name, marker=".")
+    if floor:
+        points = window_percentiles(floor, 0.99)
+        latency_axis.plot([t for t, _ in points], [v for _, v in points], color="black", linestyle="--",
+                          label="floor p99 (constant server, same run)")
     latency_axis.set_ylabel("POST /payments latency (ms)")
     latency_axis.set_yscale("log")
-    latency_axis.legend(loc="upper left")
-    latency_axis.set_title(f"latency per {bucket_s:g} s of load")
+    latency_axis.set_title(f"latency per {LATENCY_WINDOW_S:g} s of load")
+    for second in check_seconds:
+        latency_axis.axvline(second, ymax=0.04, color="purple", linewidth=1.5)
+    route_colours = {"to default": "tab:green", "to fallback": "tab:red", "to none": "black"}
+    for name, colour in route_colours.items():
+        changes = [t for t, rate in (events or {}).get(name, []) if rate > 0]
+        for index, second in enumerate(changes):
+            latency_axis.axvline(second, color=colour, linestyle=":", linewidth=1,
+                                 label=f"route {name}" if index == 0 else None)
+    if check_seconds:
+        latency_axis.plot([], [], color="purple", linewidth=1.5, label="checker's summaries")
+    latency_axis.legend(loc="upper left", fontsize="small", ncol=2)
+    if events:
+        event_axis = axes[1]
+        for name in ("journal syncs", "gc generation 0", "gc generation 1", "gc generation 2", "unknown outcomes"):
+            points = events.get(name, [])
+            if any(rate for _, rate in points):
+                event_axis.plot([t for t, _ in points], [rate for _, rate in points], label=f"{name} /s",
+                                linewidth=1)
+        event_axis.set_yscale("symlog")
+        event_axis.set_ylabel("per second, both instances")
+        depth_axis = event_axis.twinx()
+        depth = events.get("queue depth", [])
+        depth_axis.fill_between([t for t, _ in depth], [v for _, v in depth], step="post", alpha=0.2,
+                                color="grey", label="queue depth (backlog)")
+        depth_axis.set_ylabel("payments queued")
+        event_axis.legend(loc="upper left", fontsize="small", ncol=3)
+        depth_axis.legend(loc="upper right", fontsize="small")
     share_axis.stackplot([t for t, _, _ in shares], [d for _, d, _ in shares], [f for _, _, f in shares],
                          labels=["default", "fallback"], step="post")
     share_axis.set_ylabel("payments recorded (by requestedAt)")
     share_axis.set_xlabel("seconds since the load began")
     share_axis.legend(loc="upper left")
     for second in stage_seconds:
-        for axis in (latency_axis, share_axis):
+        for axis in axes:
             axis.axvline(second, color="grey", linewidth=0.5)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

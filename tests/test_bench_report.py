@@ -1,4 +1,5 @@
-"""The benchmark's arithmetic: percentiles and the challenge's score (SPEC §5)."""
+"""The benchmark's arithmetic: percentiles, per-window percentiles, the
+challenge's score (SPEC §5), and the instances' events read from their metrics."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
 
 from cgroups import memory_bytes  # noqa: E402
-from report import Request, latencies_by_connection_ms, percentile, score  # noqa: E402
+from report import Request, latencies_by_connection_ms, percentile, score, window_percentiles  # noqa: E402
+from service_events import Scrape, ServiceEvents, parse_exposition  # noqa: E402
 
 
 def test_percentile_interpolates_between_ranks():
@@ -53,3 +55,33 @@ def test_any_inconsistency_costs_35_percent_and_slow_p99_earns_no_bonus():
                                         ("512", 512)])
 def test_compose_memory_sizes(text, size):
     assert memory_bytes(text) == size
+
+
+def test_window_percentiles_leave_failed_requests_and_empty_windows_out():
+    requests = [Request(1_000_000, 100, 202, 100, False), Request(9_000_000, 300, 202, 300, False),
+                Request(12_000_000, 5_000, 0, 5_000, False), Request(25_000_000, 200, 202, 200, False)]
+    assert window_percentiles(requests, 1.0) == [(0.0, 0.3), (20.0, 0.2)]
+
+
+def test_the_instances_events_are_increases_per_second_summed_over_instances():
+    text = """# HELP paycore_gc_collections_total x
+# TYPE paycore_gc_collections_total counter
+paycore_gc_collections_total{generation="0"} 10
+paycore_gc_collections_total{generation="1"} 2
+paycore_route_changes_total{to="fallback"} 1
+paycore_journal_batches_total 400
+paycore_queue_depth 7
+"""
+    first = parse_exposition(text)
+    assert first['paycore_gc_collections_total{generation="1"}'] == 2 and first["paycore_queue_depth"] == 7
+    later = {**first, 'paycore_gc_collections_total{generation="0"}': 30,
+             'paycore_route_changes_total{to="fallback"}': 2, "paycore_journal_batches_total": 1400,
+             "paycore_queue_depth": 0}
+    events = ServiceEvents([Scrape(1_000, first), Scrape(3_000, later)])
+    series = events.series(origin_ms=0)
+    assert series["gc generation 0"] == [(3.0, 10.0)]
+    assert series["gc generation 1"] == [(3.0, 0.0)]
+    assert series["journal syncs"] == [(3.0, 500.0)]
+    assert series["to fallback"] == [(3.0, 0.5)]
+    assert series["queue depth"] == [(3.0, 0.0)]
+    assert events.totals()["journal syncs"] == 1000
