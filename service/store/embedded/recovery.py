@@ -15,7 +15,9 @@ state consistent with them.
   abandoned, so a client's retry of those is accepted. A table found empty
   (the shared directory lost, as at a host's reboot) is refilled from the
   record with the payments of the idempotency window, so a retry within it
-  is still answered "already accepted".
+  is still answered "already accepted"; the settlements of the window this
+  journal replays are remembered too, whether the table was empty or not
+  (another instance may have refilled it before the record held them).
 """
 from __future__ import annotations
 
@@ -42,11 +44,18 @@ class Resumed:
 
 
 def recover(journal: Journal, record: PaymentsRecord, tail: LedgerTail, ids: AcceptedIds) -> Resumed:
+    window_starts_ms = wall_clock_ms() - ids.window_ms
+    # Settled within the window, and in this journal only until now: another
+    # instance that found the table empty refilled it from the record without them.
+    replayed: list[Payment] = []
+
     def commit(chunk: list[tuple[bytes, int, int, int, int, int]]) -> None:
         record.record_recovered([
             Settlement(correlation_id=correlation_id, cents=cents, processor=processor,
                        requested_at_ms=requested_at_ms, generation=generation, journal_seq=seq)
             for correlation_id, processor, requested_at_ms, cents, generation, seq in chunk], chunk[-1][5])
+        replayed.extend(Payment(correlation_id, cents) for correlation_id, _, requested_at_ms, cents, _, _ in chunk
+                        if requested_at_ms >= window_starts_ms)
 
     journal.recover(record.committed_seq(), commit)
     record.record_recovered([], journal.durable_seq)
@@ -66,6 +75,7 @@ def recover(journal: Journal, record: PaymentsRecord, tail: LedgerTail, ids: Acc
             resumed.unresolved.append(Attempt(payment, processor, requested_at_ms))
 
     held = {payment.correlation_id for payment in (*resumed.unsent, *(a.payment for a in resumed.unresolved))}
+    found_empty = ids.live_ids == 0
     abandoned = 0
     for correlation_id in ids.claims_of_this_instance():
         if correlation_id in held:
@@ -73,11 +83,11 @@ def recover(journal: Journal, record: PaymentsRecord, tail: LedgerTail, ids: Acc
         else:
             ids.abandon(correlation_id)
             abandoned += 1
-    for payment in (*resumed.unsent, *(attempt.payment for attempt in resumed.unresolved)):
+    for payment in (*resumed.unsent, *(attempt.payment for attempt in resumed.unresolved), *replayed):
         ids.remember(payment.correlation_id, payment.cents)
-    if ids.live_ids == 0:
+    if found_empty:
         refilled = 0
-        for payment in record.settled_since(wall_clock_ms() - ids.window_ms):
+        for payment in record.settled_since(window_starts_ms):
             ids.remember(payment.correlation_id, payment.cents)
             refilled += 1
         if refilled:
