@@ -77,6 +77,8 @@ class EmbeddedStore:
         self._progress: asyncio.TimerHandle | None = None
         # Pre-send checks asked in this turn of the loop: one lookup for all.
         self._checks: dict[bytes, asyncio.Future] = {}
+        # Summaries read in this turn since the last settlement, by range.
+        self._summaries: dict[tuple[int | None, int | None], asyncio.Future] = {}
 
     async def start(self, queue: RingQueue, work: PendingWork) -> None:
         self._loop = asyncio.get_running_loop()
@@ -213,6 +215,7 @@ class EmbeddedStore:
         lookup.add_done_callback(answer)
 
     def settle(self, attempt: Attempt) -> None:
+        self._summaries.clear()  # a summary asked from now on counts this one
         generation = self.tail.generation
         seq = self.journal.settled(attempt, generation)
         payment = attempt.payment
@@ -257,6 +260,18 @@ class EmbeddedStore:
     # --- reading -------------------------------------------------------------------------
 
     def summary(self, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
+        """Summaries of one range asked between two settlements of this
+        instance, in one turn of the loop, share one read: a client pipelining
+        thousands of them holds one snapshot and one query, not thousands."""
+        key = (from_ms, to_ms)
+        shared = self._summaries.get(key)
+        if shared is None:
+            if not self._summaries:
+                self._loop.call_soon(self._summaries.clear)
+            shared = self._summaries[key] = self._read_summary(from_ms, to_ms)
+        return shared
+
+    def _read_summary(self, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
         # The tail first: what the record commits meanwhile is then in its snapshot.
         tail = self.tail.snapshot()
         generation = self.tail.generation
@@ -281,7 +296,11 @@ class EmbeddedStore:
     def purge(self) -> asyncio.Future:
         """Every instance's ledger starts over: a new generation, durable in
         the record before any instance counts in it."""
-        return then(self.record.purge(), self.tail.raise_generation)
+        return then(self.record.purge(), self._start_generation)
+
+    def _start_generation(self, generation: int) -> None:
+        self._summaries.clear()
+        self.tail.raise_generation(generation)
 
     async def close(self) -> None:
         if self._progress is not None:
