@@ -260,9 +260,32 @@ def test_sigterm_stops_and_reports(binaries, tmp_path, constant_server):
     assert run.summary["ok_2xx"] == len(run.rows)
 
 
+def realtime_offset_s() -> float:
+    """How far the realtime clock is from the monotonic one (the kernel's
+    receive stamps are realtime; this VM's realtime clock is stepped now and then)."""
+    return time.time() - time.monotonic()
+
+
 def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_path):
     """The generator is stopped while each answer arrives: the read comes 100 ms
-    late, the arrival time does not move."""
+    late, the arrival time does not move. A run during which the realtime clock
+    was stepped says nothing of that (its stamps moved with the clock): it is
+    run again, once."""
+    for attempt in range(2):
+        offset_before = realtime_offset_s()
+        run = _run_stopped_at_each_answer(binaries, tmp_path / f"results-{attempt}.csv")
+        if abs(realtime_offset_s() - offset_before) < 0.01:
+            break
+    assert len(run.rows) >= 3 and {row.status for row in run.rows} == {202}
+    assert all(row.read_latency_us >= 100_000 for row in run.rows)
+    # Each answer arrived before the 100 ms stop and was read after it: however
+    # long the server took to answer, the stop is not in the latency. (Slack for
+    # the realtime clock's slewing against the monotonic one over those 100 ms.)
+    assert [row for row in run.rows if row.read_latency_us - row.latency_us < 99_000] == []
+    assert run.summary["unstamped"] == 0
+
+
+def _run_stopped_at_each_answer(binaries, out: Path) -> Run:
     started = threading.Event()
     loadgen_pid = []
 
@@ -274,7 +297,6 @@ def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_pat
             time.sleep(0.1)
             os.kill(loadgen_pid[0], signal.SIGCONT)
 
-    out = tmp_path / "results.csv"
     with python_server(answer_while_the_generator_is_stopped) as (port, _):
         loadgen = subprocess.Popen(
             [str(binaries["loadgen"]), "--target", f"127.0.0.1:{port}", "--duration", "1",
@@ -284,14 +306,7 @@ def test_a_response_is_timed_to_its_arrival_not_to_a_late_read(binaries, tmp_pat
         started.set()
         stdout, stderr = loadgen.communicate(timeout=10)
     assert loadgen.returncode == 0, stderr
-    run = Run(subprocess.CompletedProcess(loadgen.args, 0, stdout, stderr), out)
-    assert len(run.rows) >= 3 and {row.status for row in run.rows} == {202}
-    assert all(row.read_latency_us >= 100_000 for row in run.rows)
-    # Each answer arrived before the 100 ms stop and was read after it: however
-    # long the server took to answer, the stop is not in the latency. (Slack for
-    # the realtime clock's slewing against the monotonic one over those 100 ms.)
-    assert [row for row in run.rows if row.read_latency_us - row.latency_us < 99_000] == []
-    assert run.summary["unstamped"] == 0
+    return Run(subprocess.CompletedProcess(loadgen.args, 0, stdout, stderr), out)
 
 def test_arrivals_start_on_schedule_whatever_the_answers(binaries, tmp_path, constant_server):
     rate, duration_s = 500, 2.0
