@@ -17,7 +17,8 @@ instance unless it stands out from that.
 
 LOOP_RUNS (default 3) rounds; the median of each figure is printed, and the
 exit status is 1 if a turn of the instance took longer than 1 ms and longer
-than every turn of the idle loop in the same round.
+than every turn of the idle loop in the same round. `loop_turns.py --idle
+SECONDS` is the idle loop (it prints its TurnTimes as JSON).
 """
 from __future__ import annotations
 
@@ -47,22 +48,6 @@ from paycore.stack import Stack, StackSettings  # noqa: E402
 
 STALL_LIMIT_S = 0.001
 LONGEST_KEPT = 5
-# What the idle loop runs: the same measure, nothing else.
-IDLE_LOOP = """
-import asyncio, json, sys, time, uvloop
-async def main(seconds):
-    longest, turns = [], 0
-    ends = time.monotonic() + seconds
-    previous = time.thread_time()
-    while time.monotonic() < ends:
-        await asyncio.sleep(0)
-        now = time.thread_time()
-        turns += 1
-        longest = sorted(longest + [now - previous])[-5:]
-        previous = now
-    print(json.dumps({"turns": turns, "longest_s": longest}))
-uvloop.run(main(float(sys.argv[1])))
-"""
 
 
 @dataclass
@@ -74,10 +59,24 @@ class Round:
 
 
 @dataclass
-class TurnReport:
+class TurnTimes:
+    """The loop thread's CPU time per turn: how many, how many over the limit,
+    the longest few."""
     turns: int = 0
-    longest_s: list[float] = field(default_factory=list)
     over_limit: int = 0
+    longest_s: list[float] = field(default_factory=list)
+
+    def add(self, cpu_s: float) -> None:
+        self.turns += 1
+        if cpu_s > STALL_LIMIT_S:
+            self.over_limit += 1
+        if len(self.longest_s) < LONGEST_KEPT or cpu_s > self.longest_s[0]:
+            self.longest_s = sorted(self.longest_s + [cpu_s])[-LONGEST_KEPT:]
+
+
+@dataclass
+class TurnReport:
+    times: TurnTimes = field(default_factory=TurnTimes)
     most_taken: int = 0       # payments taken off the queue in one turn
     most_sent: int = 0        # requests to processors started in one turn
     taken: int = 0
@@ -85,21 +84,45 @@ class TurnReport:
     gc_collections: list[int] = field(default_factory=list)
     gc_longest_s: list[float] = field(default_factory=list)
     posted: dict = field(default_factory=dict)
-    idle_loop: dict = field(default_factory=dict)
+    idle_loop: TurnTimes = field(default_factory=TurnTimes)
 
     @property
     def stalls(self) -> list[float]:
         """Turns over the limit and over the idle loop's longest."""
-        floor = max(self.idle_loop.get("longest_s") or [0.0])
-        return [turn for turn in self.longest_s if turn > STALL_LIMIT_S and turn > floor]
+        floor = max(self.idle_loop.longest_s or [0.0])
+        return [turn for turn in self.times.longest_s if turn > STALL_LIMIT_S and turn > floor]
 
 
-class TurnProbe:
-    """Each turn of the loop: its CPU time, and what the instance did in it."""
+class TurnClock:
+    """A task that yields at every turn of the loop and times each turn in
+    the loop thread's CPU time, until `stopping`."""
+
+    def __init__(self, times: TurnTimes) -> None:
+        self.times = times
+        self.stopping = False
+
+    async def measure(self) -> None:
+        previous = time.thread_time()
+        while not self.stopping:
+            self.turn_begins()
+            await asyncio.sleep(0)
+            self.times.add(time.thread_time() - previous)
+            self.turn_ended()
+            previous = time.thread_time()
+
+    def turn_begins(self) -> None:
+        pass
+
+    def turn_ended(self) -> None:
+        pass
+
+
+class TurnProbe(TurnClock):
+    """The clock, and what the instance did in each turn."""
 
     def __init__(self, instance: Instance, report: TurnReport) -> None:
+        super().__init__(report.times)
         self.report = report
-        self.stopping = False
         self._taken = self._sent = 0
         store, clients = instance.store, instance.clients
         sending = store.sending
@@ -118,23 +141,23 @@ class TurnProbe:
             return await send(*args)
         return counted_send
 
-    async def measure(self) -> None:
+    def turn_begins(self) -> None:
+        self._taken = self._sent = 0
+
+    def turn_ended(self) -> None:
         report = self.report
-        previous = time.thread_time()
-        while not self.stopping:
-            self._taken = self._sent = 0
-            await asyncio.sleep(0)
-            now = time.thread_time()
-            report.turns += 1
-            report.taken += self._taken
-            report.sent += self._sent
-            report.most_taken = max(report.most_taken, self._taken)
-            report.most_sent = max(report.most_sent, self._sent)
-            if now - previous > STALL_LIMIT_S:
-                report.over_limit += 1
-            if len(report.longest_s) < LONGEST_KEPT or now - previous > report.longest_s[0]:
-                report.longest_s = sorted(report.longest_s + [now - previous])[-LONGEST_KEPT:]
-            previous = time.thread_time()
+        report.taken += self._taken
+        report.sent += self._sent
+        report.most_taken = max(report.most_taken, self._taken)
+        report.most_sent = max(report.most_sent, self._sent)
+
+
+async def _idle_loop(seconds: float) -> TurnTimes:
+    """The same clock in a loop with nothing else to do."""
+    clock = TurnClock(TurnTimes())
+    asyncio.get_running_loop().call_later(seconds, setattr, clock, "stopping", True)
+    await clock.measure()
+    return clock.times
 
 
 async def _eventually(condition, timeout_s: float, what: str) -> None:
@@ -180,7 +203,7 @@ async def _drain(settings: Settings, processors: Processors, loadgen: Path, work
     measuring = None
     try:
         await _eventually(lambda: len(instance.queue) >= shape.warm_up, shape.seconds, "no payment accepted")
-        idle_loop = subprocess.Popen([sys.executable, "-c", IDLE_LOOP, str(shape.seconds)],
+        idle_loop = subprocess.Popen([sys.executable, __file__, "--idle", str(shape.seconds)],
                                      stdout=subprocess.PIPE, text=True)
         measuring = loop.create_task(probe.measure())
         await _eventually(lambda: len(instance.queue) >= shape.backlog, shape.seconds, "no backlog built up")
@@ -203,7 +226,7 @@ async def _drain(settings: Settings, processors: Processors, loadgen: Path, work
         if measuring is not None:
             await measuring
         if idle_loop is not None:
-            report.idle_loop = json.loads((await loop.run_in_executor(executor, idle_loop.communicate))[0])
+            report.idle_loop = TurnTimes(**json.loads((await loop.run_in_executor(executor, idle_loop.communicate))[0]))
         posting.kill()
         posting.wait()
         executor.shutdown()
@@ -224,13 +247,13 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="paycore-loop-", dir=REPO / "perf") as work_dir:
             report = drain_a_backlog(loadgen, Path(work_dir), Round())
         reports.append(report)
-        print(f"round {run + 1}: {report.turns} turns, {report.over_limit} over 1 ms; longest (ms) "
-              f"{_ms(report.longest_s)}, idle loop's {_ms(report.idle_loop.get('longest_s', []))}; "
+        print(f"round {run + 1}: {report.times.turns} turns, {report.times.over_limit} over 1 ms; longest (ms) "
+              f"{_ms(report.times.longest_s)}, idle loop's {_ms(report.idle_loop.longest_s)}; "
               f"most taken / sent in a turn {report.most_taken} / {report.most_sent}; "
               f"gc {report.gc_collections}, longest (ms) {_ms(report.gc_longest_s)}; "
               f"posted {report.posted.get('ok_2xx')} of {report.posted.get('requests')}")
-    longest = statistics.median(max(report.longest_s) for report in reports)
-    idle = statistics.median(max(report.idle_loop.get("longest_s") or [0.0]) for report in reports)
+    longest = statistics.median(max(report.times.longest_s) for report in reports)
+    idle = statistics.median(max(report.idle_loop.longest_s or [0.0]) for report in reports)
     print(f"median of {runs}: the instance's longest turn {longest * 1000:.3f} ms, the idle loop's "
           f"{idle * 1000:.3f} ms, ratio {longest / idle if idle else float('inf'):.2f}x")
     results = REPO / "perf" / "results"
@@ -244,4 +267,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--idle"]:
+        print(json.dumps(asdict(uvloop.run(_idle_loop(float(sys.argv[2]))))))
+    else:
+        sys.exit(main())

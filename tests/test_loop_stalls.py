@@ -35,7 +35,7 @@ def loadgen() -> Path:
 def test_a_backlog_drains_a_slice_and_a_few_sends_per_turn_of_the_loop(tmp_path, loadgen):
     shape = loop_turns.Round(rate=300, seconds=5, backlog=900)
     report = loop_turns.drain_a_backlog(loadgen, tmp_path, shape)
-    summary = (f"{report.turns} turns; most taken / sent in one: {report.most_taken} / {report.most_sent}; "
+    summary = (f"{report.times.turns} turns; most taken / sent in one: {report.most_taken} / {report.most_sent}; "
                f"{report.taken} taken, {report.sent} sent while measured")
     print(summary)
     assert report.posted["ok_2xx"] == report.posted["requests"] >= shape.rate * shape.seconds * 0.9
