@@ -283,7 +283,7 @@ def _benchmark(seconds: float, low_latency_host: bool, variant: Variant,
     result["paycore"]["windows_p99_ms"] = [[start, round(p99, 4)] for start, p99 in windows_p99]
     result["paycore"]["service_events"] = {"totals": events.totals(), "failed_scrapes": events.failed_scrapes}
     if floor:
-        floor_p99 = latency_summary_ms([request.latency_us for request in floor if request.succeeded])["p99"]
+        floor_p99 = success_latencies_ms(floor)[0]["p99"]
         result["paycore"]["floor"] = {
             "p99_ms": floor_p99,
             "p99_to_floor": round(latency["p99"] / floor_p99, 2),

@@ -6,11 +6,11 @@ unknown outcomes, the queue's depth, which shows backlogs and their flushes).
 The instances know nothing of it: they only count, as in production."""
 from __future__ import annotations
 
-import http.client
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
+
+from unix_http import UnixHTTPConnection
 
 SCRAPE_INTERVAL_S = 1.0
 SCRAPE_TIMEOUT_S = 2.0
@@ -28,17 +28,6 @@ RATES = {
     "to none": ("paycore_route_changes_total", 'to="none"'),
 }
 GAUGES = {"queue depth": "paycore_queue_depth"}
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("paycore", timeout=SCRAPE_TIMEOUT_S)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(SCRAPE_TIMEOUT_S)
-        self.sock.connect(self._path)
 
 
 def parse_exposition(text: str) -> dict[str, float]:
@@ -114,7 +103,7 @@ class MetricsSampler(threading.Thread):
     def _scrape(self) -> None:
         summed: dict[str, float] = {}
         for path in self._sockets:
-            connection = _UnixConnection(path)
+            connection = UnixHTTPConnection(path, SCRAPE_TIMEOUT_S)
             try:
                 connection.request("GET", "/metrics")
                 text = connection.getresponse().read().decode()

@@ -25,11 +25,9 @@ load, writes what was sampled and stops everything it started.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +40,7 @@ from cgroups import CgroupJail, compose_jail  # noqa: E402
 from native import build_tools  # noqa: E402
 from open_loop import OpenLoopLoad, refusals  # noqa: E402
 from topology import FastTopology  # noqa: E402
+from unix_http import UnixHTTPConnection  # noqa: E402
 from usage import directory_bytes, resident_bytes  # noqa: E402
 
 from paycore.stack import Stack  # noqa: E402
@@ -122,19 +121,8 @@ def early_stop_reason(samples: list[dict]) -> str | None:
             f"{last['dropped'] - first['dropped']:,}; exited: {last['exited'] or 'none'})")
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("paycore", timeout=2)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
 def summary_status(socket_path: str) -> int | None:
-    connection = _UnixConnection(socket_path)
+    connection = UnixHTTPConnection(socket_path)
     try:
         connection.request("GET", "/payments-summary")
         return connection.getresponse().status
