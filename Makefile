@@ -10,12 +10,12 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop
+.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS): $(PY) pyproject.toml
+$(DEPS): $(PY) pyproject.toml | build-deps
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "cython>=3.0" "setuptools>=68" wheel
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
@@ -24,6 +24,12 @@ $(DEPS): $(PY) pyproject.toml
 $(BUILT): $(DEPS) $(CORE_SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
+
+# SQLite's headers: the payments record's lookups (pyx/record_lookup.pyx) call its C API.
+build-deps:
+	@test -f /usr/include/sqlite3.h || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libsqlite3-dev >/dev/null; }
 
 build: $(BUILT)
 

@@ -18,11 +18,15 @@ def cython_include_dir() -> str:
     return str(root)
 
 
+# The record's lookups call SQLite's C API: the library Python's sqlite3 module loads.
+LIBRARIES = {"record_lookup": ["sqlite3"]}
+
 extensions = [
     Extension(
         f"paycore.core.{source.stem}",
         [str(source.relative_to(HERE))],
         extra_compile_args=["-O2"],
+        libraries=LIBRARIES.get(source.stem, []),
     )
     for source in sorted((HERE / "pyx").glob("*.pyx"))
 ]
