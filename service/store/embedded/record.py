@@ -8,10 +8,12 @@ instance's writer thread commits what was handed to it in groups (at most
 every COMMIT_INTERVAL_S, sooner when COMMIT_AT_ONCE wait) together with the
 instance's journal sequence they reach, then tells the event loop
 (`on_committed`), which may then delete the journal segments below it. A
-reader thread answers lookups and summaries. Both threads hold the GIL only
-to bind a statement's parameters and read its rows: statements bind many rows
-at once, so a commit takes the GIL back a handful of times, whatever its size,
-and an event loop that holds it for long stretches does not starve them.
+reader thread answers summaries. Both threads hold the GIL only to bind a
+statement's parameters and read its rows: statements bind many rows at once,
+so a commit takes the GIL back a handful of times, whatever its size, and an
+event loop that holds it for long stretches does not starve them. Lookups,
+one before every send, are answered by a thread that never takes the GIL
+(paycore.core.record_lookup).
 
 Before `start`, the synchronous calls serve recovery on the caller's thread.
 """
@@ -24,9 +26,12 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
+
+from paycore.core.record_lookup import LookupStatus, RecordLookup
 
 from ...payment import Attempt, Payment
 from ..base import Totals
@@ -64,6 +69,7 @@ class PaymentsRecord:
         self._clock_ms = clock_ms
         self._writer: _Writer | None = None
         self._reader: _Reader | None = None
+        self._lookups: _Lookups | None = None
         self._started = False
 
     def open(self) -> None:
@@ -73,6 +79,7 @@ class PaymentsRecord:
         self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms,
                                wal_path=self.path + "-wal" if self._sync else None)
         self._reader = _Reader(record_sql.connect_reader(self.path))
+        self._lookups = _Lookups(self.path)
 
     # Before start, on the caller's thread.
 
@@ -99,11 +106,12 @@ class PaymentsRecord:
     def start(self, loop: asyncio.AbstractEventLoop, on_committed: Callable[[int], None]) -> None:
         """Start the writer and reader threads; on_committed(through_seq) runs
         on `loop` after each commit."""
-        writer, reader = self._idle_writer(), self._reader
-        assert reader is not None
+        writer, reader, lookups = self._idle_writer(), self._reader, self._lookups
+        assert reader is not None and lookups is not None
         self._started = True
         writer.start(loop, on_committed)
         reader.start(loop)
+        lookups.start(loop)
 
     def submit(self, settlements: list[Settlement], through_seq: int) -> None:
         """Hand a batch to the writer: the instance's journal is durable
@@ -114,7 +122,9 @@ class PaymentsRecord:
 
     def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future[dict[bytes, Attempt]]:
         """A future of the ids the record holds, at any age, as settled."""
-        return self._running_reader().lookup(correlation_ids)
+        if self._lookups is None or not self._started:
+            raise RuntimeError("payments record: not started, or closed")
+        return self._lookups.lookup(correlation_ids)
 
     def summary(self, generation: int, from_ms: int | None,
                 to_ms: int | None) -> asyncio.Future[tuple[Totals, dict[str, int]]]:
@@ -131,8 +141,10 @@ class PaymentsRecord:
 
     async def close(self) -> None:
         """Commit what was submitted, stop the threads, close the connections."""
-        writer, reader = self._writer, self._reader
-        self._writer = self._reader = None
+        writer, reader, lookups = self._writer, self._reader, self._lookups
+        self._writer = self._reader = self._lookups = None
+        if lookups is not None:
+            await lookups.close()
         if reader is not None:
             await reader.close()
         if writer is not None:
@@ -394,12 +406,11 @@ class _DurableFile:
             self._fd = -1
 
 
-_LOOKUP, _SUMMARY, _STOP = range(3)  # what the reader is asked
+_SUMMARY, _STOP = range(2)  # what the reader is asked
 
 
 class _Reader:
-    """A connection that only reads, and the thread that answers on it.
-    Lookups waiting together are answered by one query."""
+    """A connection that only reads, and the thread that answers summaries on it."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self.connection = connection
@@ -411,9 +422,6 @@ class _Reader:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="payments-record-reader", daemon=True)
         self._thread.start()
-
-    def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future:
-        return self._ask(_LOOKUP, correlation_ids)
 
     def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
         return self._ask(_SUMMARY, generation, from_ms, to_ms)
@@ -440,9 +448,6 @@ class _Reader:
             while not self._jobs.empty():
                 jobs.append(self._jobs.get_nowait())
             answers: list[_Answer] = []
-            lookups = [(args[0], future) for kind, args, future in jobs if kind == _LOOKUP]
-            if lookups:
-                self._answer_lookups(lookups, answers)
             for kind, args, future in jobs:
                 if kind == _SUMMARY:
                     try:
@@ -454,16 +459,61 @@ class _Reader:
                     answers.append((future, None, None))
             self._loop.call_soon_threadsafe(_resolve_all, answers)
 
-    def _answer_lookups(self, lookups: list[tuple[list[bytes], asyncio.Future]], answers: list[_Answer]) -> None:
-        try:
-            wanted = lookups[0][0] if len(lookups) == 1 else list(dict.fromkeys(
-                chain.from_iterable(ids for ids, _ in lookups)))
-            found = record_sql.settled_among(self.connection, wanted)
-        except sqlite3.Error as error:
-            answers.extend((future, None, error) for _, future in lookups)
-            return
-        for ids, future in lookups:
-            answers.append((future, {cid: found[cid] for cid in ids if cid in found}, None))
+
+class _Lookups:
+    """Which ids the record holds: asked on the loop, answered in order by a
+    thread of paycore.core.record_lookup, read when its eventfd is readable."""
+
+    def __init__(self, path: str) -> None:
+        self._lookup = RecordLookup(path)
+        self._asked: deque[tuple[list[bytes], asyncio.Future]] = deque()
+        # Answers read, of a lookup not yet answered whole.
+        self._answers: list[tuple[bytes, int, int, int, int, int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self._lookup.event_fd, self._answered)
+        self._thread = threading.Thread(target=self._lookup.serve, name="payments-record-lookups", daemon=True)
+        self._thread.start()
+
+    def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future:
+        assert self._loop is not None
+        future = self._loop.create_future()
+        if not correlation_ids:
+            future.set_result({})
+            return future
+        self._lookup.ask(correlation_ids)
+        self._asked.append((correlation_ids, future))
+        return future
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            assert self._loop is not None
+            self._lookup.stop()
+            await asyncio.to_thread(self._thread.join)
+            self._loop.remove_reader(self._lookup.event_fd)
+            self._answered()
+        self._lookup.close()
+
+    def _answered(self) -> None:
+        answers = self._answers
+        answers.extend(self._lookup.answers())
+        taken = 0
+        while self._asked and len(answers) - taken >= len(self._asked[0][0]):
+            ids, future = self._asked.popleft()
+            mine = answers[taken:taken + len(ids)]
+            taken += len(ids)
+            failed = next((error for _, status, _, _, _, error in mine if status == LookupStatus.FAILED), None)
+            if failed is not None:
+                _resolve(future, None, sqlite3.OperationalError(
+                    f"payments record lookup failed: SQLite error {failed}"))
+            else:
+                _resolve(future, {correlation_id: Attempt(Payment(correlation_id, cents), processor, requested_at_ms)
+                                  for correlation_id, status, cents, processor, requested_at_ms, _ in mine
+                                  if status == LookupStatus.FOUND}, None)
+        del answers[:taken]
 
 
 _Answer = tuple[asyncio.Future, Any, BaseException | None]
