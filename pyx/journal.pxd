@@ -16,6 +16,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from paycore.core.accepted_ids cimport AcceptedIds
 from paycore.core.correlation_id cimport UUID_BYTES
+from paycore.core.loop_threads cimport pthread_cond_t, pthread_mutex_t
 
 
 cpdef enum RecordKind:
@@ -75,11 +76,6 @@ cdef struct RecordBuffer:
     Py_ssize_t capacity
 
 
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
 
 
 @cython.final

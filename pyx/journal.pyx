@@ -17,6 +17,11 @@ from posix.unistd cimport close, fsync, pwrite, read, write
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from paycore.core.correlation_id cimport UUID_BYTES
+from paycore.core.loop_threads cimport (
+    EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
+    pthread_cond_signal, pthread_cond_timedwait, pthread_cond_wait, pthread_mutex_destroy,
+    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
+)
 from paycore.core.posix_files cimport open_or_raise, raise_os_error
 
 
@@ -41,24 +46,6 @@ cdef extern from "<sys/vfs.h>" nogil:
     struct statfs:
         long f_type
     int fstatfs(int fd, statfs* buffer)
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum: EFD_NONBLOCK
-    enum: EFD_CLOEXEC
-
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attributes)
-    int pthread_mutex_destroy(pthread_mutex_t* mutex)
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
-    int pthread_cond_init(pthread_cond_t* condition, const void* attributes)
-    int pthread_cond_destroy(pthread_cond_t* condition)
-    int pthread_cond_wait(pthread_cond_t* condition, pthread_mutex_t* mutex)
-    int pthread_cond_timedwait(pthread_cond_t* condition, pthread_mutex_t* mutex, const timespec* deadline)
-    int pthread_cond_signal(pthread_cond_t* condition)
 
 
 cdef extern from *:
@@ -175,20 +162,10 @@ cdef void segment_name(char* out, uint64_t first_seq, bint temporary) noexcept n
 
 # --- record buffers ----------------------------------------------------------------
 
-cdef int buffer_reserve(RecordBuffer* buffer, Py_ssize_t wanted) noexcept nogil:
+cdef inline int buffer_reserve(RecordBuffer* buffer, Py_ssize_t wanted) noexcept nogil:
     """0, or -1 when memory is short."""
-    cdef Py_ssize_t capacity = buffer.capacity if buffer.capacity > 0 else INITIAL_BUFFER_RECORDS
-    cdef JournalRecord* grown
-    if wanted <= buffer.capacity:
-        return 0
-    while capacity < wanted:
-        capacity *= 2
-    grown = <JournalRecord*>realloc(buffer.records, capacity * sizeof(JournalRecord))
-    if grown == NULL:
-        return -1
-    buffer.records = grown
-    buffer.capacity = capacity
-    return 0
+    return grow_array(<void**>&buffer.records, &buffer.capacity, wanted, sizeof(JournalRecord),
+                      INITIAL_BUFFER_RECORDS)
 
 
 cdef int buffer_take(RecordBuffer* target, RecordBuffer* source) noexcept nogil:

@@ -5,13 +5,7 @@
 from libc.stdint cimport int64_t
 
 from paycore.core.correlation_id cimport UUID_BYTES
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
+from paycore.core.loop_threads cimport pthread_cond_t, pthread_mutex_t
 
 
 cdef extern from "sqlite3.h" nogil:

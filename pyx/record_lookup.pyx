@@ -8,35 +8,17 @@ answers() returns the answers of every id asked so far, in the order asked.
 stop(), wait for serve() to return, then close().
 """
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free
 from libc.string cimport memcpy
+from posix.unistd cimport close, read, write
 
 from paycore.core.correlation_id cimport UUID_BYTES
+from paycore.core.loop_threads cimport (
+    EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
+    pthread_cond_signal, pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init,
+    pthread_mutex_lock, pthread_mutex_unlock,
+)
 from paycore.core.posix_files cimport raise_os_error
-
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attributes)
-    int pthread_mutex_destroy(pthread_mutex_t* mutex)
-    int pthread_mutex_lock(pthread_mutex_t* mutex)
-    int pthread_mutex_unlock(pthread_mutex_t* mutex)
-    int pthread_cond_init(pthread_cond_t* condition, const void* attributes)
-    int pthread_cond_destroy(pthread_cond_t* condition)
-    int pthread_cond_wait(pthread_cond_t* condition, pthread_mutex_t* mutex)
-    int pthread_cond_signal(pthread_cond_t* condition)
-
-
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    enum:
-        EFD_NONBLOCK
-        EFD_CLOEXEC
-
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t read(int fd, void* buffer, size_t count)
-    ssize_t write(int fd, const void* buffer, size_t count)
-    int close(int fd)
 
 
 cdef extern from "sqlite3.h" nogil:
@@ -75,20 +57,9 @@ cdef int BUSY_TIMEOUT_MS = 30000
 cdef Py_ssize_t INITIAL_ANSWERS = 64
 
 
-cdef int answers_reserve(AnswerList* answers, Py_ssize_t wanted) noexcept nogil:
+cdef inline int answers_reserve(AnswerList* answers, Py_ssize_t wanted) noexcept nogil:
     """0, or -1 when memory is short."""
-    cdef Py_ssize_t capacity = answers.capacity if answers.capacity > 0 else INITIAL_ANSWERS
-    cdef LookupAnswer* grown
-    if wanted <= answers.capacity:
-        return 0
-    while capacity < wanted:
-        capacity *= 2
-    grown = <LookupAnswer*>realloc(answers.items, capacity * sizeof(LookupAnswer))
-    if grown == NULL:
-        return -1
-    answers.items = grown
-    answers.capacity = capacity
-    return 0
+    return grow_array(<void**>&answers.items, &answers.capacity, wanted, sizeof(LookupAnswer), INITIAL_ANSWERS)
 
 
 cdef class RecordLookup:
@@ -184,14 +155,15 @@ cdef class RecordLookup:
     def serve(self) -> None:
         """The reader: run in a thread of its own until stop() (at once if
         stop() came first), after answering every id asked before it."""
-        with nogil:
-            pthread_mutex_lock(&self.mutex)
-            if self.serving or self.statement == NULL:
-                pthread_mutex_unlock(&self.mutex)
-                with gil:
-                    raise RuntimeError("the lookup is already served, or closed")
+        # With the GIL: the thread that holds the mutex never waits for it.
+        pthread_mutex_lock(&self.mutex)
+        refused = self.serving or self.statement == NULL
+        if not refused:
             self.serving = True
-            pthread_mutex_unlock(&self.mutex)
+        pthread_mutex_unlock(&self.mutex)
+        if refused:
+            raise RuntimeError("the lookup is already served, or closed")
+        with nogil:
             self.serve_raw()
 
     cdef void serve_raw(self) noexcept nogil:
