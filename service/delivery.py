@@ -136,8 +136,11 @@ class Dispatcher:
 
     def notify(self) -> None:
         """Something changed (a payment queued, a slot freed): let the loop look
-        again, a turn of the event loop later (HAND_OFF_DELAY_S)."""
-        if self._hand_off is None:
+        again, a turn of the event loop later (HAND_OFF_DELAY_S). With the
+        queue empty there is nothing to look at (whoever queues a payment
+        notifies after it): a slot freed by each settlement would otherwise
+        cost the loop a timer's wake-up per payment."""
+        if self._hand_off is None and len(self._queue):
             self._hand_off = self._loop.call_later(HAND_OFF_DELAY_S, self._wake)
 
     def _wake(self) -> None:

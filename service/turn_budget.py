@@ -11,28 +11,38 @@ from collections import deque
 class TurnBudget:
     def __init__(self, per_turn: int) -> None:
         self._per_turn = per_turn
+        self._granted = 0
         self._waiting: deque[asyncio.Future] = deque()
-        self._granting: asyncio.Handle | None = None
+        self._turn_ends: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._granted_now: asyncio.Future | None = None
 
     def take(self) -> asyncio.Future:
-        """A future resolved in a later turn: those resolved in one turn, at
-        most per_turn, first come first served, all go on in the next."""
+        """A future to await before the work: done already while this turn's
+        budget lasts (awaiting it does not yield, so a lone send costs no turn
+        of the loop), else resolved in a later turn, first come first served."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._granted_now = self._loop.create_future()
+            self._granted_now.set_result(None)
+        if self._turn_ends is None:
+            self._turn_ends = self._loop.call_soon(self._next_turn)
+        if not self._waiting and self._granted < self._per_turn:
+            self._granted += 1
+            return self._granted_now
         future = self._loop.create_future()
         self._waiting.append(future)
-        if self._granting is None:
-            self._granting = self._loop.call_soon(self._grant)
         return future
 
-    def _grant(self) -> None:
-        self._granting = None
-        granted = 0
-        while self._waiting and granted < self._per_turn:
+    def _next_turn(self) -> None:
+        """A new turn's budget, those waiting first; what they were granted
+        counts against the turn in which they go on."""
+        self._turn_ends = None
+        self._granted = 0
+        while self._waiting and self._granted < self._per_turn:
             future = self._waiting.popleft()
             if not future.done():  # a task cancelled while it waited
                 future.set_result(None)
-                granted += 1
-        if self._waiting:
-            self._granting = self._loop.call_soon(self._grant)
+                self._granted += 1
+        if self._waiting or self._granted:
+            self._turn_ends = self._loop.call_soon(self._next_turn)
