@@ -19,8 +19,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from paycore.core.correlation_id cimport UUID_BYTES
 from paycore.core.loop_threads cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
-    pthread_cond_signal, pthread_cond_timedwait, pthread_cond_wait, pthread_mutex_destroy,
-    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
+    pthread_cond_timedwait, pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init,
+    pthread_mutex_lock, pthread_mutex_unlock, unlock_and_wake,
 )
 from paycore.core.posix_files cimport open_or_raise, raise_os_error
 
@@ -812,8 +812,7 @@ cdef class Journal:
         with nogil:
             pthread_mutex_lock(&self.mutex)
             taken = buffer_take(&self.submitted, &self.open_batch)
-            pthread_cond_signal(&self.work_ready)
-            pthread_mutex_unlock(&self.mutex)
+            unlock_and_wake(&self.mutex, &self.work_ready)
         if taken != 0:
             raise MemoryError("journal batch")
         return count
@@ -872,8 +871,7 @@ cdef class Journal:
             with nogil:
                 pthread_mutex_lock(&self.mutex)
                 self.deletion_due = True
-                pthread_cond_signal(&self.work_ready)
-                pthread_mutex_unlock(&self.mutex)
+                unlock_and_wake(&self.mutex, &self.work_ready)
 
     @property
     def error(self) -> int:
@@ -906,8 +904,7 @@ cdef class Journal:
         with nogil:
             pthread_mutex_lock(&self.mutex)
             self.closing = True
-            pthread_cond_signal(&self.work_ready)
-            pthread_mutex_unlock(&self.mutex)
+            unlock_and_wake(&self.mutex, &self.work_ready)
 
     def close(self) -> None:
         """Release the files once serve() has returned (or never ran);

@@ -44,3 +44,12 @@ cdef inline int grow_array(void** items, Py_ssize_t* capacity, Py_ssize_t wanted
     items[0] = grown
     capacity[0] = grown_capacity
     return 0
+
+
+cdef inline void unlock_and_wake(pthread_mutex_t* mutex, pthread_cond_t* condition) noexcept nogil:
+    """Release the mutex, then wake the thread waiting on the condition. Woken
+    while the mutex is still held, it would run only to block on the mutex
+    and be woken again by the unlock: two more futex calls and a context
+    switch for each hand-over."""
+    pthread_mutex_unlock(mutex)
+    pthread_cond_signal(condition)

@@ -15,8 +15,8 @@ from posix.unistd cimport close, read, write
 from paycore.core.correlation_id cimport UUID_BYTES
 from paycore.core.loop_threads cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
-    pthread_cond_signal, pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init,
-    pthread_mutex_lock, pthread_mutex_unlock,
+    pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+    pthread_mutex_unlock, unlock_and_wake,
 )
 from paycore.core.posix_files cimport raise_os_error
 
@@ -128,8 +128,7 @@ cdef class RecordLookup:
             item += 1
         self.asked.count += count
         self.unread += count
-        pthread_cond_signal(&self.work_ready)
-        pthread_mutex_unlock(&self.mutex)
+        unlock_and_wake(&self.mutex, &self.work_ready)
 
     def answers(self) -> list:
         """(correlation_id, status, cents, processor, requested_at_ms, error)
@@ -216,8 +215,7 @@ cdef class RecordLookup:
         with nogil:
             pthread_mutex_lock(&self.mutex)
             self.closing = True
-            pthread_cond_signal(&self.work_ready)
-            pthread_mutex_unlock(&self.mutex)
+            unlock_and_wake(&self.mutex, &self.work_ready)
 
     def close(self) -> None:
         """Close the connection once serve() has returned (or never ran)."""
