@@ -327,6 +327,32 @@ def test_a_settled_payment_and_a_pending_one_can_be_looked_up(deployment_setting
     run(deployment_settings, scenario)
 
 
+def test_a_payment_settled_before_is_never_sent_again(deployment_settings):
+    """Whatever brings it back (a resume, a re-post past the idempotency
+    window), a send of a settled payment is refused by every instance; sends
+    asked in one turn share the record's answer, each hearing it."""
+    async def scenario(deployment: Deployment) -> None:
+        first, second = await deployment.start("a"), await deployment.start("b")
+        settled, fresh = random_uuid().bytes, random_uuid().bytes
+        for uuid16 in (settled, fresh):
+            assert await accept(first, uuid16, 1234) == Acceptance.ACCEPTED
+        taken = await _take(deployment, 2)
+        await send_and_settle(*taken[settled], DEFAULT, 1_700_000_000_321)
+        settled_status = PaymentStatus(Payment(settled, 1234),
+                                       Attempt(Payment(settled, 1234), DEFAULT, 1_700_000_000_321))
+        for store in (first, second):
+            await eventually_async(lambda store=store: _looked_up(store, settled), settled_status)
+            again = [store.sending(Attempt(Payment(settled, 1234), FALLBACK, 1_700_000_000_999))
+                     for _ in range(2)]
+            taker, payment = taken[fresh]
+            new = taker.sending(Attempt(payment, FALLBACK, 1_700_000_000_999)) if taker is store else None
+            store.flush_waiting()
+            assert [await resolve(sending) for sending in again] == [False, False]
+            if new is not None:
+                assert await resolve(new) is True
+    run(deployment_settings, scenario)
+
+
 async def _looked_up(store: Store, uuid16: bytes) -> PaymentStatus | None:
     return await resolve(store.lookup(uuid16))
 
