@@ -314,14 +314,8 @@ def test_a_settled_payment_and_a_pending_one_can_be_looked_up(deployment_setting
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
         settled, pending, unknown = (random_uuid().bytes for _ in range(3))
-        for uuid16 in (settled, pending):
-            assert await accept(first, uuid16, 2005) == Acceptance.ACCEPTED
-        taken = await _take(deployment, 2)
-        await send_and_settle(*taken[settled], FALLBACK, 1_700_000_000_123)
-        settled_status = PaymentStatus(Payment(settled, 2005),
-                                       Attempt(Payment(settled, 2005), FALLBACK, 1_700_000_000_123))
+        await _settle_the_first_of(deployment, first, (settled, pending), 2005, FALLBACK)
         for store in (first, second):
-            await eventually_async(lambda store=store: _looked_up(store, settled), settled_status)
             assert await resolve(store.lookup(pending)) == PaymentStatus(Payment(pending, 2005), None)
             assert await resolve(store.lookup(unknown)) is None
     run(deployment_settings, scenario)
@@ -334,14 +328,8 @@ def test_a_payment_settled_before_is_never_sent_again(deployment_settings):
     async def scenario(deployment: Deployment) -> None:
         first, second = await deployment.start("a"), await deployment.start("b")
         settled, fresh = random_uuid().bytes, random_uuid().bytes
-        for uuid16 in (settled, fresh):
-            assert await accept(first, uuid16, 1234) == Acceptance.ACCEPTED
-        taken = await _take(deployment, 2)
-        await send_and_settle(*taken[settled], DEFAULT, 1_700_000_000_321)
-        settled_status = PaymentStatus(Payment(settled, 1234),
-                                       Attempt(Payment(settled, 1234), DEFAULT, 1_700_000_000_321))
+        taken = await _settle_the_first_of(deployment, first, (settled, fresh), 1234, DEFAULT)
         for store in (first, second):
-            await eventually_async(lambda store=store: _looked_up(store, settled), settled_status)
             again = [store.sending(Attempt(Payment(settled, 1234), FALLBACK, 1_700_000_000_999))
                      for _ in range(2)]
             taker, payment = taken[fresh]
@@ -351,6 +339,22 @@ def test_a_payment_settled_before_is_never_sent_again(deployment_settings):
             if new is not None:
                 assert await resolve(new) is True
     run(deployment_settings, scenario)
+
+
+async def _settle_the_first_of(deployment: Deployment, accepting: Store, uuid16s: tuple[bytes, ...],
+                               cents: int, processor: int) -> dict[bytes, tuple[Store, Payment]]:
+    """Accept the payments, send and settle the first, and wait until every
+    instance can look it up as settled; what each instance took."""
+    for uuid16 in uuid16s:
+        assert await accept(accepting, uuid16, cents) == Acceptance.ACCEPTED
+    taken = await _take(deployment, len(uuid16s))
+    settled = uuid16s[0]
+    await send_and_settle(*taken[settled], processor, 1_700_000_000_123)
+    settled_status = PaymentStatus(Payment(settled, cents),
+                                   Attempt(Payment(settled, cents), processor, 1_700_000_000_123))
+    for store, _, _ in deployment.open.values():
+        await eventually_async(lambda store=store: _looked_up(store, settled), settled_status)
+    return taken
 
 
 async def _looked_up(store: Store, uuid16: bytes) -> PaymentStatus | None:
