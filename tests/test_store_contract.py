@@ -329,10 +329,10 @@ def test_a_payment_settled_before_is_never_sent_again(deployment_settings):
         first, second = await deployment.start("a"), await deployment.start("b")
         settled, fresh = random_uuid().bytes, random_uuid().bytes
         taken = await _settle_the_first_of(deployment, first, (settled, fresh), 1234, DEFAULT)
+        taker, payment = taken[fresh]
         for store in (first, second):
             again = [store.sending(Attempt(Payment(settled, 1234), FALLBACK, 1_700_000_000_999))
                      for _ in range(2)]
-            taker, payment = taken[fresh]
             new = taker.sending(Attempt(payment, FALLBACK, 1_700_000_000_999)) if taker is store else None
             store.flush_waiting()
             assert [await resolve(sending) for sending in again] == [False, False]
