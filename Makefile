@@ -25,7 +25,7 @@ $(BUILT): $(DEPS) $(CORE_SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
-# SQLite's headers: the payments record's lookups (pyx/record_lookup.pyx) call its C API.
+# SQLite's headers: the payments record's reader (pyx/record_reader.pyx) calls its C API.
 build-deps:
 	@test -f /usr/include/sqlite3.h || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

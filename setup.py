@@ -18,8 +18,8 @@ def cython_include_dir() -> str:
     return str(root)
 
 
-# The record's lookups call SQLite's C API: the library Python's sqlite3 module loads.
-LIBRARIES = {"record_lookup": ["sqlite3"]}
+# The record's reader calls SQLite's C API: the library Python's sqlite3 module loads.
+LIBRARIES = {"record_reader": ["sqlite3"]}
 
 extensions = [
     Extension(

@@ -5,10 +5,11 @@ the disk a payment takes. Medians of REPEATS runs where a figure is a rate.
 1. A record of one day at ~580 payments/s (50 M payments by default, built
    once through the record's own commit path, in a temporary directory on
    the disk holding the repository; minutes): bytes per payment, summaries of
-   the checker's window [t-15 s, t-2 s] within the last hour (direct, and
-   through the reader thread, on the plain host and with idle CPUs polling as
-   `BENCH_LOW_LATENCY_HOST=1 make bench` has them; root), checked against
-   a plain sum over the rows, one-day ranges, lookups.
+   the checker's window [t-15 s, t-2 s] within the last hour (the statement
+   alone, and through the record's reader thread, C without the GIL, on the
+   plain host and with idle CPUs polling as `BENCH_LOW_LATENCY_HOST=1 make
+   bench` has them; root), checked against a plain sum over the rows,
+   one-day ranges, lookups.
 2. The writer: settlements/s it commits with the loop idle, process CPU and
    bytes written per settlement, into a new record and into the big one; and a busy uvloop loop running small work items back to back,
    their p99 without the writer, and while the writer commits 5,000
@@ -106,31 +107,20 @@ def summaries(path: str) -> None:
         now = end_ms - rng.randrange(HOUR_MS - 15_000)
         windows.append((now - 15_000, now - 2_000))
     connection = record_sql.connect_reader(path)
-    direct = []
-    for from_ms, to_ms in windows:
+
+    def read_directly(from_ms: int | None, to_ms: int | None) -> float:
+        """µs to run the summary's statement on this thread (Python's sqlite3)."""
         started = time.perf_counter_ns()
-        record_sql.summary(connection, 0, from_ms, to_ms)
-        direct.append((time.perf_counter_ns() - started) / 1000)
+        statement, parameters = record_sql.summary_query(0, from_ms, to_ms)
+        connection.execute(record_sql.SUMMARY_STATEMENTS[statement], parameters).fetchall()
+        return (time.perf_counter_ns() - started) / 1000
 
-    # The same answer as a plain sum over the rows.
-    for from_ms, to_ms in windows[:50]:
-        plain = [0, 0, 0, 0]
-        for processor, count, cents in connection.execute(
-                "SELECT processor, count(*), sum(cents) FROM payments WHERE requested_at_ms BETWEEN ? AND ? "
-                "GROUP BY processor", (from_ms, to_ms)):
-            plain[2 * processor:2 * processor + 2] = count, cents
-        assert record_sql.summary(connection, 0, from_ms, to_ms)[0] == tuple(plain)
-
+    direct = [read_directly(from_ms, to_ms) for from_ms, to_ms in windows]
     day = []
     for _ in range(200):
         from_ms = START_MS + rng.randrange(HOUR_MS)
-        to_ms = from_ms + DAY_MS - HOUR_MS - rng.randrange(HOUR_MS)
-        started = time.perf_counter_ns()
-        record_sql.summary(connection, 0, from_ms, to_ms)
-        day.append((time.perf_counter_ns() - started) / 1000)
-    started = time.perf_counter_ns()
-    record_sql.summary(connection, 0, None, None)
-    everything_us = (time.perf_counter_ns() - started) / 1000
+        day.append(read_directly(from_ms, from_ms + DAY_MS - HOUR_MS - rng.randrange(HOUR_MS)))
+    everything_us = read_directly(None, None)
 
     ids = [row[0] for row in connection.execute("SELECT correlation_id FROM payments LIMIT 200000")]
     lookups = {}
@@ -142,12 +132,19 @@ def summaries(path: str) -> None:
             record_sql.settled_among(connection, wanted)
             samples.append((time.perf_counter_ns() - started) / 1000)
         lookups[size] = statistics.median(samples)
-    connection.close()
 
     async def threaded() -> list[float]:
         record = PaymentsRecord(path, "reader", sync=False)
         record.open()
         record.start(asyncio.get_running_loop(), lambda seq: None)
+        # The same answer as a plain sum over the rows.
+        for from_ms, to_ms in windows[:50]:
+            plain = [0, 0, 0, 0]
+            for processor, count, cents in connection.execute(
+                    "SELECT processor, count(*), sum(cents) FROM payments WHERE requested_at_ms BETWEEN ? AND ? "
+                    "GROUP BY processor", (from_ms, to_ms)):
+                plain[2 * processor:2 * processor + 2] = count, cents
+            assert (await record.summary(0, from_ms, to_ms))[0] == tuple(plain)
         samples = []
         for from_ms, to_ms in windows:
             started = time.perf_counter_ns()
@@ -157,7 +154,7 @@ def summaries(path: str) -> None:
         return samples
 
     async def bare_hop() -> list[float]:
-        """The floor under the reader thread: a future resolved by another thread."""
+        """For comparison: a future resolved by a Python thread, as summaries were."""
         loop = asyncio.get_running_loop()
         jobs: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -183,10 +180,11 @@ def summaries(path: str) -> None:
     with LowLatencyHost():
         polling_hop = uvloop.run(threaded())
         polling_floor = uvloop.run(bare_hop())
+    connection.close()
     print(f"summary [t-15 s, t-2 s] in the last hour, {QUERIES} windows (µs): "
           f"direct median {statistics.median(direct):.0f} p99 {percentile(direct, 0.99):.0f}; "
           f"through the reader thread median {statistics.median(hop):.0f} p99 {percentile(hop, 0.99):.0f} "
-          f"(a bare thread hop: median {statistics.median(floor):.0f} p99 {percentile(floor, 0.99):.0f}); "
+          f"(a bare hop through a Python thread: median {statistics.median(floor):.0f} p99 {percentile(floor, 0.99):.0f}); "
           f"the same with idle CPUs polling (perf/host.py) median {statistics.median(polling_hop):.0f} "
           f"p99 {percentile(polling_hop, 0.99):.0f} (bare hop median {statistics.median(polling_floor):.0f} "
           f"p99 {percentile(polling_floor, 0.99):.0f})")

@@ -1,6 +1,6 @@
 # What a C thread that serves an event loop needs: a mutex and a condition to
 # be handed work, an eventfd to tell the loop, and arrays that grow. For the
-# core modules that run such a thread (journal, record_lookup). Inline: no
+# core modules that run such a thread (journal, record_reader). Inline: no
 # module of its own.
 from libc.stdlib cimport realloc
 from posix.time cimport timespec

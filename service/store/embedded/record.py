@@ -7,22 +7,21 @@ A settlement reaches the record once its journal record is durable. The
 instance's writer thread commits what was handed to it in groups (at most
 every COMMIT_INTERVAL_S, sooner when COMMIT_AT_ONCE wait) together with the
 instance's journal sequence they reach, then tells the event loop
-(`on_committed`), which may then delete the journal segments below it. A
-reader thread answers summaries. Both threads hold the GIL only to bind a
-statement's parameters and read its rows: statements bind many rows at once,
-so a commit takes the GIL back a handful of times, whatever its size, and an
-event loop that holds it for long stretches does not starve them. Lookups,
-one before every send, are answered by a thread that never takes the GIL
-(paycore.core.record_lookup).
+(`on_committed`), which may then delete the journal segments below it. The
+writer holds the GIL only to bind a statement's parameters: statements bind
+many rows at once, so a commit takes the GIL back a handful of times,
+whatever its size, and an event loop that holds it for long stretches does
+not starve it. Reads, a lookup before every send and the summaries, are
+answered by a thread that never takes the GIL (paycore.core.record_reader).
 
-Before `start`, the synchronous calls serve recovery on the caller's thread.
+Before `start`, the synchronous calls serve recovery on the caller's thread,
+on a connection of their own.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -31,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
-from paycore.core.record_lookup import LookupStatus, RecordLookup
+from paycore.core.record_reader import LookupStatus, RecordReader
 
 from ...payment import Attempt, Payment
 from ..base import Totals
@@ -68,8 +67,8 @@ class PaymentsRecord:
         self._retention_days = retention_days
         self._clock_ms = clock_ms
         self._writer: _Writer | None = None
-        self._reader: _Reader | None = None
-        self._lookups: _Lookups | None = None
+        self._recovery: sqlite3.Connection | None = None
+        self._reads: _Reads | None = None
         self._started = False
 
     def open(self) -> None:
@@ -78,8 +77,8 @@ class PaymentsRecord:
         writing = record_sql.connect_writer(self.path)
         self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms,
                                wal_path=self.path + "-wal" if self._sync else None)
-        self._reader = _Reader(record_sql.connect_reader(self.path))
-        self._lookups = _Lookups(self.path)
+        self._recovery = record_sql.connect_reader(self.path)
+        self._reads = _Reads(self.path)
 
     # Before start, on the caller's thread.
 
@@ -106,12 +105,13 @@ class PaymentsRecord:
     def start(self, loop: asyncio.AbstractEventLoop, on_committed: Callable[[int], None]) -> None:
         """Start the writer and reader threads; on_committed(through_seq) runs
         on `loop` after each commit."""
-        writer, reader, lookups = self._idle_writer(), self._reader, self._lookups
-        assert reader is not None and lookups is not None
+        writer, recovery, reads = self._idle_writer(), self._recovery, self._reads
+        assert recovery is not None and reads is not None
         self._started = True
+        self._recovery = None
+        recovery.close()
         writer.start(loop, on_committed)
-        reader.start(loop)
-        lookups.start(loop)
+        reads.start(loop)
 
     def submit(self, settlements: list[Settlement], through_seq: int) -> None:
         """Hand a batch to the writer: the instance's journal is durable
@@ -122,9 +122,7 @@ class PaymentsRecord:
 
     def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future[dict[bytes, Attempt]]:
         """A future of the ids the record holds, at any age, as settled."""
-        if self._lookups is None or not self._started:
-            raise RuntimeError("payments record: not started, or closed")
-        return self._lookups.lookup(correlation_ids)
+        return self._running_reads().lookup(correlation_ids)
 
     def summary(self, generation: int, from_ms: int | None,
                 to_ms: int | None) -> asyncio.Future[tuple[Totals, dict[str, int]]]:
@@ -132,7 +130,7 @@ class PaymentsRecord:
         [from_ms, to_ms] (inclusive, None unbounded), and every instance's
         committed sequence as of the same read: settlements with a higher
         sequence are not in the totals."""
-        return self._running_reader().summary(generation, from_ms, to_ms)
+        return self._running_reads().summary(generation, from_ms, to_ms)
 
     def purge(self) -> asyncio.Future[int]:
         """A future of a new purge generation, resolved once it is durable.
@@ -141,12 +139,12 @@ class PaymentsRecord:
 
     async def close(self) -> None:
         """Commit what was submitted, stop the threads, close the connections."""
-        writer, reader, lookups = self._writer, self._reader, self._lookups
-        self._writer = self._reader = self._lookups = None
-        if lookups is not None:
-            await lookups.close()
-        if reader is not None:
-            await reader.close()
+        writer, recovery, reads = self._writer, self._recovery, self._reads
+        self._writer = self._recovery = self._reads = None
+        if reads is not None:
+            await reads.close()
+        if recovery is not None:
+            recovery.close()
         if writer is not None:
             await writer.close()
 
@@ -156,19 +154,19 @@ class PaymentsRecord:
         return self._writer
 
     def _idle_reader(self) -> sqlite3.Connection:
-        if self._reader is None or self._started:
+        if self._recovery is None or self._started:
             raise RuntimeError("payments record: not open, or already started")
-        return self._reader.connection
+        return self._recovery
 
     def _running_writer(self) -> _Writer:
         if self._writer is None or not self._started:
             raise RuntimeError("payments record: not started, or closed")
         return self._writer
 
-    def _running_reader(self) -> _Reader:
-        if self._reader is None or not self._started:
+    def _running_reads(self) -> _Reads:
+        if self._reads is None or not self._started:
             raise RuntimeError("payments record: not started, or closed")
-        return self._reader
+        return self._reads
 
 
 class _Writer:
@@ -406,76 +404,23 @@ class _DurableFile:
             self._fd = -1
 
 
-_SUMMARY, _STOP = range(2)  # what the reader is asked
-
-
-class _Reader:
-    """A connection that only reads, and the thread that answers summaries on it."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
-        self._jobs: queue.SimpleQueue[tuple[int, tuple, asyncio.Future]] = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="payments-record-reader", daemon=True)
-        self._thread.start()
-
-    def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
-        return self._ask(_SUMMARY, generation, from_ms, to_ms)
-
-    async def close(self) -> None:
-        if self._thread is not None:
-            await self._ask(_STOP)
-            self._thread.join()
-        self.connection.close()
-
-    def _ask(self, kind: int, *args: Any) -> asyncio.Future:
-        assert self._loop is not None
-        future = self._loop.create_future()
-        self._jobs.put((kind, args, future))
-        return future
-
-    # On the reader thread.
-
-    def _run(self) -> None:
-        assert self._loop is not None
-        stopping = False
-        while not stopping:
-            jobs = [self._jobs.get()]
-            while not self._jobs.empty():
-                jobs.append(self._jobs.get_nowait())
-            answers: list[_Answer] = []
-            for kind, args, future in jobs:
-                if kind == _SUMMARY:
-                    try:
-                        answers.append((future, record_sql.summary(self.connection, *args), None))
-                    except sqlite3.Error as error:
-                        answers.append((future, None, error))
-                elif kind == _STOP:
-                    stopping = True
-                    answers.append((future, None, None))
-            self._loop.call_soon_threadsafe(_resolve_all, answers)
-
-
-class _Lookups:
-    """Which ids the record holds: asked on the loop, answered in order by a
-    thread of paycore.core.record_lookup, read when its eventfd is readable."""
+class _Reads:
+    """Lookups and summaries: asked on the loop, answered in order by a
+    thread of paycore.core.record_reader, read when its eventfd is readable."""
 
     def __init__(self, path: str) -> None:
-        self._lookup = RecordLookup(path)
-        self._asked: deque[tuple[list[bytes], asyncio.Future]] = deque()
+        self._reader = RecordReader(path, record_sql.SUMMARY_STATEMENTS)
+        self._lookups: deque[tuple[list[bytes], asyncio.Future]] = deque()
         # Answers read, of a lookup not yet answered whole.
-        self._answers: list[tuple[bytes, int, int, int, int, int]] = []
+        self._lookup_answers: list[tuple[bytes, int, int, int, int, int]] = []
+        self._summaries: deque[asyncio.Future] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self._lookup.event_fd, self._answered)
-        self._thread = threading.Thread(target=self._lookup.serve, name="payments-record-lookups", daemon=True)
+        loop.add_reader(self._reader.event_fd, self._answered)
+        self._thread = threading.Thread(target=self._reader.serve, name="payments-record-reader", daemon=True)
         self._thread.start()
 
     def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future:
@@ -484,31 +429,41 @@ class _Lookups:
         if not correlation_ids:
             future.set_result({})
             return future
-        self._lookup.ask(correlation_ids)
-        self._asked.append((correlation_ids, future))
+        self._reader.ask(correlation_ids)
+        self._lookups.append((correlation_ids, future))
+        return future
+
+    def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
+        assert self._loop is not None
+        future = self._loop.create_future()
+        self._reader.ask_summary(*record_sql.summary_query(generation, from_ms, to_ms))
+        self._summaries.append(future)
         return future
 
     async def close(self) -> None:
         if self._thread is not None:
             assert self._loop is not None
-            self._lookup.stop()
+            self._reader.stop()
             await asyncio.to_thread(self._thread.join)
-            self._loop.remove_reader(self._lookup.event_fd)
+            self._loop.remove_reader(self._reader.event_fd)
             self._answered()
-        self._lookup.close()
+        self._reader.close()
 
     def _answered(self) -> None:
-        answers = self._answers
-        answers.extend(self._lookup.answers())
+        lookup_answers, summary_answers = self._reader.answers()
+        for error, totals, committed in summary_answers:
+            _resolve(self._summaries.popleft(), (totals, committed),
+                     _read_failed("summary", error) if error else None)
+        answers = self._lookup_answers
+        answers.extend(lookup_answers)
         taken = 0
-        while self._asked and len(answers) - taken >= len(self._asked[0][0]):
-            ids, future = self._asked.popleft()
+        while self._lookups and len(answers) - taken >= len(self._lookups[0][0]):
+            ids, future = self._lookups.popleft()
             mine = answers[taken:taken + len(ids)]
             taken += len(ids)
             failed = next((error for _, status, _, _, _, error in mine if status == LookupStatus.FAILED), None)
             if failed is not None:
-                _resolve(future, None, sqlite3.OperationalError(
-                    f"payments record lookup failed: SQLite error {failed}"))
+                _resolve(future, None, _read_failed("lookup", failed))
             else:
                 _resolve(future, {correlation_id: Attempt(Payment(correlation_id, cents), processor, requested_at_ms)
                                   for correlation_id, status, cents, processor, requested_at_ms, _ in mine
@@ -516,7 +471,8 @@ class _Lookups:
         del answers[:taken]
 
 
-_Answer = tuple[asyncio.Future, Any, BaseException | None]
+def _read_failed(what: str, code: int) -> sqlite3.OperationalError:
+    return sqlite3.OperationalError(f"payments record {what} failed: SQLite error {code}")
 
 
 def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
@@ -526,8 +482,3 @@ def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) ->
         future.set_result(value)
     else:
         future.set_exception(error)
-
-
-def _resolve_all(answers: list[_Answer]) -> None:
-    for future, value, error in answers:
-        _resolve(future, value, error)

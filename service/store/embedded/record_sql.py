@@ -155,9 +155,9 @@ def _summary_statement(runs: int, edges: int) -> str:
     return totals + "SELECT instance, NULL, journal_seq, NULL, NULL FROM committed"
 
 
-# One per shape of range plan, each prepared once.
-SUMMARIES = {(runs, edges): _summary_statement(runs, edges)
-             for runs in range(MAX_BUCKET_RUNS + 1) for edges in range(MAX_EDGES + 1)}
+# One per shape of range plan, each prepared once: number runs * (MAX_EDGES + 1) + edges.
+SUMMARY_STATEMENTS = [_summary_statement(runs, edges)
+                      for runs in range(MAX_BUCKET_RUNS + 1) for edges in range(MAX_EDGES + 1)]
 
 RETAIN_FROM = "UPDATE meta SET value = max(value, ?1) WHERE key = 'retained_from'"
 DELETE_OLD_PAYMENTS = """
@@ -321,26 +321,22 @@ def settled_since(connection: sqlite3.Connection, from_ms: int) -> Iterator[Paym
         yield Payment(correlation_id, cents)
 
 
-def summary(connection: sqlite3.Connection, generation: int, from_ms: int | None,
-            to_ms: int | None) -> tuple[Totals, dict[str, int]]:
-    """Totals of `generation` for requestedAt in [from_ms, to_ms] (inclusive,
-    None unbounded) and every instance's committed sequence, read by one
-    statement, so from one snapshot."""
+class SummaryQuery(NamedTuple):
+    statement: int          # an index into SUMMARY_STATEMENTS
+    parameters: list[int]
+
+
+def summary_query(generation: int, from_ms: int | None, to_ms: int | None) -> SummaryQuery:
+    """The statement and parameters that read the totals of `generation` for
+    requestedAt in [from_ms, to_ms] (inclusive, None unbounded) and every
+    instance's committed sequence, in one statement, so from one snapshot
+    (paycore.core.record_reader runs it)."""
     plan = plan_range(-UNBOUNDED_MS if from_ms is None else max(from_ms, -UNBOUNDED_MS),
                       UNBOUNDED_MS if to_ms is None else min(to_ms, UNBOUNDED_MS))
-    params = [generation] if plan.buckets or plan.edges else []  # an empty range reads only the sequences
-    params.extend(chain.from_iterable(plan.buckets))
-    params.extend(chain.from_iterable(plan.edges))
-    totals = [0, 0, 0, 0]
-    committed = {}
-    statement = SUMMARIES[len(plan.buckets), len(plan.edges)]
-    for instance, processor, count_or_seq, low, high in connection.execute(statement, params):
-        if instance is not None:
-            committed[instance] = count_or_seq
-        else:
-            totals[2 * processor] = count_or_seq
-            totals[2 * processor + 1] = (high << 32) + low
-    return (totals[0], totals[1], totals[2], totals[3]), committed
+    parameters = [generation] if plan.buckets or plan.edges else []  # an empty range reads only the sequences
+    parameters.extend(chain.from_iterable(plan.buckets))
+    parameters.extend(chain.from_iterable(plan.edges))
+    return SummaryQuery(len(plan.buckets) * (MAX_EDGES + 1) + len(plan.edges), parameters)
 
 
 def _statement_batches(items: Sequence) -> Iterable[Sequence]:

@@ -1,0 +1,382 @@
+# cython: language_level=3
+"""The payments record's reads, answered on a thread of its own without the
+GIL: which correlationIds it holds, and summaries.
+
+Use: RecordReader(path, summary_statements) once the record's schema exists;
+run serve() in a thread of its own; ask(ids) and ask_summary(statement,
+parameters) from the event loop; when event_fd is readable, answers()
+returns the answers of everything asked so far, each kind in the order asked.
+stop(), wait for serve() to return, then close().
+"""
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from posix.unistd cimport close, read, write
+
+from paycore.core.correlation_id cimport UUID_BYTES
+from paycore.core.loop_threads cimport (
+    EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
+    pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+    pthread_mutex_unlock, unlock_and_wake,
+)
+from paycore.core.posix_files cimport raise_os_error
+
+
+cdef extern from "sqlite3.h" nogil:
+    enum:
+        SQLITE_OK
+        SQLITE_ROW
+        SQLITE_DONE
+        SQLITE_OPEN_READWRITE
+        SQLITE_OPEN_NOMUTEX
+    ctypedef void (*sqlite3_destructor_type)(void*)
+    sqlite3_destructor_type SQLITE_STATIC
+    int sqlite3_open_v2(const char* filename, sqlite3** db, int flags, const char* vfs)
+    int sqlite3_close_v2(sqlite3* db)
+    int sqlite3_busy_timeout(sqlite3* db, int milliseconds)
+    int sqlite3_exec(sqlite3* db, const char* sql, void* callback, void* argument, char** error)
+    int sqlite3_prepare_v3(sqlite3* db, const char* sql, int bytes, unsigned int flags,
+                           sqlite3_stmt** statement, const char** tail)
+    int sqlite3_bind_blob(sqlite3_stmt* statement, int index, const void* value, int bytes,
+                          sqlite3_destructor_type destructor)
+    int sqlite3_bind_int64(sqlite3_stmt* statement, int index, long long value)
+    int sqlite3_bind_parameter_count(sqlite3_stmt* statement)
+    int sqlite3_step(sqlite3_stmt* statement)
+    int sqlite3_reset(sqlite3_stmt* statement)
+    int sqlite3_finalize(sqlite3_stmt* statement)
+    int sqlite3_column_int(sqlite3_stmt* statement, int column)
+    long long sqlite3_column_int64(sqlite3_stmt* statement, int column)
+    int sqlite3_column_type(sqlite3_stmt* statement, int column)
+    const unsigned char* sqlite3_column_text(sqlite3_stmt* statement, int column)
+    int sqlite3_column_bytes(sqlite3_stmt* statement, int column)
+    const char* sqlite3_errmsg(sqlite3* db)
+    const char* sqlite3_errstr(int code)
+    enum:
+        SQLITE_PREPARE_PERSISTENT
+        SQLITE_NULL
+        SQLITE_NOMEM
+        SQLITE_MISMATCH
+        SQLITE_TOOBIG
+
+
+# The record's schema is record_sql.py's: payments_by_id makes a lookup one probe.
+cdef const char* LOOKUP_SQL = (b"SELECT cents, processor, requested_at_ms FROM payments "
+                               b"WHERE correlation_id = ?1")
+# As long as the record's own connections wait for another instance's transaction.
+cdef int BUSY_TIMEOUT_MS = 30000
+cdef Py_ssize_t INITIAL_ANSWERS = 64
+cdef Py_ssize_t INITIAL_SUMMARIES = 4
+cdef Py_ssize_t INITIAL_INSTANCES = 4
+
+
+cdef inline int answers_reserve(AnswerList* answers, Py_ssize_t wanted) noexcept nogil:
+    """0, or -1 when memory is short."""
+    return grow_array(<void**>&answers.items, &answers.capacity, wanted, sizeof(LookupAnswer), INITIAL_ANSWERS)
+
+
+cdef inline int summaries_reserve(SummaryList* summaries, Py_ssize_t wanted) noexcept nogil:
+    """0, or -1 when memory is short."""
+    return grow_array(<void**>&summaries.items, &summaries.capacity, wanted, sizeof(SummaryAnswer),
+                      INITIAL_SUMMARIES)
+
+
+cdef class RecordReader:
+    """A connection of its own to the record at `path`, which only reads.
+    summary_statements: the SQL of each shape of summary, prepared once
+    (record_sql.SUMMARY_STATEMENTS): rows of (NULL, processor, count,
+    cents_low, cents_high) for the totals, then (instance, NULL,
+    journal_seq, NULL, NULL) for every instance's committed sequence."""
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.mutex, NULL)
+        pthread_cond_init(&self.work_ready, NULL)
+        self.event_fd = -1
+
+    def __init__(self, str path, list summary_statements not None):
+        self.path = path
+        cdef bytes encoded = path.encode()
+        cdef bytes sql
+        cdef int code = sqlite3_open_v2(encoded, &self.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
+        if code == SQLITE_OK:
+            sqlite3_busy_timeout(self.db, BUSY_TIMEOUT_MS)
+            code = sqlite3_exec(self.db, b"PRAGMA query_only = 1", NULL, NULL, NULL)
+        if code == SQLITE_OK:
+            code = sqlite3_prepare_v3(self.db, LOOKUP_SQL, -1, SQLITE_PREPARE_PERSISTENT,
+                                      &self.lookup_statement, NULL)
+        if code == SQLITE_OK and summary_statements:
+            self.summary_statements = <sqlite3_stmt**>calloc(len(summary_statements), sizeof(sqlite3_stmt*))
+            if self.summary_statements == NULL:
+                self._release()
+                raise MemoryError("record reader")
+            for statement in summary_statements:
+                sql = statement.encode()
+                code = sqlite3_prepare_v3(self.db, sql, -1, SQLITE_PREPARE_PERSISTENT,
+                                          &self.summary_statements[self.summary_statement_count], NULL)
+                if code != SQLITE_OK:
+                    break
+                self.summary_statement_count += 1
+        cdef const char* message
+        if code != SQLITE_OK:
+            message = sqlite3_errmsg(self.db) if self.db != NULL else sqlite3_errstr(code)
+            error = OSError(f"payments record {path}: {message.decode(errors='replace')}")
+            self._release()
+            raise error
+        self.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.event_fd < 0:
+            self._release()
+            raise_os_error(path)
+
+    def __dealloc__(self):
+        if self.serving:
+            return  # the thread still uses this memory: leak rather than crash
+        self._release()
+        free(self.asked.items)
+        free(self.answered.items)
+        free_committed(&self.summaries_answered)
+        free(self.summaries_asked.items)
+        free(self.summaries_answered.items)
+        pthread_mutex_destroy(&self.mutex)
+        pthread_cond_destroy(&self.work_ready)
+
+    def _release(self):
+        if self.lookup_statement != NULL:
+            sqlite3_finalize(self.lookup_statement)
+            self.lookup_statement = NULL
+        while self.summary_statement_count > 0:
+            self.summary_statement_count -= 1
+            sqlite3_finalize(self.summary_statements[self.summary_statement_count])
+        free(self.summary_statements)
+        self.summary_statements = NULL
+        if self.db != NULL:
+            sqlite3_close_v2(self.db)
+            self.db = NULL
+        if self.event_fd >= 0:
+            close(self.event_fd)
+            self.event_fd = -1
+
+    def ask(self, list correlation_ids not None) -> None:
+        """Look these ids up (16 bytes each), after every id asked before."""
+        cdef Py_ssize_t count = len(correlation_ids)
+        cdef bytes correlation_id
+        cdef LookupAnswer* item
+        for correlation_id in correlation_ids:
+            if correlation_id is None or len(correlation_id) != UUID_BYTES:
+                raise ValueError("a correlationId is 16 bytes")
+        pthread_mutex_lock(&self.mutex)
+        if (answers_reserve(&self.asked, self.asked.count + count) != 0
+                or answers_reserve(&self.answered, self.unread + count) != 0):
+            pthread_mutex_unlock(&self.mutex)
+            raise MemoryError("record lookups")
+        item = &self.asked.items[self.asked.count]
+        for correlation_id in correlation_ids:
+            memcpy(item.uuid, <const char*>correlation_id, UUID_BYTES)
+            item += 1
+        self.asked.count += count
+        self.unread += count
+        unlock_and_wake(&self.mutex, &self.work_ready)
+
+    def ask_summary(self, int statement, list parameters not None) -> None:
+        """Run summary statement number `statement` with these integer
+        parameters (as many as it has), after every summary asked before."""
+        if not 0 <= statement < self.summary_statement_count:
+            raise ValueError(f"no summary statement {statement}")
+        cdef int count = len(parameters)
+        cdef int expected = sqlite3_bind_parameter_count(self.summary_statements[statement])
+        if count != expected or count > MAX_SUMMARY_PARAMETERS:
+            raise ValueError(f"summary statement {statement} takes {expected} parameters"
+                             f" (at most {MAX_SUMMARY_PARAMETERS}), not {count}")
+        cdef SummaryAnswer item
+        memset(&item, 0, sizeof(item))
+        item.statement = statement
+        item.parameter_count = count
+        cdef int index
+        for index in range(count):
+            item.parameters[index] = parameters[index]
+        pthread_mutex_lock(&self.mutex)
+        if (summaries_reserve(&self.summaries_asked, self.summaries_asked.count + 1) != 0
+                or summaries_reserve(&self.summaries_answered, self.summaries_unread + 1) != 0):
+            pthread_mutex_unlock(&self.mutex)
+            raise MemoryError("record summaries")
+        self.summaries_asked.items[self.summaries_asked.count] = item
+        self.summaries_asked.count += 1
+        self.summaries_unread += 1
+        unlock_and_wake(&self.mutex, &self.work_ready)
+
+    def answers(self) -> tuple:
+        """The answers since the last call, each kind in the order asked:
+        lookups, (correlation_id, status, cents, processor, requested_at_ms,
+        error) per id; summaries, (error, totals, committed) per summary,
+        totals (default count, default cents, fallback count, fallback cents)
+        and committed {instance: journal sequence}, or error SQLite's result
+        code (then nothing else)."""
+        cdef uint64_t counter
+        cdef Py_ssize_t index
+        cdef LookupAnswer* item
+        cdef SummaryAnswer* summary
+        read(self.event_fd, &counter, sizeof(counter))
+        lookups = []
+        summaries = []
+        # The thread never takes the GIL: holding both here cannot deadlock.
+        pthread_mutex_lock(&self.mutex)
+        try:
+            for index in range(self.answered.count):
+                item = &self.answered.items[index]
+                lookups.append((item.uuid[:UUID_BYTES], item.status, item.cents, item.processor,
+                                item.requested_at_ms, item.error))
+            for index in range(self.summaries_answered.count):
+                summary = &self.summaries_answered.items[index]
+                summaries.append(summary_tuple(summary))
+        finally:
+            self.unread -= self.answered.count
+            self.answered.count = 0
+            free_committed(&self.summaries_answered)
+            self.summaries_unread -= self.summaries_answered.count
+            self.summaries_answered.count = 0
+            pthread_mutex_unlock(&self.mutex)
+        return lookups, summaries
+
+    def serve(self) -> None:
+        """The reader: run in a thread of its own until stop() (at once if
+        stop() came first), after answering everything asked before it."""
+        # With the GIL: the thread that holds the mutex never waits for it.
+        pthread_mutex_lock(&self.mutex)
+        refused = self.serving or self.lookup_statement == NULL
+        if not refused:
+            self.serving = True
+        pthread_mutex_unlock(&self.mutex)
+        if refused:
+            raise RuntimeError("the reader is already served, or closed")
+        with nogil:
+            self.serve_raw()
+
+    cdef void serve_raw(self) noexcept nogil:
+        cdef AnswerList batch
+        cdef SummaryList summaries
+        cdef Py_ssize_t index
+        cdef uint64_t one = 1
+        batch.items = NULL
+        batch.count = batch.capacity = 0
+        summaries.items = NULL
+        summaries.count = summaries.capacity = 0
+        pthread_mutex_lock(&self.mutex)
+        while True:
+            while self.asked.count == 0 and self.summaries_asked.count == 0 and not self.closing:
+                pthread_cond_wait(&self.work_ready, &self.mutex)
+            if self.asked.count == 0 and self.summaries_asked.count == 0:
+                break
+            batch, self.asked = self.asked, batch
+            summaries, self.summaries_asked = self.summaries_asked, summaries
+            pthread_mutex_unlock(&self.mutex)
+            for index in range(batch.count):
+                self.answer(&batch.items[index])
+            for index in range(summaries.count):
+                self.summarize(&summaries.items[index])
+            pthread_mutex_lock(&self.mutex)
+            if self.answered.count == 0 and self.summaries_answered.count == 0:
+                write(self.event_fd, &one, sizeof(one))
+            # ask() and ask_summary() made room for everything not yet read.
+            memcpy(&self.answered.items[self.answered.count], batch.items, batch.count * sizeof(LookupAnswer))
+            self.answered.count += batch.count
+            batch.count = 0
+            memcpy(&self.summaries_answered.items[self.summaries_answered.count], summaries.items,
+                   summaries.count * sizeof(SummaryAnswer))
+            self.summaries_answered.count += summaries.count
+            summaries.count = 0
+        self.serving = False
+        pthread_mutex_unlock(&self.mutex)
+        free(batch.items)
+        free(summaries.items)
+
+    cdef void answer(self, LookupAnswer* item) noexcept nogil:
+        cdef sqlite3_stmt* statement = self.lookup_statement
+        cdef int code = sqlite3_bind_blob(statement, 1, item.uuid, UUID_BYTES, SQLITE_STATIC)
+        if code == SQLITE_OK:
+            code = sqlite3_step(statement)
+        if code == SQLITE_ROW:
+            item.status = FOUND
+            item.cents = sqlite3_column_int64(statement, 0)
+            item.processor = sqlite3_column_int(statement, 1)
+            item.requested_at_ms = sqlite3_column_int64(statement, 2)
+            item.error = 0
+        elif code == SQLITE_DONE:
+            item.status = ABSENT
+            item.error = 0
+        else:
+            item.status = FAILED
+            item.error = code
+        sqlite3_reset(statement)
+
+    cdef void summarize(self, SummaryAnswer* item) noexcept nogil:
+        cdef sqlite3_stmt* statement = self.summary_statements[item.statement]
+        cdef int code = SQLITE_OK
+        cdef int index, processor, length
+        cdef Py_ssize_t capacity = 0
+        cdef CommittedSeq* seq
+        for index in range(item.parameter_count):
+            if code == SQLITE_OK:
+                code = sqlite3_bind_int64(statement, index + 1, item.parameters[index])
+        while code == SQLITE_OK or code == SQLITE_ROW:
+            code = sqlite3_step(statement)
+            if code != SQLITE_ROW:
+                break
+            if sqlite3_column_type(statement, 0) == SQLITE_NULL:
+                processor = sqlite3_column_int(statement, 1)
+                if not 0 <= processor < PROCESSORS:
+                    code = SQLITE_MISMATCH
+                    break
+                item.count[processor] = sqlite3_column_int64(statement, 2)
+                item.cents_low[processor] = sqlite3_column_int64(statement, 3)
+                item.cents_high[processor] = sqlite3_column_int64(statement, 4)
+                continue
+            length = sqlite3_column_bytes(statement, 0)
+            if length > INSTANCE_NAME_MAX:
+                code = SQLITE_TOOBIG
+                break
+            if grow_array(<void**>&item.committed, &capacity, item.committed_count + 1,
+                          sizeof(CommittedSeq), INITIAL_INSTANCES) != 0:
+                code = SQLITE_NOMEM
+                break
+            seq = &item.committed[item.committed_count]
+            memcpy(seq.instance, sqlite3_column_text(statement, 0), length)
+            seq.instance[length] = 0
+            seq.journal_seq = sqlite3_column_int64(statement, 2)
+            item.committed_count += 1
+        item.error = 0 if code == SQLITE_DONE else code
+        if item.error != 0:
+            free(item.committed)
+            item.committed = NULL
+            item.committed_count = 0
+        sqlite3_reset(statement)
+
+    def stop(self) -> None:
+        """Ask serve() to answer what was asked and return."""
+        with nogil:
+            pthread_mutex_lock(&self.mutex)
+            self.closing = True
+            unlock_and_wake(&self.mutex, &self.work_ready)
+
+    def close(self) -> None:
+        """Close the connection once serve() has returned (or never ran)."""
+        if self.serving:
+            raise RuntimeError("the reader still runs: stop() it and wait for serve() to return")
+        self._release()
+
+
+cdef tuple summary_tuple(const SummaryAnswer* summary):
+    if summary.error != 0:
+        return summary.error, None, None
+    cdef Py_ssize_t index
+    committed = {}
+    for index in range(summary.committed_count):
+        committed[summary.committed[index].instance.decode()] = summary.committed[index].journal_seq
+    # Cents are summed in two int64 parts so no sum wraps: put together here, exactly.
+    totals = (summary.count[0], (<object>summary.cents_high[0] << 32) + summary.cents_low[0],
+              summary.count[1], (<object>summary.cents_high[1] << 32) + summary.cents_low[1])
+    return 0, totals, committed
+
+
+cdef void free_committed(SummaryList* summaries) noexcept nogil:
+    cdef Py_ssize_t index
+    for index in range(summaries.count):
+        free(summaries.items[index].committed)
+        summaries.items[index].committed = NULL
