@@ -20,7 +20,7 @@ from paycore.core.correlation_id cimport UUID_BYTES
 from paycore.core.loop_threads cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
     pthread_cond_timedwait, pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init,
-    pthread_mutex_lock, pthread_mutex_unlock, unlock_and_wake,
+    pthread_mutex_lock, pthread_mutex_unlock, raise_and_wake, unlock_and_wake,
 )
 from paycore.core.posix_files cimport open_or_raise, raise_os_error
 
@@ -902,9 +902,7 @@ cdef class Journal:
     def stop(self) -> None:
         """Ask the writer to write what was submitted and return from serve()."""
         with nogil:
-            pthread_mutex_lock(&self.mutex)
-            self.closing = True
-            unlock_and_wake(&self.mutex, &self.work_ready)
+            raise_and_wake(&self.mutex, &self.work_ready, &self.closing)
 
     def close(self) -> None:
         """Release the files once serve() has returned (or never ran);

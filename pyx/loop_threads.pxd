@@ -53,3 +53,11 @@ cdef inline void unlock_and_wake(pthread_mutex_t* mutex, pthread_cond_t* conditi
     switch for each hand-over."""
     pthread_mutex_unlock(mutex)
     pthread_cond_signal(condition)
+
+
+cdef inline void raise_and_wake(pthread_mutex_t* mutex, pthread_cond_t* condition, int* flag) noexcept nogil:
+    """Set *flag under the mutex (a thread's "closing", say), then wake the
+    thread waiting on the condition to look at it."""
+    pthread_mutex_lock(mutex)
+    flag[0] = 1
+    unlock_and_wake(mutex, condition)

@@ -90,7 +90,7 @@ cdef class RecordReader:
     cdef SummaryList summaries_answered
     cdef Py_ssize_t summaries_unread
     cdef bint serving
-    cdef bint closing
+    cdef int closing      # set by stop() (loop_threads.raise_and_wake)
 
     cdef void serve_raw(self) noexcept nogil
     cdef void answer(self, LookupAnswer* item) noexcept nogil

@@ -17,7 +17,7 @@ from paycore.core.correlation_id cimport UUID_BYTES
 from paycore.core.loop_threads cimport (
     EFD_CLOEXEC, EFD_NONBLOCK, eventfd, grow_array, pthread_cond_destroy, pthread_cond_init,
     pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
-    pthread_mutex_unlock, unlock_and_wake,
+    pthread_mutex_unlock, raise_and_wake, unlock_and_wake,
 )
 from paycore.core.posix_files cimport raise_os_error
 
@@ -351,9 +351,7 @@ cdef class RecordReader:
     def stop(self) -> None:
         """Ask serve() to answer what was asked and return."""
         with nogil:
-            pthread_mutex_lock(&self.mutex)
-            self.closing = True
-            unlock_and_wake(&self.mutex, &self.work_ready)
+            raise_and_wake(&self.mutex, &self.work_ready, &self.closing)
 
     def close(self) -> None:
         """Close the connection once serve() has returned (or never ran)."""
