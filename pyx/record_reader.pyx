@@ -366,7 +366,7 @@ cdef tuple summary_tuple(const SummaryAnswer* summary):
     cdef Py_ssize_t index
     committed = {}
     for index in range(summary.committed_count):
-        committed[summary.committed[index].instance.decode()] = summary.committed[index].journal_seq
+        committed[summary.committed[index].instance.decode(errors="replace")] = summary.committed[index].journal_seq
     # Cents are summed in two int64 parts so no sum wraps: put together here, exactly.
     totals = (summary.count[0], (<object>summary.cents_high[0] << 32) + summary.cents_low[0],
               summary.count[1], (<object>summary.cents_high[1] << 32) + summary.cents_low[1])
