@@ -29,7 +29,6 @@ from itertools import chain
 from typing import NamedTuple
 
 from ...payment import Attempt, Payment
-from ..base import Totals
 from .record_ranges import LEVEL_WIDTHS_MS, MAX_BUCKET_RUNS, MAX_EDGES, plan_range
 
 SCHEMA_VERSION = 1
