@@ -869,9 +869,7 @@ cdef class Journal:
                     self.delete_committed_segments()
                 return
             with nogil:
-                pthread_mutex_lock(&self.mutex)
-                self.deletion_due = True
-                unlock_and_wake(&self.mutex, &self.work_ready)
+                raise_and_wake(&self.mutex, &self.work_ready, &self.deletion_due)
 
     @property
     def error(self) -> int:
