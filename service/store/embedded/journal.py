@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from paycore.core.journal import Journal
 
+from ...os_threads import start_named_thread
 from ...payment import Attempt, Payment
 
 if TYPE_CHECKING:
@@ -235,8 +235,7 @@ class ThreadedJournalWriter(JournalWriter):
         self._submitted_at_ns = 0      # when the oldest batch not yet durable was handed over
         self._write_ns = 0.0           # how long the writer usually takes
         self._loop.add_reader(journal.event_fd, self._written)
-        self._thread = threading.Thread(target=journal.serve, name="journal-writer", daemon=True)
-        self._thread.start()
+        self._thread = start_named_thread(journal.serve, "journal-writer")
 
     def flush(self) -> None:
         self._unschedule_flush()

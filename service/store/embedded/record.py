@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from paycore.core.record_reader import LookupStatus, RecordReader
 
+from ...os_threads import start_named_thread
 from ...payment import Attempt, Payment
 from ..base import Totals
 from . import record_sql
@@ -213,8 +214,7 @@ class _Writer:
         self._loop = loop
         self._on_committed = on_committed
         self._closed = loop.create_future()
-        self._thread = threading.Thread(target=self._run, name="payments-record-writer", daemon=True)
-        self._thread.start()
+        self._thread = start_named_thread(self._run, "record-writer")
 
     def submit(self, settlements: Sequence[Settlement], through_seq: int) -> None:
         with self._wake:
@@ -420,8 +420,7 @@ class _Reads:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self._reader.event_fd, self._answered)
-        self._thread = threading.Thread(target=self._reader.serve, name="payments-record-reader", daemon=True)
-        self._thread.start()
+        self._thread = start_named_thread(self._reader.serve, "record-reader")
 
     def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future:
         assert self._loop is not None
