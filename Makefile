@@ -10,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop
+.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ bench-capacity: build $(BENCH_DEPS)
 # The event loop's turns while a backlog drains, beside an idle loop's (LOOP_RUNS rounds).
 bench-loop: build $(BENCH_DEPS)
 	$(PY) perf/loop_turns.py
+
+# CPU, context switches and migrations per payment, thread by thread (THREADS_RATE, THREADS_SECONDS).
+bench-threads: build $(BENCH_DEPS)
+	$(PY) perf/thread_costs.py
 
 # SOAK_PAYMENTS (default 10 M) at the highest rate the stack sustains, then a SIGKILLed instance's recovery.
 soak: build $(BENCH_DEPS)
