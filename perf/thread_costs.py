@@ -29,7 +29,7 @@ from native import build_tools  # noqa: E402
 from open_loop import OpenLoopLoad  # noqa: E402
 from report import latencies_by_connection_ms, read_requests  # noqa: E402
 from topology import FastTopology  # noqa: E402
-from usage import TICKS  # noqa: E402
+from usage import cpu_seconds  # noqa: E402
 
 IDLE_S = 10.0
 WARMUP_S = 5.0
@@ -56,10 +56,9 @@ def thread_usage(pid: int) -> dict[int, ThreadUsage]:
                      (line.split(":", 1) for line in (task / "sched").read_text().splitlines() if ":" in line)}
         except (FileNotFoundError, ProcessLookupError):
             continue  # ended meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
         threads[int(tid)] = ThreadUsage(
             name=stat[stat.index("(") + 1:stat.rindex(")")],
-            cpu_s=(int(fields[11]) + int(fields[12])) / TICKS,
+            cpu_s=cpu_seconds(stat),
             switches=int(float(sched["nr_switches"])),
             migrations=int(float(sched["se.nr_migrations"])))
     return threads

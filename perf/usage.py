@@ -9,9 +9,14 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 def process_usage(pid: int) -> tuple[float, int]:
     """(CPU seconds so far, peak RSS in bytes) of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / TICKS
-    return cpu, _status_kb(pid, "VmHWM:") * 1024
+    return cpu_seconds(Path(f"/proc/{pid}/stat").read_text()), _status_kb(pid, "VmHWM:") * 1024
+
+
+def cpu_seconds(stat: str) -> float:
+    """User and system CPU seconds in the text of a /proc stat file (a
+    process's, or a thread's under /proc/<pid>/task)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def resident_bytes(pid: int) -> int:
