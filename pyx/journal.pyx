@@ -22,7 +22,7 @@ from paycore.core.loop_threads cimport (
     pthread_cond_timedwait, pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init,
     pthread_mutex_lock, pthread_mutex_unlock, raise_and_wake, unlock_and_wake,
 )
-from paycore.core.posix_files cimport open_or_raise, raise_os_error
+from paycore.core.posix_files cimport on_memory_filesystem, open_or_raise, raise_os_error
 
 
 cdef extern from "<sys/file.h>" nogil:
@@ -40,12 +40,6 @@ cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, long offset, long length)
     int renameat(int olddirfd, const char* oldpath, int newdirfd, const char* newpath)
     int unlinkat(int dirfd, const char* path, int flags)
-
-
-cdef extern from "<sys/vfs.h>" nogil:
-    struct statfs:
-        long f_type
-    int fstatfs(int fd, statfs* buffer)
 
 
 cdef extern from *:
@@ -80,10 +74,6 @@ cdef enum:
     SEGMENT_NAME_MAX = 32
     RECOVERED_CHUNK = 8192
     RETRY_AFTER_ERROR_NS = 50 * 1000 * 1000
-
-# File systems whose writes are copies into memory: tmpfs, ramfs.
-cdef long TMPFS_MAGIC = 0x01021994
-cdef long RAMFS_MAGIC = 0x858458f6
 
 cdef uint64_t SEGMENT_MAGIC = 0x4c4e524a59415032ULL  # "2PAYJRNL"
 DEFAULT_SEGMENT_BYTES = 8 << 20
@@ -718,10 +708,7 @@ cdef class Journal:
     def in_memory(self) -> bool:
         """The directory is on tmpfs or ramfs: a write is a copy that never
         waits for a device, cheaper than handing it to a thread."""
-        cdef statfs filesystem
-        if fstatfs(self.directory_fd, &filesystem) != 0:
-            raise_os_error(self.directory)
-        return filesystem.f_type == TMPFS_MAGIC or filesystem.f_type == RAMFS_MAGIC
+        return on_memory_filesystem(self.directory_fd, self.directory)
 
     def open_here(self):
         """Write on the caller's thread from now on, instead of serve():

@@ -1,5 +1,6 @@
-# Opening files and raising OSError the Python way, for the core modules that
-# work on files through POSIX calls (ledger, journal). Inline: no module of its own.
+# Opening files, raising OSError the Python way and telling a file system in
+# memory from a device, for the core modules that work on files through POSIX
+# calls (journal, record_reader). Inline: no module of its own.
 from cpython.exc cimport PyErr_SetFromErrnoWithFilenameObject
 from posix.fcntl cimport O_CLOEXEC
 from posix.fcntl cimport open as open_file
@@ -21,3 +22,28 @@ cdef inline int open_or_raise(str path, int flags, int mode) except -1:
     if fd < 0:
         raise_os_error(path)
     return fd
+
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs* buffer)
+
+
+cdef extern from *:
+    """
+    /* File systems whose reads and writes are copies in memory: tmpfs, ramfs. */
+    #define POSIX_FILES_TMPFS_MAGIC 0x01021994L
+    #define POSIX_FILES_RAMFS_MAGIC 0x858458f6L
+    """
+    long TMPFS_MAGIC "POSIX_FILES_TMPFS_MAGIC"
+    long RAMFS_MAGIC "POSIX_FILES_RAMFS_MAGIC"
+
+
+cdef inline bint on_memory_filesystem(int fd, str path) except -1:
+    """The file system of fd (named path in an error) is tmpfs or ramfs: no
+    read or write on it ever waits for a device."""
+    cdef statfs filesystem
+    if fstatfs(fd, &filesystem) != 0:
+        raise_os_error(path)
+    return filesystem.f_type == TMPFS_MAGIC or filesystem.f_type == RAMFS_MAGIC
