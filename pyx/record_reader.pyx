@@ -7,10 +7,15 @@ run serve() in a thread of its own; ask(ids) and ask_summary(statement,
 parameters) from the event loop; when event_fd is readable, answers()
 returns the answers of everything asked so far, each kind in the order asked.
 stop(), wait for serve() to return, then close().
+
+A record in memory (tmpfs, ramfs: InlineLookup.serves(path)) is better read
+where the answer is wanted: InlineLookup(path).lookup(ids) answers at once on
+the caller's thread, with no thread to wake and no eventfd to wait for.
 """
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from posix.fcntl cimport O_DIRECTORY, O_RDONLY
 from posix.unistd cimport close, read, write
 
 from paycore.core.correlation_id cimport UUID_BYTES
@@ -19,7 +24,7 @@ from paycore.core.loop_threads cimport (
     pthread_cond_wait, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
     pthread_mutex_unlock, raise_and_wake, unlock_and_wake,
 )
-from paycore.core.posix_files cimport raise_os_error
+from paycore.core.posix_files cimport on_memory_filesystem, open_or_raise, raise_os_error
 
 
 cdef extern from "sqlite3.h" nogil:
@@ -94,15 +99,8 @@ cdef class RecordReader:
 
     def __init__(self, str path, list summary_statements not None):
         self.path = path
-        cdef bytes encoded = path.encode()
         cdef bytes sql
-        cdef int code = sqlite3_open_v2(encoded, &self.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
-        if code == SQLITE_OK:
-            sqlite3_busy_timeout(self.db, BUSY_TIMEOUT_MS)
-            code = sqlite3_exec(self.db, b"PRAGMA query_only = 1", NULL, NULL, NULL)
-        if code == SQLITE_OK:
-            code = sqlite3_prepare_v3(self.db, LOOKUP_SQL, -1, SQLITE_PREPARE_PERSISTENT,
-                                      &self.lookup_statement, NULL)
+        cdef int code = open_for_lookups(path, BUSY_TIMEOUT_MS, &self.db, &self.lookup_statement)
         if code == SQLITE_OK and summary_statements:
             self.summary_statements = <sqlite3_stmt**>calloc(len(summary_statements), sizeof(sqlite3_stmt*))
             if self.summary_statements == NULL:
@@ -115,10 +113,8 @@ cdef class RecordReader:
                 if code != SQLITE_OK:
                     break
                 self.summary_statement_count += 1
-        cdef const char* message
         if code != SQLITE_OK:
-            message = sqlite3_errmsg(self.db) if self.db != NULL else sqlite3_errstr(code)
-            error = OSError(f"payments record {path}: {message.decode(errors='replace')}")
+            error = open_error(path, self.db, code)
             self._release()
             raise error
         self.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -268,7 +264,7 @@ cdef class RecordReader:
             summaries, self.summaries_asked = self.summaries_asked, summaries
             pthread_mutex_unlock(&self.mutex)
             for index in range(batch.count):
-                self.answer(&batch.items[index])
+                look_up(self.lookup_statement, &batch.items[index])
             for index in range(summaries.count):
                 self.summarize(&summaries.items[index])
             pthread_mutex_lock(&self.mutex)
@@ -286,25 +282,6 @@ cdef class RecordReader:
         pthread_mutex_unlock(&self.mutex)
         free(batch.items)
         free(summaries.items)
-
-    cdef void answer(self, LookupAnswer* item) noexcept nogil:
-        cdef sqlite3_stmt* statement = self.lookup_statement
-        cdef int code = sqlite3_bind_blob(statement, 1, item.uuid, UUID_BYTES, SQLITE_STATIC)
-        if code == SQLITE_OK:
-            code = sqlite3_step(statement)
-        if code == SQLITE_ROW:
-            item.status = FOUND
-            item.cents = sqlite3_column_int64(statement, 0)
-            item.processor = sqlite3_column_int(statement, 1)
-            item.requested_at_ms = sqlite3_column_int64(statement, 2)
-            item.error = 0
-        elif code == SQLITE_DONE:
-            item.status = ABSENT
-            item.error = 0
-        else:
-            item.status = FAILED
-            item.error = code
-        sqlite3_reset(statement)
 
     cdef void summarize(self, SummaryAnswer* item) noexcept nogil:
         cdef sqlite3_stmt* statement = self.summary_statements[item.statement]
@@ -358,6 +335,100 @@ cdef class RecordReader:
         if self.serving:
             raise RuntimeError("the reader still runs: stop() it and wait for serve() to return")
         self._release()
+
+
+cdef int open_for_lookups(str path, int busy_timeout_ms, sqlite3** db, sqlite3_stmt** statement):
+    """A read-only connection to the record at path and its prepared lookup:
+    SQLite's result code (db may be set even when it is not SQLITE_OK)."""
+    cdef bytes encoded = path.encode()
+    cdef int code = sqlite3_open_v2(encoded, db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
+    if code == SQLITE_OK:
+        sqlite3_busy_timeout(db[0], busy_timeout_ms)
+        code = sqlite3_exec(db[0], b"PRAGMA query_only = 1", NULL, NULL, NULL)
+    if code == SQLITE_OK:
+        code = sqlite3_prepare_v3(db[0], LOOKUP_SQL, -1, SQLITE_PREPARE_PERSISTENT, statement, NULL)
+    return code
+
+
+cdef object open_error(str path, sqlite3* db, int code):
+    cdef const char* message = sqlite3_errmsg(db) if db != NULL else sqlite3_errstr(code)
+    return OSError(f"payments record {path}: {message.decode(errors='replace')}")
+
+
+cdef void look_up(sqlite3_stmt* statement, LookupAnswer* item) noexcept nogil:
+    """Sets every field but uuid: what the record holds for it (zeros unless FOUND)."""
+    item.cents = item.requested_at_ms = 0
+    item.processor = 0
+    cdef int code = sqlite3_bind_blob(statement, 1, item.uuid, UUID_BYTES, SQLITE_STATIC)
+    if code == SQLITE_OK:
+        code = sqlite3_step(statement)
+    if code == SQLITE_ROW:
+        item.status = FOUND
+        item.cents = sqlite3_column_int64(statement, 0)
+        item.processor = sqlite3_column_int(statement, 1)
+        item.requested_at_ms = sqlite3_column_int64(statement, 2)
+        item.error = 0
+    elif code == SQLITE_DONE:
+        item.status = ABSENT
+        item.error = 0
+    else:
+        item.status = FAILED
+        item.error = code
+    sqlite3_reset(statement)
+
+
+cdef class InlineLookup:
+    """Lookups in the record at `path` answered at once, on the caller's
+    thread, through a read-only connection of its own. Only for a record in
+    memory (serves(path)): there no read waits for a device. Nor for a lock:
+    where another connection holds one (SQLITE_BUSY), the answer is FAILED at
+    once instead of after a wait, and the caller asks RecordReader instead."""
+
+    @staticmethod
+    def serves(str path) -> bool:
+        """The record at path is in memory (its directory is on tmpfs or ramfs)."""
+        directory = path.rpartition("/")[0] or "."
+        cdef int fd = open_or_raise(directory, O_RDONLY | O_DIRECTORY, 0)
+        try:
+            return on_memory_filesystem(fd, directory)
+        finally:
+            close(fd)
+
+    def __init__(self, str path):
+        self.path = path
+        cdef int code = open_for_lookups(path, 0, &self.db, &self.statement)
+        if code != SQLITE_OK:
+            error = open_error(path, self.db, code)
+            self.close()
+            raise error
+
+    def __dealloc__(self):
+        self.close()
+
+    def lookup(self, list correlation_ids not None) -> list:
+        """(correlation_id, status, cents, processor, requested_at_ms, error)
+        per id, as RecordReader.answers() gives them."""
+        if self.statement == NULL:
+            raise RuntimeError(f"payments record {self.path}: the inline lookup is closed")
+        cdef LookupAnswer item
+        cdef bytes correlation_id
+        answers = []
+        for correlation_id in correlation_ids:
+            if correlation_id is None or len(correlation_id) != UUID_BYTES:
+                raise ValueError("a correlationId is 16 bytes")
+            memcpy(item.uuid, <const char*>correlation_id, UUID_BYTES)
+            look_up(self.statement, &item)
+            answers.append((correlation_id, item.status, item.cents, item.processor, item.requested_at_ms,
+                            item.error))
+        return answers
+
+    def close(self) -> None:
+        if self.statement != NULL:
+            sqlite3_finalize(self.statement)
+            self.statement = NULL
+        if self.db != NULL:
+            sqlite3_close_v2(self.db)
+            self.db = NULL
 
 
 cdef tuple summary_tuple(const SummaryAnswer* summary):
