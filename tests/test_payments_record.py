@@ -387,6 +387,27 @@ def test_lookups_find_what_is_settled_and_batch_many_ids(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_record_in_memory_tells_at_once_what_it_holds_one_on_disk_defers(tmp_path, memory_path):
+    rng = random.Random(17)
+    payments = [settlement(rng, BASE_MS + i, 0, 1) for i in range(50)]
+    unknown = [rng.randbytes(16) for _ in range(50)]
+
+    async def scenario(directory, at_once):
+        async with running(directory / "payments.db") as (record, commits):
+            assert record.holds_now(payments[0].correlation_id) is (False if at_once else None)
+            record.submit(payments, 1)
+            await commits.reach(1)
+            told = {correlation_id: record.holds_now(correlation_id)
+                    for correlation_id in [payment.correlation_id for payment in payments] + unknown}
+            if at_once:
+                assert told == {**{payment.correlation_id: True for payment in payments},
+                                **{correlation_id: False for correlation_id in unknown}}
+            else:
+                assert set(told.values()) == {None}
+    asyncio.run(scenario(memory_path, at_once=True))
+    asyncio.run(scenario(tmp_path, at_once=False))
+
+
 # Retention.
 
 def test_retention_deletes_whole_days_and_summaries_stay_exact(tmp_path, monkeypatch):

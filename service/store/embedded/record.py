@@ -12,7 +12,9 @@ writer holds the GIL only to bind a statement's parameters: statements bind
 many rows at once, so a commit takes the GIL back a handful of times,
 whatever its size, and an event loop that holds it for long stretches does
 not starve it. Reads, a lookup before every send and the summaries, are
-answered by a thread that never takes the GIL (paycore.core.record_reader).
+answered by a thread that never takes the GIL (paycore.core.record_reader);
+a record in memory (tmpfs) answers the lookups before sends inline instead
+(`holds_now`), as a journal in memory is written by the loop itself.
 
 Before `start`, the synchronous calls serve recovery on the caller's thread,
 on a connection of their own.
@@ -30,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
-from paycore.core.record_reader import LookupStatus, RecordReader
+from paycore.core.record_reader import InlineLookup, LookupStatus, RecordReader
 
 from ...os_threads import start_named_thread
 from ...payment import Attempt, Payment
@@ -124,6 +126,12 @@ class PaymentsRecord:
     def lookup(self, correlation_ids: list[bytes]) -> asyncio.Future[dict[bytes, Attempt]]:
         """A future of the ids the record holds, at any age, as settled."""
         return self._running_reads().lookup(correlation_ids)
+
+    def holds_now(self, correlation_id: bytes) -> bool | None:
+        """Whether the record holds the id, answered at once when the record
+        is in memory; None when it cannot be told without a wait (a record on
+        a device, or a lock another connection holds): then ask lookup()."""
+        return self._running_reads().holds_now(correlation_id)
 
     def summary(self, generation: int, from_ms: int | None,
                 to_ms: int | None) -> asyncio.Future[tuple[Totals, dict[str, int]]]:
@@ -410,6 +418,7 @@ class _Reads:
 
     def __init__(self, path: str) -> None:
         self._reader = RecordReader(path, record_sql.SUMMARY_STATEMENTS)
+        self._inline = InlineLookup(path) if InlineLookup.serves(path) else None
         self._lookups: deque[tuple[list[bytes], asyncio.Future]] = deque()
         # Answers read, of a lookup not yet answered whole.
         self._lookup_answers: list[tuple[bytes, int, int, int, int, int]] = []
@@ -432,6 +441,14 @@ class _Reads:
         self._lookups.append((correlation_ids, future))
         return future
 
+    def holds_now(self, correlation_id: bytes) -> bool | None:
+        if self._inline is None:
+            return None
+        _, status, _, _, _, _ = self._inline.lookup([correlation_id])[0]
+        if status == LookupStatus.FAILED:
+            return None
+        return status == LookupStatus.FOUND
+
     def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
         assert self._loop is not None
         future = self._loop.create_future()
@@ -447,6 +464,8 @@ class _Reads:
             self._loop.remove_reader(self._reader.event_fd)
             self._answered()
         self._reader.close()
+        if self._inline is not None:
+            self._inline.close()
 
     def _answered(self) -> None:
         lookup_answers, summary_answers = self._reader.answers()

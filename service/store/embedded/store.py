@@ -11,7 +11,9 @@ The path of a payment through it:
   answer leaves.
 - sending: the send is journaled and the payments record asked whether the
   id was paid before, at any age (an id past the window is claimed anew);
-  the request leaves once both are known.
+  the request leaves once both are known. A record in memory answers at
+  once; one on disk through its reader thread, all of a turn's sends in one
+  lookup.
 - settle: journaled, and published at once in this instance's ledger tail
   (so summaries count it); once durable in the journal it goes to the
   payments record, which commits it in batches and then lets the tail and
@@ -174,11 +176,17 @@ class EmbeddedStore:
     def sending(self, attempt: Attempt) -> asyncio.Future:
         self.journal.sending(attempt)
         journaled = self.journal.durable()
-        if not self._checks:
-            self._loop.call_soon(self._check_paid_before)
-        checked = self._checks.get(attempt.payment.correlation_id)
-        if checked is None:
-            checked = self._checks[attempt.payment.correlation_id] = self._loop.create_future()
+        correlation_id = attempt.payment.correlation_id
+        held = self.record.holds_now(correlation_id)
+        if held is not None:
+            checked = self._loop.create_future()
+            checked.set_result(held)
+        else:
+            if not self._checks:
+                self._loop.call_soon(self._check_paid_before)
+            checked = self._checks.get(correlation_id)
+            if checked is None:
+                checked = self._checks[correlation_id] = self._loop.create_future()
         ours = self._loop.create_future()
 
         def decide(_: asyncio.Future) -> None:
