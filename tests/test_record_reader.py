@@ -42,16 +42,23 @@ def served(lookup: RecordReader) -> threading.Thread:
     return thread
 
 
+def settle_random(connection: sqlite3.Connection, rng: random.Random, held_count: int,
+                  asked_count: int) -> tuple[dict[bytes, tuple[int, int, int]], list[bytes]]:
+    """held_count random payments in the record, by id: (cents, processor,
+    requestedAt); and asked_count ids to look up, about half of them held."""
+    held = {rng.randbytes(16): (rng.randrange(1, 10**9), rng.randrange(2), rng.randrange(2**41))
+            for _ in range(held_count)}
+    connection.executemany("INSERT INTO payments VALUES (?, ?, ?, ?, 0)",
+                           [(at, cid, processor, cents) for cid, (cents, processor, at) in held.items()])
+    connection.commit()
+    return held, [rng.choice(list(held)) if rng.random() < 0.5 else rng.randbytes(16) for _ in range(asked_count)]
+
+
 def test_answers_come_in_the_order_asked_found_or_absent(record):
     path, connection = record
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    held = {rng.randbytes(16): (rng.randrange(1, 10**9), rng.randrange(2), rng.randrange(2**41))
-            for _ in range(500)}
-    connection.executemany("INSERT INTO payments VALUES (?, ?, ?, ?, 0)",
-                           [(at, cid, processor, cents) for cid, (cents, processor, at) in held.items()])
-    connection.commit()
-    asked = [rng.choice(list(held)) if rng.random() < 0.5 else rng.randbytes(16) for _ in range(2000)]
+    held, asked = settle_random(connection, rng, 500, 2000)
     lookup = RecordReader(path, [])
     thread = served(lookup)
     start = 0
@@ -115,13 +122,7 @@ def test_an_id_is_sixteen_bytes_and_a_record_without_payments_is_refused(record,
 def test_the_inline_lookup_answers_at_once_as_the_reader_thread_does(record):
     path, connection = record
     seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    held = {rng.randbytes(16): (rng.randrange(1, 10**9), rng.randrange(2), rng.randrange(2**41))
-            for _ in range(300)}
-    connection.executemany("INSERT INTO payments VALUES (?, ?, ?, ?, 0)",
-                           [(at, cid, processor, cents) for cid, (cents, processor, at) in held.items()])
-    connection.commit()
-    asked = [rng.choice(list(held)) if rng.random() < 0.5 else rng.randbytes(16) for _ in range(1000)]
+    held, asked = settle_random(connection, random.Random(seed), 300, 1000)
     reader, inline = RecordReader(path, []), InlineLookup(path)
     thread = served(reader)
     reader.ask(asked)
