@@ -26,6 +26,8 @@ from paycore.core.loop_threads cimport (
 )
 from paycore.core.posix_files cimport on_memory_filesystem, open_or_raise, raise_os_error
 
+import os
+
 
 cdef extern from "sqlite3.h" nogil:
     enum:
@@ -387,7 +389,7 @@ cdef class InlineLookup:
     @staticmethod
     def serves(str path) -> bool:
         """The record at path is in memory (its directory is on tmpfs or ramfs)."""
-        directory = path.rpartition("/")[0] or "."
+        directory = os.path.dirname(path) or "."
         cdef int fd = open_or_raise(directory, O_RDONLY | O_DIRECTORY, 0)
         try:
             return on_memory_filesystem(fd, directory)
