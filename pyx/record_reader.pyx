@@ -158,8 +158,7 @@ cdef class RecordReader:
         cdef bytes correlation_id
         cdef LookupAnswer* item
         for correlation_id in correlation_ids:
-            if correlation_id is None or len(correlation_id) != UUID_BYTES:
-                raise ValueError("a correlationId is 16 bytes")
+            check_correlation_id(correlation_id)
         pthread_mutex_lock(&self.mutex)
         if (answers_reserve(&self.asked, self.asked.count + count) != 0
                 or answers_reserve(&self.answered, self.unread + count) != 0):
@@ -339,6 +338,12 @@ cdef class RecordReader:
         self._release()
 
 
+cdef inline int check_correlation_id(bytes correlation_id) except -1:
+    if correlation_id is None or len(correlation_id) != UUID_BYTES:
+        raise ValueError("a correlationId is 16 bytes")
+    return 0
+
+
 cdef int open_for_lookups(str path, int busy_timeout_ms, sqlite3** db, sqlite3_stmt** statement):
     """A read-only connection to the record at path and its prepared lookup:
     SQLite's result code (db may be set even when it is not SQLITE_OK)."""
@@ -416,8 +421,7 @@ cdef class InlineLookup:
         cdef bytes correlation_id
         answers = []
         for correlation_id in correlation_ids:
-            if correlation_id is None or len(correlation_id) != UUID_BYTES:
-                raise ValueError("a correlationId is 16 bytes")
+            check_correlation_id(correlation_id)
             memcpy(item.uuid, <const char*>correlation_id, UUID_BYTES)
             look_up(self.statement, &item)
             answers.append((correlation_id, item.status, item.cents, item.processor, item.requested_at_ms,

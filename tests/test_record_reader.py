@@ -14,6 +14,10 @@ from paycore.core.record_reader import InlineLookup, LookupStatus, RecordReader
 from paycore.service.store.embedded import record_sql
 from paycore.service.store.embedded.record import Settlement
 
+# The columns of record_sql's payments table that a lookup reads.
+PAYMENTS_TABLE = ("CREATE TABLE payments (requested_at_ms INTEGER, correlation_id BLOB UNIQUE, "
+                  "processor INTEGER, cents INTEGER, generation INTEGER)")
+
 
 @pytest.fixture(params=["disk", "memory"])
 def record(request, tmp_path):
@@ -21,8 +25,7 @@ def record(request, tmp_path):
     path = str(directory / "payments.db")
     connection = sqlite3.connect(path)
     connection.execute("PRAGMA journal_mode = WAL")
-    connection.execute("CREATE TABLE payments (requested_at_ms INTEGER, correlation_id BLOB UNIQUE, "
-                       "processor INTEGER, cents INTEGER, generation INTEGER)")
+    connection.execute(PAYMENTS_TABLE)
     yield path, connection
     connection.close()
 
@@ -155,8 +158,7 @@ def test_the_inline_lookup_never_waits_for_a_lock(tmp_path, memory_path):
     for directory in (tmp_path, memory_path):
         path = str(directory / "locked.db")
         holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("CREATE TABLE payments (requested_at_ms INTEGER, correlation_id BLOB UNIQUE, "
-                       "processor INTEGER, cents INTEGER, generation INTEGER)")
+        holder.execute(PAYMENTS_TABLE)
         correlation_id = os.urandom(16)
         holder.execute("INSERT INTO payments VALUES (7, ?, 1, 1990, 0)", (correlation_id,))
         inline = InlineLookup(path)
