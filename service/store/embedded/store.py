@@ -203,7 +203,8 @@ class EmbeddedStore:
                 ours.set_result(True)
 
         journaled.add_done_callback(decide)
-        checked.add_done_callback(decide)
+        if not checked.done():  # told at once: decide needs only the journal
+            checked.add_done_callback(decide)
         return ours
 
     def _check_paid_before(self) -> None:
