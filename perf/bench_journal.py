@@ -1,58 +1,176 @@
-"""What journaling a payment costs the instance, per payment, by batch size.
+"""How long an answer waits for the journal, where the journal lives, and
+the device's own floor under a synced batch.
 
-A batch is what one pass of the event loop appends: 1 payment when requests
-arrive one at a time (the benchmark's usual case at ~300 req/s per instance),
-more when they bunch up. Each payment is two records (ACCEPTED, SENDING); a
-batch costs one write, plus one fdatasync with PAYCORE_JOURNAL_SYNC=1.
-Medians of 7 repeats, side by side in one run, on tmpfs (/dev/shm, the
-default) and on the disk holding the repository.
-Run: .venv/bin/python perf/bench_journal.py
+Each payment appends what the request path appends (ACCEPTED, then SENDING)
+and ends its batch as the event loop does at the end of a read: written on
+the caller's thread for tmpfs (`write_here`, LoopJournalWriter), handed to
+the writer thread for a disk (`submit`, then the eventfd that wakes the loop:
+ThreadedJournalWriter), with and without a sync per batch. Batches of one
+payment arrive BATCH_INTERVAL_MS apart (about the final round's peak rate
+per instance); each is timed from the end of its batch to the moment it is
+durable: what an answer waits, beside what the device itself takes to make
+one record durable (pwrite of a record into a preallocated file, then
+fdatasync), the floor under any answer that waits for a sync. Then the cost
+per payment of back-to-back batches of 1 and 16 payments. Side by side in
+one run: the same device, the same minute.
+
+Run: .venv/bin/python perf/bench_journal.py  (JOURNAL_BATCHES, default 1500;
+JOURNAL_DISK_DIR, default build/ in the checkout)
 """
 from __future__ import annotations
 
 import os
+import select
 import statistics
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from paycore.core.journal import Journal
 
-PAYMENTS = 20_000
-SYNCED_PAYMENTS = 500  # fdatasync is slow enough that fewer tell the story
-REPEATS = 7
-BATCH_SIZES = (1, 16)
+BATCHES = int(os.environ.get("JOURNAL_BATCHES", "1500"))
+BATCH_INTERVAL_MS = 3.0
+RECORD_BYTES = 56  # sizeof(JournalRecord)
+THROUGHPUT_PAYMENTS = 2000
+THROUGHPUT_BATCHES = (1, 16)
+TMPFS = "/dev/shm"
 
 
-def per_payment_us(directory: str, batch: int, sync: bool) -> float:
-    payments = SYNCED_PAYMENTS if sync else PAYMENTS
-    ids = [uuid.uuid4().bytes for _ in range(payments)]
-    samples = []
-    for _ in range(REPEATS):
-        with tempfile.TemporaryDirectory(dir=directory) as scratch:
-            journal = Journal(os.path.join(scratch, "journal.log"), sync)
-            started = time.perf_counter_ns()
-            for index, uuid16 in enumerate(ids, 1):
-                journal.accepted(uuid16, 2005, 0)
-                journal.sending(uuid16, 0, 1_700_000_000_000, 0)
-                if index % batch == 0:
-                    journal.flush()
-            journal.flush()
-            samples.append((time.perf_counter_ns() - started) / payments / 1000)
+class OpenJournal:
+    """A recovered, empty journal in its own directory, ended batch by batch
+    as the service's writer for that place would end it."""
+
+    def __init__(self, directory: str, sync: bool) -> None:
+        self.journal = Journal(directory, sync)
+        self.journal.recover(0, lambda settlements: None)
+        self._thread: threading.Thread | None = None
+        if self.journal.in_memory:
+            self.journal.open_here()
+            self.end_batch: Callable[[], None] = self._write_here
+        else:
+            self._thread = threading.Thread(target=self.journal.serve, name="journal-writer")
+            self._thread.start()
+            self._poller = select.poll()
+            self._poller.register(self.journal.event_fd, select.POLLIN)
+            self.end_batch = self._submit_and_wait
+
+    def append_payment(self) -> None:
+        correlation_id = uuid.uuid4().bytes
+        self.journal.accepted(correlation_id, 1990)
+        self.journal.sending(correlation_id, 0, time.time_ns() // 1_000_000)
+
+    def _write_here(self) -> None:
+        if not self.journal.write_here():
+            raise OSError(self.journal.error, os.strerror(self.journal.error))
+
+    def _submit_and_wait(self) -> None:
+        target = self.journal.appended_seq
+        self.journal.submit()
+        while self.journal.durable_seq < target:
+            self._poller.poll(1000)
+            self.journal.drain_event()
+            if self.journal.error:
+                raise OSError(self.journal.error, os.strerror(self.journal.error))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.journal.stop()
+            self._thread.join()
+        self.journal.close()
+
+
+def paced(step: Callable[[], float]) -> list[float]:
+    """step() BATCHES times, BATCH_INTERVAL_MS apart; its results in µs."""
+    waits = []
+    next_at = time.perf_counter()
+    for _ in range(BATCHES):
+        next_at += BATCH_INTERVAL_MS / 1000
+        waits.append(step())
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    return waits
+
+
+def journal_waits(directory: str, sync: bool) -> list[float]:
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        journal = OpenJournal(os.path.join(scratch, "journal"), sync)
+        try:
+            def one_batch() -> float:
+                journal.append_payment()
+                started = time.perf_counter_ns()
+                journal.end_batch()
+                return (time.perf_counter_ns() - started) / 1000
+            return paced(one_batch)
+        finally:
             journal.close()
-    return statistics.median(samples)
+
+
+def device_flushes(directory: str) -> list[float]:
+    """One record written into a preallocated file and made durable, alone."""
+    record = b"\0" * RECORD_BYTES
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        fd = os.open(os.path.join(scratch, "flush"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, BATCHES * RECORD_BYTES)
+            os.fsync(fd)
+            offset = 0
+
+            def one_flush() -> float:
+                nonlocal offset
+                started = time.perf_counter_ns()
+                os.pwrite(fd, record, offset)
+                os.fdatasync(fd)
+                offset += RECORD_BYTES
+                return (time.perf_counter_ns() - started) / 1000
+            return paced(one_flush)
+        finally:
+            os.close(fd)
+
+
+def per_payment_us(directory: str, sync: bool, batch: int) -> float:
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        journal = OpenJournal(os.path.join(scratch, "journal"), sync)
+        try:
+            payments = THROUGHPUT_PAYMENTS // (8 if sync and not journal.journal.in_memory else 1)
+            started = time.perf_counter_ns()
+            for index in range(1, payments + 1):
+                journal.append_payment()
+                if index % batch == 0:
+                    journal.end_batch()
+            journal.end_batch()
+            return (time.perf_counter_ns() - started) / payments / 1000
+        finally:
+            journal.close()
+
+
+def quantiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+
+    def at(fraction: float) -> float:
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return f"{statistics.median(ordered):>8.0f} {at(0.99):>8.0f} {at(0.999):>8.0f}"
 
 
 def main() -> None:
-    places = {"tmpfs": "/dev/shm", "disk": str(Path(__file__).resolve().parents[1] / "build")}
-    Path(places["disk"]).mkdir(exist_ok=True)
-    print(f"{'where':<6} {'sync':<5} " + " ".join(f"{f'batch {size}':>12}" for size in BATCH_SIZES)
-          + "   (µs per payment, median)")
-    for name, directory in places.items():
-        for sync in (False, True):
-            costs = [per_payment_us(directory, size, sync) for size in BATCH_SIZES]
-            print(f"{name:<6} {str(sync):<5} " + " ".join(f"{cost:>12.2f}" for cost in costs))
+    disk = os.environ.get("JOURNAL_DISK_DIR", str(Path(__file__).resolve().parents[1] / "build"))
+    Path(disk).mkdir(exist_ok=True)
+    rows = [("tmpfs, written on the loop", lambda: journal_waits(TMPFS, False)),
+            ("disk, writer thread", lambda: journal_waits(disk, False)),
+            ("disk, writer thread, sync", lambda: journal_waits(disk, True)),
+            ("disk, the device alone: pwrite + fdatasync", lambda: device_flushes(disk))]
+    print(f"{BATCHES} batches of one payment, {BATCH_INTERVAL_MS:g} ms apart; "
+          f"µs from the end of a batch to durable ({disk} for the disk)")
+    print(f"{'':<44} {'p50':>8} {'p99':>8} {'p99.9':>8}")
+    for name, measure in rows:
+        print(f"{name:<44} {quantiles(measure())}")
+    print("\nback to back, µs per payment: " + ", ".join(f"batches of {size}" for size in THROUGHPUT_BATCHES))
+    for name, directory, sync in (("tmpfs", TMPFS, False), ("disk", disk, False), ("disk, sync", disk, True)):
+        costs = [per_payment_us(directory, sync, size) for size in THROUGHPUT_BATCHES]
+        print(f"{name:<12} " + " ".join(f"{cost:>10.2f}" for cost in costs))
 
 
 if __name__ == "__main__":
