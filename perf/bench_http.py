@@ -7,7 +7,8 @@ What is timed is the HTTP layer alone: parsing, the callbacks, ordering and
 writing the answer. The other revision's service/ is taken from git into a
 temporary package, so both run in one process, interleaved, on the same noise.
 
-Run: .venv/bin/python perf/bench_http.py [--against REV]   (REV: main by default)
+Run: .venv/bin/python perf/bench_http.py [--against REV]   (REV: main by default;
+HTTP_BENCH_ROUNDS requests per timing, 100,000 by default)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import importlib
 import io
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 BODY = b'{"correlationId":"4a7901b8-7d26-4d5d-aa7a-3d2b1b1d9f2c","amount":20.05}'
 REQUEST = (b"POST /payments HTTP/1.1\r\nHost: localhost:9999\r\nContent-Type: application/json\r\n"
            b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
-ROUNDS = 100_000
+ROUNDS = int(os.environ.get("HTTP_BENCH_ROUNDS", "100000"))
 REPEATS = 5
 
 
@@ -61,12 +63,15 @@ class Transport(asyncio.Transport):
 
 
 class Journal:
-    """An accepted payment's answer waits for the end of the read, as with the journal."""
+    """An accepted payment's answer waits for the end of the read, as with the
+    journal (http_server.Durability)."""
+
+    promised = 0
 
     def __init__(self) -> None:
         self._waiting: list = []
 
-    def after_durable(self, callback, *args) -> None:
+    def after_durable(self, promise: int, callback, *args) -> None:
         self._waiting.append((callback, args))
 
     def flush_waiting(self) -> None:

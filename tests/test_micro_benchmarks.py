@@ -1,6 +1,7 @@
-"""perf/bench_journal.py drives the journal as the service writes it: run
-briefly, it prints a latency row for each place and the device, and a cost
-row for each place, all of them numbers."""
+"""Two micro-benchmarks in perf/ drive the service's own classes through
+stand-ins for their neighbours, so a change of interface breaks them
+silently (both had been broken so): run briefly, each must still run and
+print its figures."""
 from __future__ import annotations
 
 import os
@@ -8,14 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "perf" / "bench_journal.py"
+PERF = Path(__file__).resolve().parent.parent / "perf"
 LATENCY_ROWS = ("tmpfs, written on the loop", "disk, writer thread", "disk, writer thread, sync",
                 "disk, the device alone: pwrite + fdatasync")
 COST_ROWS = ("tmpfs", "disk", "disk, sync")
 
 
 def test_the_journal_benchmark_times_each_place_and_the_device(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120,
+    run = subprocess.run([sys.executable, str(PERF / "bench_journal.py")], capture_output=True, text=True,
+                         timeout=120,
                          env={**os.environ, "JOURNAL_BATCHES": "20", "JOURNAL_DISK_DIR": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
@@ -27,3 +29,14 @@ def test_the_journal_benchmark_times_each_place_and_the_device(tmp_path: Path) -
     for line in costs:
         assert all(float(figure) > 0 for figure in line[12:].split())
     assert not any(tmp_path.iterdir()), "the scratch directories are removed"
+
+
+def test_the_http_benchmark_drives_the_protocol_as_the_service_does() -> None:
+    """Its stand-ins for the routes and the journal follow the protocol's
+    interfaces: with another revision it answers each request once, or fails."""
+    run = subprocess.run([sys.executable, str(PERF / "bench_http.py"), "--against", "HEAD"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HTTP_BENCH_ROUNDS": "200"})
+    assert run.returncode == 0, run.stderr
+    ratio = next(line for line in run.stdout.splitlines() if "ratio" in line)
+    assert float(ratio.split("takes ")[1].split("x")[0]) > 0, ratio
