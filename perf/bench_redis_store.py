@@ -31,7 +31,6 @@ from paycore.redis_server import RedisServer
 from paycore.service.config import Settings
 from paycore.service.payment import Attempt, Payment
 from paycore.service.store.redis_store import RedisStore
-from paycore.stack import free_port
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -162,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     (REPO / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "build") as scratch:
-        server = RedisServer(Path(scratch), free_port(), durable=False).start()
+        server = RedisServer(Path(scratch), durable=False).start()
         try:
             now_ms = time.time_ns() // 1_000_000
             for retention_days in (0, 30):

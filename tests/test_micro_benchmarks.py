@@ -1,6 +1,6 @@
-"""Two micro-benchmarks in perf/ drive the service's own classes through
-stand-ins for their neighbours, so a change of interface breaks them
-silently (both had been broken so): run briefly, each must still run and
+"""Micro-benchmarks in perf/ that drive the service's own classes (through
+stand-ins for their neighbours, or a scratch Redis) break silently when an
+interface changes: these three had. Run briefly, each must still run and
 print its figures."""
 from __future__ import annotations
 
@@ -40,3 +40,11 @@ def test_the_http_benchmark_drives_the_protocol_as_the_service_does() -> None:
     assert run.returncode == 0, run.stderr
     ratio = next(line for line in run.stdout.splitlines() if "ratio" in line)
     assert float(ratio.split("takes ")[1].split("x")[0]) > 0, ratio
+
+
+def test_the_redis_store_benchmark_runs_against_the_store_as_it_is() -> None:
+    run = subprocess.run([sys.executable, str(PERF / "bench_redis_store.py"), "--payments", "300",
+                          "--history", "300"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    summaries = [line for line in run.stdout.splitlines() if line.startswith("summary, ")]
+    assert len(summaries) == 5 and all("median" in line for line in summaries), run.stdout
