@@ -218,8 +218,7 @@ cdef class RecordReader:
         try:
             for index in range(self.answered.count):
                 item = &self.answered.items[index]
-                lookups.append((item.uuid[:UUID_BYTES], item.status, item.cents, item.processor,
-                                item.requested_at_ms, item.error))
+                lookups.append(lookup_tuple(item.uuid[:UUID_BYTES], item))
             for index in range(self.summaries_answered.count):
                 summary = &self.summaries_answered.items[index]
                 summaries.append(summary_tuple(summary))
@@ -424,8 +423,7 @@ cdef class InlineLookup:
             check_correlation_id(correlation_id)
             memcpy(item.uuid, <const char*>correlation_id, UUID_BYTES)
             look_up(self.statement, &item)
-            answers.append((correlation_id, item.status, item.cents, item.processor, item.requested_at_ms,
-                            item.error))
+            answers.append(lookup_tuple(correlation_id, &item))
         return answers
 
     def close(self) -> None:
@@ -435,6 +433,10 @@ cdef class InlineLookup:
         if self.db != NULL:
             sqlite3_close_v2(self.db)
             self.db = NULL
+
+
+cdef inline tuple lookup_tuple(bytes correlation_id, const LookupAnswer* item):
+    return correlation_id, item.status, item.cents, item.processor, item.requested_at_ms, item.error
 
 
 cdef tuple summary_tuple(const SummaryAnswer* summary):
