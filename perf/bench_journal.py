@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 import select
-import statistics
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from report import percentile
 
 from paycore.core.journal import Journal
 
@@ -149,10 +150,7 @@ def per_payment_us(directory: str, sync: bool, batch: int) -> float:
 
 def quantiles(samples: list[float]) -> str:
     ordered = sorted(samples)
-
-    def at(fraction: float) -> float:
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-    return f"{statistics.median(ordered):>8.0f} {at(0.99):>8.0f} {at(0.999):>8.0f}"
+    return " ".join(f"{percentile(ordered, fraction):>8.0f}" for fraction in (0.5, 0.99, 0.999))
 
 
 def main() -> None:
