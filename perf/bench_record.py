@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import uvloop
 from host import LowLatencyHost
+from report import percentile
 
 from paycore.service.store.embedded import record_sql
 from paycore.service.store.embedded.record import RETENTION_SLICE_ROWS, PaymentsRecord, Settlement
@@ -70,12 +71,13 @@ def build(path: str, rows: int) -> float:
     started = time.perf_counter()
     connection = record_sql.connect_writer(path)
     rng = random.Random(1)
-    span_per_batch = DAY_MS * BUILD_BATCH / rows
-    for batch in range(rows // BUILD_BATCH):
-        settlements = synthetic(rng, BUILD_BATCH, START_MS + int(batch * span_per_batch), int(span_per_batch), batch)
+    span_per_row = DAY_MS / rows
+    for batch, first in enumerate(range(0, rows, BUILD_BATCH)):
+        count = min(BUILD_BATCH, rows - first)
+        settlements = synthetic(rng, count, START_MS + int(first * span_per_row), int(count * span_per_row), batch)
         record_sql.commit_settlements(connection, "bench", settlements, batch + 1)
         if batch % 100 == 99:
-            print(f"  built {(batch + 1) * BUILD_BATCH:,} rows in {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"  built {first + count:,} rows in {time.perf_counter() - started:.0f} s", flush=True)
     connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     connection.close()
     return time.perf_counter() - started
@@ -91,11 +93,6 @@ def disk_report(path: str) -> None:
     buckets = connection.execute("SELECT level, count(*) FROM buckets GROUP BY level").fetchall()
     print("  bucket rows per level: " + ", ".join(f"{level}: {count:,}" for level, count in buckets))
     connection.close()
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def summaries(path: str) -> None:
@@ -182,12 +179,12 @@ def summaries(path: str) -> None:
         polling_floor = uvloop.run(bare_hop())
     connection.close()
     print(f"summary [t-15 s, t-2 s] in the last hour, {QUERIES} windows (µs): "
-          f"direct median {statistics.median(direct):.0f} p99 {percentile(direct, 0.99):.0f}; "
-          f"through the reader thread median {statistics.median(hop):.0f} p99 {percentile(hop, 0.99):.0f} "
-          f"(a bare hop through a Python thread: median {statistics.median(floor):.0f} p99 {percentile(floor, 0.99):.0f}); "
+          f"direct median {statistics.median(direct):.0f} p99 {percentile(sorted(direct), 0.99):.0f}; "
+          f"through the reader thread median {statistics.median(hop):.0f} p99 {percentile(sorted(hop), 0.99):.0f} "
+          f"(a bare hop through a Python thread: median {statistics.median(floor):.0f} p99 {percentile(sorted(floor), 0.99):.0f}); "
           f"the same with idle CPUs polling (perf/host.py) median {statistics.median(polling_hop):.0f} "
-          f"p99 {percentile(polling_hop, 0.99):.0f} (bare hop median {statistics.median(polling_floor):.0f} "
-          f"p99 {percentile(polling_floor, 0.99):.0f})")
+          f"p99 {percentile(sorted(polling_hop), 0.99):.0f} (bare hop median {statistics.median(polling_floor):.0f} "
+          f"p99 {percentile(sorted(polling_floor), 0.99):.0f})")
     print(f"summary of a ~one-day range (200 ranges): median {statistics.median(day) / 1000:.2f} ms, "
           f"max {max(day) / 1000:.2f} ms; all of history {everything_us / 1000:.2f} ms")
     print(f"lookup, direct: 1 id {lookups[1]:.0f} µs, 64 ids (half held) {lookups[64]:.0f} µs")
@@ -286,7 +283,7 @@ async def busy_loop(path: str | None) -> BusyLoop:
         await record.close()
         result = result._replace(committed_per_s=committed * per_batch / BUSY_SECONDS,
                                  commit_p50_ms=statistics.median(commit_latencies),
-                                 commit_p99_ms=percentile(commit_latencies, 0.99))
+                                 commit_p99_ms=percentile(sorted(commit_latencies), 0.99))
     return result
 
 
