@@ -3,10 +3,12 @@
 Each round sends the same number of payments with the same concurrency through
 each client in turn and measures the client process's CPU time per payment and
 the median request latency. Run: .venv/bin/python perf/bench_client.py
+(CLIENT_PAYMENTS per round, default 4,000; CLIENT_ROUNDS, default 5)
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 import uuid
@@ -18,9 +20,9 @@ from paycore.core.processor_payload import encode_payment
 from paycore.emulator import EmulatorProcess
 from paycore.service.processor_client import Outcome, ProcessorClient
 
-PAYMENTS = 4000
+PAYMENTS = int(os.environ.get("CLIENT_PAYMENTS", "4000"))
 CONCURRENCY = 64
-ROUNDS = 5
+ROUNDS = int(os.environ.get("CLIENT_ROUNDS", "5"))
 
 
 async def drive(send, count: int) -> list[float]:
