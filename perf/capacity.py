@@ -12,7 +12,8 @@ connections and warm the stack and are not recorded.
 Rates: CAPACITY_RATES (default 600,3000,6000,12000: 1x, 5x, 10x and 20x the
 final round's peak), then 1.25 times more until the throughput saturates,
 then two bisections between the highest rate that held and the lowest that
-did not.
+did not; CAPACITY_SEARCH=0 runs the rates given and nothing more (a rate
+given three times: three runs of it, for a median).
 
 A step saturates when the p99 of accepted requests exceeded
 CAPACITY_MAX_P99_MS (default 10), any request was refused, or the throughput
@@ -28,6 +29,9 @@ how long after the load the processors held every accepted payment, the
 stack's CPU ms per payment (over the whole step, warm-up and settling
 included, per payment accepted), peak RSS per process, the emulated
 processors' CPU and the generator's lag.
+CAPACITY_DATA: disk (the default: the data directory on disk, synced per
+batch, as docker-compose.yml deploys it) or tmpfs (no syncs: what the stack
+does when the disk's flush is not in the way).
 Writes perf/results/capacity-<time>.json and .png and prints the table.
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import Variant  # noqa: E402
 from cgroups import CgroupJail, compose_jail  # noqa: E402
 from native import build_tools  # noqa: E402
 from open_loop import OpenLoopLoad, refusals  # noqa: E402
@@ -117,10 +122,11 @@ def saturation(step: dict, limits: StepLimits) -> list[str]:
     return reasons + step["throughput_saturated"]
 
 
-def run_step(tools: dict[str, Path], jail: CgroupJail | None, rate: float, limits: StepLimits) -> dict:
+def run_step(tools: dict[str, Path], jail: CgroupJail | None, rate: float, limits: StepLimits,
+             variant: Variant) -> dict:
     expected = int(rate * (limits.warmup_s + limits.seconds) * 1.2) + 10_000
-    with tempfile.TemporaryDirectory(prefix="paycore-capacity-") as scratch, \
-            FastTopology(tools["processor"], jail, expected) as topology:
+    with tempfile.TemporaryDirectory(prefix="paycore-capacity-") as scratch, variant.instance_env() as data_env, \
+            FastTopology(tools["processor"], jail, expected, data_env) as topology:
         if jail:
             jail.reset_memory_peaks()
         # the cgroups outlive each step; starting Python under a small quota is throttled too
@@ -148,7 +154,7 @@ def run_step(tools: dict[str, Path], jail: CgroupJail | None, rate: float, limit
     cpu_s = {name: usage[name][0] - cpu_before[name] for name in pids}
     stack_cpu_s = sum(cpu_s[name] for name in stack_pids)
     step = {
-        "rate": rate, "seconds": limits.seconds,
+        "rate": rate, "seconds": limits.seconds, "data": variant.journal,
         "offered": generator["started"] + generator["dropped"],
         "accepted": accepted, "accepted_per_s": round(accepted / limits.seconds, 1),
         "settled_during_load": settled_during_load,
@@ -186,18 +192,20 @@ def knee(steps: list[dict]) -> dict | None:
 
 
 def sweep(tools: dict[str, Path], jail: CgroupJail | None, rates: list[float], limits: StepLimits,
-          steps: list[dict]) -> list[dict]:
-    """Runs the rates given, then steps up until the throughput saturates, then bisects
-    for the knee; each step is appended to steps as it finishes (so an interrupted
+          variant: Variant, search: bool, steps: list[dict]) -> list[dict]:
+    """Runs the rates given, then (search) steps up until the throughput saturates, then
+    bisects for the knee; each step is appended to steps as it finishes (so an interrupted
     sweep keeps what it did)."""
     def run(rate: float) -> dict:
-        step = run_step(tools, jail, rate, limits)
+        step = run_step(tools, jail, rate, limits, variant)
         steps.append(step)
         print_step(step, header=len(steps) == 1)
         return step
 
     for rate in rates:
         run(rate)
+    if not search:
+        return sorted(steps, key=lambda step: step["rate"])
     rate = rates[-1]
     while not any(step["throughput_saturated"] for step in steps) and rate * STEP_UP <= MAX_RATE:
         rate = round(rate * STEP_UP, -2)
@@ -286,12 +294,14 @@ def main() -> int:
     stop_on_first_signal()
     limits = StepLimits.from_environment("CAPACITY", 30)
     rates = [float(rate) for rate in os.environ.get("CAPACITY_RATES", DEFAULT_RATES).split(",")]
+    variant = Variant("embedded", os.environ.get("CAPACITY_DATA", "disk"))
     tools = build_tools()
     jail = compose_jail(REPO / "docker-compose.yml", "paycore-capacity")
     steps: list[dict] = []
     interrupted = False
     try:
-        sweep(tools, jail, rates, limits, steps)
+        print(f"data directory: {variant.name}", flush=True)
+        sweep(tools, jail, rates, limits, variant, os.environ.get("CAPACITY_SEARCH", "1") != "0", steps)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: writing the steps done", file=sys.stderr)
@@ -305,7 +315,7 @@ def main() -> int:
     out = RESULTS / f"capacity-{stamp}.json"
     out.write_text(json.dumps({
         "commit": commit(), "cpus": os.cpu_count(), "limits": limits.__dict__, "cgroups": jail is not None,
-        "interrupted": interrupted, "knee": best, "steps": steps}, indent=2))
+        "data": variant.journal, "interrupted": interrupted, "knee": best, "steps": steps}, indent=2))
     if steps:
         draw_chart(out.with_suffix(".png"), steps, best, limits)
         print(f"\nresults: {out} (+ .png)")

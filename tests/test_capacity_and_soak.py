@@ -17,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "perf"))
 
 import capacity  # noqa: E402
 import soak  # noqa: E402
+from bench import Variant  # noqa: E402
 from capacity import StepLimits  # noqa: E402
 from native import build_tools  # noqa: E402
 
 LIMITS = StepLimits(seconds=1.5, warmup_s=0.5, max_vus=20, max_p99_ms=10)
+ON_DISK = Variant("embedded", "disk")
 
 
 def made_up_step(rate: float, limits: StepLimits) -> dict:
@@ -37,18 +39,32 @@ def made_up_step(rate: float, limits: StepLimits) -> dict:
 def test_the_sweep_steps_up_until_the_throughput_saturates_then_bisects_for_the_knee(monkeypatch):
     tried = []
 
-    def run_step(tools, jail, rate, limits):
+    def run_step(tools, jail, rate, limits, variant):
         tried.append(rate)
         return made_up_step(rate, limits)
 
     monkeypatch.setattr(capacity, "run_step", run_step)
     monkeypatch.setattr(capacity, "print_step", lambda step, header=False: None)
-    steps = capacity.sweep({}, None, [600, 3000, 6000, 12000], LIMITS, [])
+    steps = capacity.sweep({}, None, [600, 3000, 6000, 12000], LIMITS, ON_DISK, True, [])
     # 12,000 is past the p99 bound but takes everything: stepping up goes on to 15,000
     assert tried == [600, 3000, 6000, 12000, 15000, 9000, 10500]
     assert [step["rate"] for step in steps] == sorted(tried)
     assert capacity.knee(steps)["rate"] == 9000
     assert steps[-1]["throughput_saturated"] == ["accepted 93.3% of offered"]
+
+
+def test_without_the_search_only_the_rates_given_run_each_as_often_as_given(monkeypatch):
+    tried = []
+
+    def run_step(tools, jail, rate, limits, variant):
+        tried.append(rate)
+        return made_up_step(rate, limits)
+
+    monkeypatch.setattr(capacity, "run_step", run_step)
+    monkeypatch.setattr(capacity, "print_step", lambda step, header=False: None)
+    steps = capacity.sweep({}, None, [6000, 6000, 6000], LIMITS, ON_DISK, False, [])
+    assert tried == [6000, 6000, 6000]
+    assert len(steps) == 3
 
 
 def test_what_saturates_a_step():
@@ -101,8 +117,11 @@ def tools() -> dict[str, Path]:
     return build_tools()
 
 
-def test_a_capacity_step_against_the_stack(tools):
-    step = capacity.run_step(tools, None, 300, StepLimits(seconds=1.5, warmup_s=0.5, max_vus=100, max_p99_ms=1000))
+@pytest.mark.parametrize("data", ["disk", "tmpfs"])
+def test_a_capacity_step_against_the_stack(tools, data):
+    step = capacity.run_step(tools, None, 300, StepLimits(seconds=1.5, warmup_s=0.5, max_vus=100, max_p99_ms=1000),
+                             Variant("embedded", data))
+    assert step["data"] == data
     assert step["offered"] == step["accepted"] == 450
     assert step["refused_total"] == step["dropped"] == step["failed"] == 0
     assert step["warmup_accepted"] == 150
