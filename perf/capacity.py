@@ -237,7 +237,7 @@ def print_step(step: dict, header: bool = False) -> None:
           f"{step['generator']['max_start_lag_ms']:>10.1f}  {'; '.join(step['saturated']) or 'no'}", flush=True)
 
 
-def draw_chart(path: Path, steps: list[dict], best: dict | None, limits: StepLimits) -> None:
+def draw_chart(path: Path, steps: list[dict], best: dict | None, limits: StepLimits, variant: Variant) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,7 +248,7 @@ def draw_chart(path: Path, steps: list[dict], best: dict | None, limits: StepLim
     throughput.plot(rates, [step["accepted_per_s"] for step in steps], marker="o", label="accepted/s")
     throughput.plot(rates, [step["settled_per_s"] for step in steps], marker="x", label="settled/s (processors)")
     throughput.set_ylabel("payments per second")
-    throughput.set_title(f"open-loop capacity, {limits.seconds:g} s per rate, under the compose limits")
+    throughput.set_title(f"open-loop capacity, {limits.seconds:g} s per rate, under the compose limits; {variant.name}")
     for name, key in (("p50", "p50"), ("p99", "p99"), ("p99.9", "p99.9")):
         latency.plot(rates, [step["latency_ms"][key] for step in steps], marker="o", label=name)
     latency.axhline(limits.max_p99_ms, color="red", linestyle=":", label=f"p99 bound {limits.max_p99_ms:g} ms")
@@ -317,7 +317,7 @@ def main() -> int:
         "commit": commit(), "cpus": os.cpu_count(), "limits": limits.__dict__, "cgroups": jail is not None,
         "data": variant.journal, "interrupted": interrupted, "knee": best, "steps": steps}, indent=2))
     if steps:
-        draw_chart(out.with_suffix(".png"), steps, best, limits)
+        draw_chart(out.with_suffix(".png"), steps, best, limits, variant)
         print(f"\nresults: {out} (+ .png)")
         for index, step in enumerate(steps):
             print_step(step, header=index == 0)
