@@ -36,15 +36,21 @@ def made_up_step(rate: float, limits: StepLimits) -> dict:
     return step
 
 
-def test_the_sweep_steps_up_until_the_throughput_saturates_then_bisects_for_the_knee(monkeypatch):
-    tried = []
+@pytest.fixture
+def tried(monkeypatch) -> list[float]:
+    """The rates the sweep ran, each step made up (made_up_step)."""
+    rates: list[float] = []
 
     def run_step(tools, jail, rate, limits, variant):
-        tried.append(rate)
+        rates.append(rate)
         return made_up_step(rate, limits)
 
     monkeypatch.setattr(capacity, "run_step", run_step)
     monkeypatch.setattr(capacity, "print_step", lambda step, header=False: None)
+    return rates
+
+
+def test_the_sweep_steps_up_until_the_throughput_saturates_then_bisects_for_the_knee(tried):
     steps = capacity.sweep({}, None, [600, 3000, 6000, 12000], LIMITS, ON_DISK, True, [])
     # 12,000 is past the p99 bound but takes everything: stepping up goes on to 15,000
     assert tried == [600, 3000, 6000, 12000, 15000, 9000, 10500]
@@ -53,15 +59,7 @@ def test_the_sweep_steps_up_until_the_throughput_saturates_then_bisects_for_the_
     assert steps[-1]["throughput_saturated"] == ["accepted 93.3% of offered"]
 
 
-def test_without_the_search_only_the_rates_given_run_each_as_often_as_given(monkeypatch):
-    tried = []
-
-    def run_step(tools, jail, rate, limits, variant):
-        tried.append(rate)
-        return made_up_step(rate, limits)
-
-    monkeypatch.setattr(capacity, "run_step", run_step)
-    monkeypatch.setattr(capacity, "print_step", lambda step, header=False: None)
+def test_without_the_search_only_the_rates_given_run_each_as_often_as_given(tried):
     steps = capacity.sweep({}, None, [6000, 6000, 6000], LIMITS, ON_DISK, False, [])
     assert tried == [6000, 6000, 6000]
     assert len(steps) == 3
