@@ -72,6 +72,17 @@ def test_bridge_networks_and_the_processors_network_is_external(compose):
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_every_container_log_is_rotated(compose):
+    """What a service writes over months is bounded: Docker's json-file driver
+    keeps a container's whole log unless told a size."""
+    for name, service in compose["services"].items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") in ("json-file", "local"), name
+        options = logging.get("options", {})
+        assert memory_bytes(options["max-size"]) <= memory_bytes("50MB"), name
+        assert 1 <= int(options["max-file"]) <= 5, name
+
+
 def test_docker_compose_accepts_the_file():
     checked = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"],
                              capture_output=True, text=True)
