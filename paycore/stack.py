@@ -1,8 +1,8 @@
 """The whole local topology as child processes: two emulated processors (unless
 PROCESSOR_DEFAULT_URL and PROCESSOR_FALLBACK_URL name real ones), the service
-instances, the load balancer in front (service/balancer.py, handing client
-connections to the instances' hand-off sockets, as docker-compose.yml runs
-it), and with the Redis store a redis-server the instances share. Each
+instances, the load balancer in front (service/balancer.py, handing its
+listening sockets to the instances' hand-off sockets, as docker-compose.yml
+runs it), and with the Redis store a redis-server the instances share. Each
 instance also listens on a unix socket of its own, for asking one instance
 directly (tests, tools). Every child says where it listens once it does
 (paycore.ready): a port 0 is chosen by the child that binds it.

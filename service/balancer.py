@@ -1,17 +1,20 @@
 """The load balancer: one TCP port in front of the instances.
 
-It accepts each client connection and hands it, round robin, to an instance
-over that instance's hand-off socket (pyx/connection_handoff.pyx, received by
-service.handoff), then closes its own copy: from then on client and instance
-talk directly and the balancer relays no byte, so a request crosses no extra
-hop and the balancer works once per connection, not per request. While every
-instance takes connections, accepting and handing over run in C without the
-GIL. An instance that cannot take one (stopped, restarting) is skipped and
-tried again, at most every RECONNECT_INTERVAL_S, on a later connection; one
-that is alive but whose queue of handed-over connections is full is skipped
-for that connection. A connection no instance can take is closed, so its
-client retries elsewhere instead of waiting: at once when none is up, after
-up to FULL_WAIT_S for room when those up are all full.
+It binds the port once per instance, with SO_REUSEPORT, and hands each
+instance its own listening socket over that instance's hand-off socket
+(pyx/socket_handoff.pyx, received by service.handoff). The kernel spreads
+new connections evenly over the sockets by their addresses, and each
+instance accepts its own: from then on client and instance talk directly.
+The balancer relays no byte and, while every instance is up, touches no
+connection, so a new connection wakes only the instance that serves it.
+
+The balancer keeps every socket open, so no connection waiting in a queue is
+lost when an instance goes away (stopped, crashed, restarting): it watches
+each hand-off socket, and the socket of an instance that hung up goes to one
+that is up, which accepts from both until the first is back (the balancer
+connects again at most every RECONNECT_INTERVAL_S). While no instance is up,
+the balancer accepts each connection itself and closes it at once, so its
+client retries instead of waiting.
 
     PAYCORE_BALANCER_LISTEN     host:port to accept clients on (0.0.0.0:9999); port 0: any free
                                 one, announced to the parent (paycore.ready)
@@ -19,7 +22,6 @@ up to FULL_WAIT_S for room when those up are all full.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -27,7 +29,7 @@ import signal
 import socket
 import time
 
-from paycore.core.connection_handoff import hand_off_connections, send_connection
+from paycore.core.socket_handoff import accept_connection, send_socket
 from paycore.ready import announce
 
 from . import logs
@@ -35,22 +37,28 @@ from . import logs
 log = logging.getLogger("paycore.balancer")
 
 RECONNECT_INTERVAL_S = 0.1
-FULL_WAIT_S = 1.0
 BACKLOG = 4096
 
 
 class InstanceChannel:
-    """The hand-off socket of one instance: connected on first use and again after a failure."""
+    """The hand-off socket of one instance, and which listening sockets
+    (by index) went over it: all of them are given up when it closes."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.channel: socket.socket | None = None
+        self.handed: set[int] = set()
         self._retry_at = 0.0
         self._up: bool | None = None
 
+    @property
+    def up(self) -> bool:
+        return self.channel is not None
+
     def connect(self) -> bool:
+        """Whether it is newly up."""
         if self.channel is not None:
-            return True
+            return False
         now = time.monotonic()
         if now < self._retry_at:
             return False
@@ -67,29 +75,31 @@ class InstanceChannel:
         self._mark(True)
         return True
 
-    def take(self, connection_fd: int) -> bool:
-        """Hand the connection over; False if this instance cannot take it now."""
-        # A channel found broken is connected again at once: the instance may have restarted.
-        for _ in range(2):
-            if not self.connect():
-                return False
-            try:
-                send_connection(self.channel.fileno(), connection_fd)
-                return True
-            except BlockingIOError:
-                return False
-            except OSError as error:
-                self.disconnect(error)
-        return False
+    def hand(self, index: int, listener: socket.socket) -> bool:
+        try:
+            send_socket(self.channel.fileno(), listener.fileno())
+        except OSError as error:
+            self.went_away(error)
+            return False
+        self.handed.add(index)
+        return True
 
-    def disconnect(self, error: OSError) -> None:
+    def take_back(self) -> None:
+        """Make it give up every socket handed over, by closing the channel,
+        and connect again at once to hand over what is its own."""
         self.close()
+        self.connect()
+
+    def went_away(self, error: OSError) -> None:
+        self.close()
+        self._retry_at = time.monotonic() + RECONNECT_INTERVAL_S
         self._mark(False, error)
 
     def close(self) -> None:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        self.handed.clear()
 
     def _mark(self, up: bool, error: OSError | None = None) -> None:
         if up != self._up:
@@ -105,83 +115,106 @@ class Balancer:
         if not instance_paths:
             raise ValueError("the balancer needs at least one instance")
         self.instances = [InstanceChannel(path) for path in instance_paths]
-        self._next = 0
         self.refused = 0
         self._stopping = False
-        self._listener = socket.create_server(listen, backlog=BACKLOG)
+        first = _bind(listen)
+        # Port 0 picks a free port for the first socket; the others join it.
+        self._listeners = [first] + [_bind((listen[0], first.getsockname()[1]))
+                                     for _ in instance_paths[1:]]
+        for listener in self._listeners:
+            listener.setblocking(False)
+        self._unheld: list[socket.socket] = list(self._listeners)
+        self._wakeup_read, self._wakeup_write = os.pipe()
 
     @property
     def address(self) -> tuple[str, int]:
-        return self._listener.getsockname()[:2]
+        return self._listeners[0].getsockname()[:2]
 
     def serve_forever(self) -> None:
         """Until stop(), from another thread, or a signal's handler raises."""
         while not self._stopping:
-            if all(instance.connect() for instance in self.instances):
-                self._serve_in_c()
-            else:
-                self._serve_one()
+            if any([instance.connect() for instance in self.instances]):
+                self._assign()
+            self._watch()
 
-    def _serve_in_c(self) -> None:
-        """Until a connection or the listener needs a decision made here."""
-        channels = [instance.channel.fileno() for instance in self.instances]
-        self._next, connection_fd, failed, error = hand_off_connections(
-            self._listener.fileno(), channels, self._next)
-        if connection_fd < 0:
-            self._accept_failed(error)
-            return
-        if failed >= 0:
-            self.instances[failed].disconnect(OSError(error, os.strerror(error)))
+    def _assign(self) -> None:
+        """Each listening socket to its own instance when that one is up,
+        otherwise to the instance up that holds the fewest. An instance that
+        holds a socket it should not gives up all of them, and gets its own
+        again at once."""
+        while True:
+            wanted = self._wanted()
+            for instance, indexes in wanted.items():
+                if not instance.handed <= indexes:
+                    instance.take_back()
+            if all(self._hand(instance, indexes) for instance, indexes in wanted.items()):
+                held = set().union(*wanted.values())
+                self._unheld = [listener for index, listener in enumerate(self._listeners)
+                                if index not in held]
+                return
+            # An instance went away meanwhile: assign again without it.
+
+    def _wanted(self) -> dict[InstanceChannel, set[int]]:
+        up = [instance for instance in self.instances if instance.up]
+        wanted = {instance: {index} for index, instance in enumerate(self.instances) if instance.up}
+        for index, instance in enumerate(self.instances):
+            if not instance.up and up:
+                fewest = min(up, key=lambda candidate: len(wanted[candidate]))
+                wanted[fewest].add(index)
+        return wanted
+
+    def _hand(self, instance: InstanceChannel, indexes: set[int]) -> bool:
+        """Whether it now holds every socket in indexes."""
+        return instance.up and all(instance.hand(index, self._listeners[index])
+                                   for index in sorted(indexes - instance.handed))
+
+    def _watch(self) -> None:
+        """Until an instance hangs up, a connection comes on a socket no
+        instance holds, one that is down is due to be tried again, or stop()."""
+        up = {instance.channel.fileno(): instance for instance in self.instances if instance.up}
+        unheld = {listener.fileno(): listener for listener in self._unheld}
+        timeout = None if len(up) == len(self.instances) else RECONNECT_INTERVAL_S
+        readable, _, _ = select.select([*up, *unheld, self._wakeup_read], [], [], timeout)
+        hung_up = False
+        for fd in readable:
+            if fd in up:
+                # An instance never writes to its channel: readable means it closed its end.
+                up[fd].went_away(ConnectionResetError("its hand-off socket hung up"))
+                hung_up = True
+            elif fd in unheld:
+                self._refuse(unheld[fd])
+        if hung_up:
+            self._assign()
+
+    def _refuse(self, listener: socket.socket) -> None:
+        """No instance is up: the connection is closed at once."""
         try:
-            self.hand_off(connection_fd)
-        finally:
+            connection_fd = accept_connection(listener.fileno())
+        except OSError as error:
+            # Out of descriptors or memory: say so, and take the next one when it comes.
+            log.error("accepting a connection failed: %s", error)
+            time.sleep(RECONNECT_INTERVAL_S)
+            return
+        if connection_fd >= 0:
+            self.refused += 1  # before the close, which its client sees
             os.close(connection_fd)
 
-    def _serve_one(self) -> None:
-        """One connection, with instances down: each is tried again when its time has come."""
-        try:
-            connection, _ = self._listener.accept()
-        except OSError as error:
-            self._accept_failed(error.errno)
-            return
-        with connection:
-            self.hand_off(connection.fileno())
-
-    def _accept_failed(self, error: int) -> None:
-        if self._stopping or error in (errno.EINTR, errno.ECONNABORTED):
-            return  # a signal's handler has run; or a client gave up before its accept
-        # Out of descriptors or memory: say so, and take the next one when it comes.
-        log.error("accepting a connection failed: %s", os.strerror(error))
-        time.sleep(RECONNECT_INTERVAL_S)
-
-    def hand_off(self, connection_fd: int) -> bool:
-        """Give the connection to the next instance that takes it; False if none did in time."""
-        deadline = time.monotonic() + FULL_WAIT_S
-        count = len(self.instances)
-        while True:
-            for _ in range(count):
-                instance = self.instances[self._next]
-                self._next = (self._next + 1) % count
-                if instance.take(connection_fd):
-                    return True
-            full = [instance.channel for instance in self.instances if instance.channel is not None]
-            remaining = deadline - time.monotonic()
-            if not full or remaining <= 0:
-                self.refused += 1
-                return False
-            # Every instance is up and behind: wait for room at one of them.
-            select.select([], full, [], remaining)
-
     def stop(self) -> None:
-        """Make serve_forever return: shutting the listener down wakes its accept."""
-        if not self._stopping:
-            self._stopping = True
-            self._listener.shutdown(socket.SHUT_RDWR)
+        """Make serve_forever return."""
+        self._stopping = True
+        os.write(self._wakeup_write, b"x")
 
     def close(self) -> None:
-        self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         for instance in self.instances:
             instance.close()
+        for fd in (self._wakeup_read, self._wakeup_write):
+            os.close(fd)
+
+
+def _bind(listen: tuple[str, int]) -> socket.socket:
+    return socket.create_server(listen, backlog=BACKLOG, reuse_port=True)
 
 
 def _address(text: str) -> tuple[str, int]:

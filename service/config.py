@@ -26,8 +26,8 @@ def _env_int(name: str, default: int) -> int:
 @dataclass(frozen=True)
 class Settings:
     instance: str = field(default_factory=lambda: _env("PAYCORE_INSTANCE", DEFAULT_INSTANCE))
-    # Comma-separated: handoff:/path (connections handed over by the load
-    # balancer, service.balancer), unix:/path/to.sock and/or host:port.
+    # Comma-separated: handoff:/path (where the load balancer, service.balancer,
+    # hands over its listening sockets), unix:/path/to.sock and/or host:port.
     listen: tuple[str, ...] = field(
         default_factory=lambda: tuple(
             item.strip() for item in _env("PAYCORE_LISTEN", "0.0.0.0:8080").split(",") if item.strip()

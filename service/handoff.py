@@ -1,7 +1,10 @@
-"""An instance's end of the connection hand-off (pyx/connection_handoff.pyx):
-it listens on a unix socket for the load balancer (service.balancer), takes
-the client connections it hands over and serves each one with the same
-protocol as any other listener; from then on client and instance talk directly."""
+"""An instance's end of the hand-off (pyx/socket_handoff.pyx): it listens on a
+unix socket for the load balancer (service.balancer), which hands it its own
+listening socket on the public port (and another instance's while that one
+is away); the instance accepts client connections from them itself and
+serves each one with the same protocol as any other listener. So a new
+connection wakes one process, the instance that serves it, not the balancer
+and then an instance."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +14,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from paycore.core.connection_handoff import receive_connections
+from paycore.core.socket_handoff import accept_connection, receive_sockets
 
 log = logging.getLogger("paycore.handoff")
 
@@ -28,7 +31,9 @@ class HandoffListener:
     def __init__(self, path: str, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         self._protocol_factory = protocol_factory
         self._loop = asyncio.get_running_loop()
-        self._channels: set[socket.socket] = set()
+        # Each channel (a balancer's connection) with the listening sockets it
+        # handed over: they are given up when it hangs up.
+        self._channels: dict[socket.socket, list[socket.socket]] = {}
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         claim_socket_path(path)
         self._listener.bind(path)
@@ -37,53 +42,83 @@ class HandoffListener:
         self._listener.setblocking(False)
         self._loop.add_reader(self._listener.fileno(), self._accept_channel)
 
+    @property
+    def listening_sockets(self) -> int:
+        """How many listening sockets it accepts from: 0 until a balancer hands one over."""
+        return sum(len(handed) for handed in self._channels.values())
+
     def _accept_channel(self) -> None:
         try:
             channel, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         channel.setblocking(False)
-        self._channels.add(channel)
-        self._loop.add_reader(channel.fileno(), self._take_connections, channel)
+        self._channels[channel] = []
+        self._loop.add_reader(channel.fileno(), self._take_sockets, channel)
 
-    def _take_connections(self, channel: socket.socket) -> None:
+    def _take_sockets(self, channel: socket.socket) -> None:
         try:
-            fds, closed = receive_connections(channel.fileno())
+            fds, closed = receive_sockets(channel.fileno())
         except OSError as error:
             log.warning("hand-off channel failed: %r", error)
             fds, closed = [], True
         for fd in fds:
-            self._serve(fd)
+            self._listen_on(channel, fd)
         if closed:
             self._drop_channel(channel)
 
-    def _serve(self, fd: int) -> None:
+    def _listen_on(self, channel: socket.socket, fd: int) -> None:
         try:
-            connection = socket.socket(fileno=fd)
-        except OSError:
+            public = socket.socket(fileno=fd)
+            listening = public.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as error:
+            log.warning("a handed-over descriptor is not a socket: %r", error)
             os.close(fd)
             return
-        if connection.type != socket.SOCK_STREAM:
-            connection.close()
+        if not listening or public.type != socket.SOCK_STREAM:
+            log.warning("a handed-over socket is not a listening stream socket: %r", public)
+            public.close()
             return
+        public.setblocking(False)
+        self._channels[channel].append(public)
+        self._loop.add_reader(public.fileno(), self._accept, public)
+
+    def _accept(self, public: socket.socket) -> None:
+        """One connection per turn of the loop, so that a burst of new
+        connections does not hold up the requests of those already served."""
+        try:
+            fd = accept_connection(public.fileno())
+        except OSError as error:
+            # Out of descriptors or memory: the connection waits in the queue,
+            # and is tried again next turn.
+            log.error("accepting a connection failed: %r", error)
+            return
+        if fd >= 0:
+            self._serve(fd)
+
+    def _serve(self, fd: int) -> None:
+        connection = socket.socket(fileno=fd)
         # Started here rather than in a task: its transport then exists at once
         # and reads the client's request in this loop turn's poll, a turn earlier.
         _start(self._loop.connect_accepted_socket(self._protocol_factory, connection), connection)
 
     def _drop_channel(self, channel: socket.socket) -> None:
+        """Its balancer is gone: what it handed over is given up with it (a
+        balancer started again hands over its own listening socket)."""
+        for public in self._channels.pop(channel):
+            self._loop.remove_reader(public.fileno())
+            public.close()
         self._loop.remove_reader(channel.fileno())
-        self._channels.discard(channel)
         channel.close()
 
     def close(self) -> None:
-        """Take no more connections (the balancer then hands them to another
-        instance); those already handed over, queued ones included, are served on."""
+        """Take no more connections: the balancer hands this instance's
+        listening socket, and what waits in its queue, to another instance, or
+        closes them if none is left. Those already accepted are served on."""
         self._loop.remove_reader(self._listener.fileno())
         self._listener.close()
         for channel in list(self._channels):
-            self._take_connections(channel)
-            if channel in self._channels:
-                self._drop_channel(channel)
+            self._drop_channel(channel)
 
 
 def _start(handshake: Coroutine[Any, Any, Any], connection: socket.socket) -> None:
@@ -96,7 +131,7 @@ def _start(handshake: Coroutine[Any, Any, Any], connection: socket.socket) -> No
         return
     except Exception as error:  # noqa: BLE001 - one connection's failure, logged
         # Logged before the close: whoever sees the connection end finds the reason written.
-        log.warning("could not serve a handed-over connection: %r", error)
+        log.warning("could not serve a connection: %r", error)
         connection.close()
         return
     if isinstance(awaited, asyncio.Future):

@@ -1,16 +1,12 @@
-"""Client connections handed from the load balancer to an instance: each one's
-file descriptor crosses a unix SOCK_SEQPACKET socket (SCM_RIGHTS) in a
-message of its own, and the sender closes its copy. Both ends are here, and
-the balancer's loop itself (accept, hand over, close), which runs in C with
-the GIL released: a new connection costs no Python, however cold that path is."""
+"""The load balancer's listening sockets, handed to the instances: a file
+descriptor crosses a unix SOCK_SEQPACKET socket (SCM_RIGHTS) in a message of
+its own. Both ends are here, and the accept an instance makes on a socket it
+was handed: one connection at a time."""
 import os
 
 from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, errno
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.unistd cimport close
-
-from cpython.exc cimport PyErr_CheckSignals
 
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -45,6 +41,7 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_NOSIGNAL
         MSG_CMSG_CLOEXEC
         SOCK_CLOEXEC
+        SOCK_NONBLOCK
     ssize_t sendmsg(int fd, const msghdr* message, int flags)
     ssize_t recvmsg(int fd, msghdr* message, int flags)
     int accept4(int fd, void* address, socklen_t* address_length, int flags)
@@ -72,7 +69,7 @@ cdef inline void prepare(msghdr* message, iovec* data, char* byte, ControlBuffer
     message.msg_controllen = CMSG_SPACE(sizeof(int))
 
 
-cdef int send_connection_fd(int channel_fd, int connection_fd) noexcept nogil:
+cdef int send_socket_fd(int channel_fd, int socket_fd) noexcept nogil:
     cdef msghdr message
     cdef iovec data
     cdef char byte = MESSAGE_BYTE
@@ -83,7 +80,7 @@ cdef int send_connection_fd(int channel_fd, int connection_fd) noexcept nogil:
     header.cmsg_level = SOL_SOCKET
     header.cmsg_type = SCM_RIGHTS
     header.cmsg_len = CMSG_LEN(sizeof(int))
-    memcpy(CMSG_DATA(header), &connection_fd, sizeof(int))
+    memcpy(CMSG_DATA(header), &socket_fd, sizeof(int))
     while True:
         if sendmsg(channel_fd, &message, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0:
             return 0
@@ -91,7 +88,7 @@ cdef int send_connection_fd(int channel_fd, int connection_fd) noexcept nogil:
             return errno
 
 
-cdef int receive_connection_fd(int channel_fd, int* fd_out, bint* closed_out) noexcept nogil:
+cdef int receive_socket_fd(int channel_fd, int* fd_out, bint* closed_out) noexcept nogil:
     cdef msghdr message
     cdef iovec data
     cdef char byte
@@ -122,23 +119,23 @@ cdef object os_error(int error):
     return OSError(error, os.strerror(error))
 
 
-def send_connection(int channel_fd, int connection_fd):
-    """Hand one connection over; the caller still closes its own copy. OSError
-    if the instance cannot take it (BlockingIOError: its queue is full)."""
-    cdef int error = send_connection_fd(channel_fd, connection_fd)
+def send_socket(int channel_fd, int socket_fd):
+    """Hand a socket over; the caller keeps its own copy. OSError if the
+    other end cannot take it (BlockingIOError: its queue is full)."""
+    cdef int error = send_socket_fd(channel_fd, socket_fd)
     if error:
         raise os_error(error)
 
 
-def receive_connections(int channel_fd):
-    """(descriptors of every connection waiting on the channel, whether the
-    sender hung up). They are the caller's to serve and close."""
+def receive_sockets(int channel_fd):
+    """(descriptors of every socket waiting on the channel, whether the sender
+    hung up). They are the caller's to use and close."""
     cdef int fd
     cdef bint closed = False
     cdef int error
     fds = []
     while not closed:
-        error = receive_connection_fd(channel_fd, &fd, &closed)
+        error = receive_socket_fd(channel_fd, &fd, &closed)
         if error == EAGAIN:
             break
         if error:
@@ -150,53 +147,16 @@ def receive_connections(int channel_fd):
     return fds, closed
 
 
-def hand_off_connections(int listener_fd, channel_fds, Py_ssize_t next_channel):
-    """The balancer's loop: accept each client connection on the (blocking)
-    listener, hand it to the channels round robin starting at next_channel,
-    close it; until a connection or the listener needs the caller. Returns
-    (next_channel, connection_fd, failed_channel, error):
-
-    - connection_fd -1: accepting failed with errno error (EINTR: a signal arrived);
-    - otherwise the connection, still open, was not handed over: the channel
-      at failed_channel failed with error, or (failed_channel -1, error
-      EAGAIN) every channel was full.
-    """
-    cdef Py_ssize_t count = len(channel_fds)
-    if count == 0:
-        raise ValueError("no channel to hand connections to")
-    cdef int* channels = <int*>malloc(count * sizeof(int))
-    if channels == NULL:
-        raise MemoryError()
-    cdef Py_ssize_t index
-    for index in range(count):
-        channels[index] = channel_fds[index]
-    cdef Py_ssize_t step
-    cdef Py_ssize_t failed = -1
-    cdef int connection_fd
-    cdef int error = 0
-    next_channel %= count
-    with nogil:
-        while True:
-            connection_fd = accept4(listener_fd, NULL, NULL, SOCK_CLOEXEC)
-            if connection_fd < 0:
-                error = errno
-                if error == ECONNABORTED:
-                    continue  # the client gave up before it was accepted
-                break
-            failed = -1
-            for step in range(count):
-                index = (next_channel + step) % count
-                error = send_connection_fd(channels[index], connection_fd)
-                if error == 0 or error != EAGAIN:
-                    break
-            if error == 0:
-                close(connection_fd)
-                next_channel = (index + 1) % count
-                continue
-            if error != EAGAIN:
-                failed = index
-            break
-    free(channels)
-    if connection_fd < 0 and error == EINTR:
-        PyErr_CheckSignals()  # a handler that raises (SIGTERM's) raises here
-    return next_channel, connection_fd, failed, error
+def accept_connection(int listener_fd):
+    """One client connection from a non-blocking listener (non-blocking
+    itself), or -1 when none is waiting (another instance holding the same
+    socket for a moment may have taken it)."""
+    cdef int fd
+    while True:
+        fd = accept4(listener_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)
+        if fd >= 0:
+            return fd
+        if errno == EAGAIN:
+            return -1
+        if errno != EINTR and errno != ECONNABORTED:  # ECONNABORTED: that client gave up
+            raise os_error(errno)
