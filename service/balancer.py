@@ -123,7 +123,6 @@ class Balancer:
                                      for _ in instance_paths[1:]]
         for listener in self._listeners:
             listener.setblocking(False)
-        self._unheld: list[socket.socket] = list(self._listeners)
         self._wakeup_read, self._wakeup_write = os.pipe()
 
     @property
@@ -133,6 +132,7 @@ class Balancer:
     def serve_forever(self) -> None:
         """Until stop(), from another thread, or a signal's handler raises."""
         while not self._stopping:
+            # A list, not a generator: every instance due is tried, not only the first.
             if any([instance.connect() for instance in self.instances]):
                 self._assign()
             self._watch()
@@ -148,18 +148,14 @@ class Balancer:
                 if not instance.handed <= indexes:
                     instance.take_back()
             if all(self._hand(instance, indexes) for instance, indexes in wanted.items()):
-                held = set().union(*wanted.values())
-                self._unheld = [listener for index, listener in enumerate(self._listeners)
-                                if index not in held]
                 return
             # An instance went away meanwhile: assign again without it.
 
     def _wanted(self) -> dict[InstanceChannel, set[int]]:
-        up = [instance for instance in self.instances if instance.up]
         wanted = {instance: {index} for index, instance in enumerate(self.instances) if instance.up}
         for index, instance in enumerate(self.instances):
-            if not instance.up and up:
-                fewest = min(up, key=lambda candidate: len(wanted[candidate]))
+            if not instance.up and wanted:
+                fewest = min(wanted, key=lambda candidate: len(wanted[candidate]))
                 wanted[fewest].add(index)
         return wanted
 
@@ -172,7 +168,9 @@ class Balancer:
         """Until an instance hangs up, a connection comes on a socket no
         instance holds, one that is down is due to be tried again, or stop()."""
         up = {instance.channel.fileno(): instance for instance in self.instances if instance.up}
-        unheld = {listener.fileno(): listener for listener in self._unheld}
+        held = set().union(*(instance.handed for instance in self.instances))
+        unheld = {listener.fileno(): listener for index, listener in enumerate(self._listeners)
+                  if index not in held}
         timeout = None if len(up) == len(self.instances) else RECONNECT_INTERVAL_S
         readable, _, _ = select.select([*up, *unheld, self._wakeup_read], [], [], timeout)
         hung_up = False
