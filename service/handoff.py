@@ -18,6 +18,8 @@ from paycore.core.socket_handoff import accept_connection, receive_sockets
 
 log = logging.getLogger("paycore.handoff")
 
+ACCEPTS_PER_TURN = 64
+
 
 def claim_socket_path(path: str) -> None:
     """Make room to bind a unix socket at path: its directory, and no socket
@@ -84,16 +86,20 @@ class HandoffListener:
         self._loop.add_reader(public.fileno(), self._accept, public)
 
     def _accept(self, public: socket.socket) -> None:
-        """One connection per turn of the loop, so that a burst of new
-        connections does not hold up the requests of those already served."""
-        try:
-            fd = accept_connection(public.fileno())
-        except OSError as error:
-            # Out of descriptors or memory: the connection waits in the queue,
-            # and is tried again next turn.
-            log.error("accepting a connection failed: %r", error)
-            return
-        if fd >= 0:
+        """What waits in the queue, up to ACCEPTS_PER_TURN: a loop turn can be
+        long under load, and taking one connection per turn lets the queue
+        outgrow the clients' patience; taking every one lets a burst hold up
+        the requests of those already served."""
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                fd = accept_connection(public.fileno())
+            except OSError as error:
+                # Out of descriptors or memory: the connection waits in the queue,
+                # and is tried again next turn.
+                log.error("accepting a connection failed: %r", error)
+                return
+            if fd < 0:
+                return
             self._serve(fd)
 
     def _serve(self, fd: int) -> None:
