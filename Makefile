@@ -10,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads
+.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads bench-summary
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-loop: build $(BENCH_DEPS)
 # CPU, context switches and migrations per payment, thread by thread (THREADS_RATE, THREADS_SECONDS).
 bench-threads: build $(BENCH_DEPS)
 	$(PY) perf/thread_costs.py
+
+# GET /payments-summary of the checker's window every 20 ms beside 600 posts/s (SUMMARY_SECONDS, 30).
+bench-summary: build $(BENCH_DEPS)
+	$(PY) perf/bench_summary.py --seconds $(or $(SUMMARY_SECONDS),30)
 
 # SOAK_PAYMENTS (default 10 M) at the highest rate the stack sustains, then a SIGKILLed instance's recovery.
 soak: build $(BENCH_DEPS)

@@ -3,8 +3,9 @@
 # and summaries. The loop hands work over and reads the answers when event_fd
 # is readable: a read costs the loop an append and one wake-up, not a trip
 # through the interpreter on another thread. A record in memory is read
-# inline instead (InlineLookup): there a lookup is a few microseconds of copying
-# that never waits for a device, cheaper than the two wake-ups of a hand-over.
+# inline instead (InlineReads): there a lookup or a summary is a few tens of
+# microseconds that never wait for a device, cheaper than the two wake-ups of
+# a hand-over.
 from libc.stdint cimport int64_t
 
 from paycore.core.correlation_id cimport UUID_BYTES
@@ -66,6 +67,12 @@ cdef struct SummaryAnswer:
     Py_ssize_t committed_count
 
 
+# The prepared statement of each shape of summary (record_sql.SUMMARY_STATEMENTS).
+cdef struct SummaryStatements:
+    sqlite3_stmt** statements
+    int count
+
+
 cdef struct SummaryList:
     SummaryAnswer* items
     Py_ssize_t count
@@ -77,8 +84,7 @@ cdef class RecordReader:
     cdef readonly int event_fd
     cdef sqlite3* db
     cdef sqlite3_stmt* lookup_statement
-    cdef sqlite3_stmt** summary_statements
-    cdef int summary_statement_count
+    cdef SummaryStatements summaries
     cdef pthread_mutex_t mutex
     cdef pthread_cond_t work_ready
     # Under mutex: the work asked and not yet taken by the thread (answers
@@ -95,10 +101,10 @@ cdef class RecordReader:
     cdef int closing      # set by stop() (loop_threads.raise_and_wake)
 
     cdef void serve_raw(self) noexcept nogil
-    cdef void summarize(self, SummaryAnswer* item) noexcept nogil
 
 
-cdef class InlineLookup:
+cdef class InlineReads:
     cdef readonly str path
     cdef sqlite3* db
-    cdef sqlite3_stmt* statement
+    cdef sqlite3_stmt* lookup_statement
+    cdef SummaryStatements summaries

@@ -8,9 +8,11 @@ parameters) from the event loop; when event_fd is readable, answers()
 returns the answers of everything asked so far, each kind in the order asked.
 stop(), wait for serve() to return, then close().
 
-A record in memory (tmpfs, ramfs: InlineLookup.serves(path)) is better read
-where the answer is wanted: InlineLookup(path).lookup(ids) answers at once on
-the caller's thread, with no thread to wake and no eventfd to wait for.
+A read that waits for no device, as every read of a record in memory
+(tmpfs, ramfs: InlineReads.in_memory(path)), is better made where the answer
+is wanted: InlineReads(path, summary_statements) answers lookup(ids) and
+summary(statement, parameters) at once on the caller's thread, with no
+thread to wake and no eventfd to wait for.
 """
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
@@ -101,20 +103,9 @@ cdef class RecordReader:
 
     def __init__(self, str path, list summary_statements not None):
         self.path = path
-        cdef bytes sql
         cdef int code = open_for_lookups(path, BUSY_TIMEOUT_MS, &self.db, &self.lookup_statement)
-        if code == SQLITE_OK and summary_statements:
-            self.summary_statements = <sqlite3_stmt**>calloc(len(summary_statements), sizeof(sqlite3_stmt*))
-            if self.summary_statements == NULL:
-                self._release()
-                raise MemoryError("record reader")
-            for statement in summary_statements:
-                sql = statement.encode()
-                code = sqlite3_prepare_v3(self.db, sql, -1, SQLITE_PREPARE_PERSISTENT,
-                                          &self.summary_statements[self.summary_statement_count], NULL)
-                if code != SQLITE_OK:
-                    break
-                self.summary_statement_count += 1
+        if code == SQLITE_OK:
+            code = prepare_summaries(self.db, summary_statements, &self.summaries)
         if code != SQLITE_OK:
             error = open_error(path, self.db, code)
             self._release()
@@ -140,11 +131,7 @@ cdef class RecordReader:
         if self.lookup_statement != NULL:
             sqlite3_finalize(self.lookup_statement)
             self.lookup_statement = NULL
-        while self.summary_statement_count > 0:
-            self.summary_statement_count -= 1
-            sqlite3_finalize(self.summary_statements[self.summary_statement_count])
-        free(self.summary_statements)
-        self.summary_statements = NULL
+        finalize_summaries(&self.summaries)
         if self.db != NULL:
             sqlite3_close_v2(self.db)
             self.db = NULL
@@ -175,20 +162,8 @@ cdef class RecordReader:
     def ask_summary(self, int statement, list parameters not None) -> None:
         """Run summary statement number `statement` with these integer
         parameters (as many as it has), after every summary asked before."""
-        if not 0 <= statement < self.summary_statement_count:
-            raise ValueError(f"no summary statement {statement}")
-        cdef int count = len(parameters)
-        cdef int expected = sqlite3_bind_parameter_count(self.summary_statements[statement])
-        if count != expected or count > MAX_SUMMARY_PARAMETERS:
-            raise ValueError(f"summary statement {statement} takes {expected} parameters"
-                             f" (at most {MAX_SUMMARY_PARAMETERS}), not {count}")
         cdef SummaryAnswer item
-        memset(&item, 0, sizeof(item))
-        item.statement = statement
-        item.parameter_count = count
-        cdef int index
-        for index in range(count):
-            item.parameters[index] = parameters[index]
+        ask_summary(&self.summaries, statement, parameters, &item)
         pthread_mutex_lock(&self.mutex)
         if (summaries_reserve(&self.summaries_asked, self.summaries_asked.count + 1) != 0
                 or summaries_reserve(&self.summaries_answered, self.summaries_unread + 1) != 0):
@@ -266,7 +241,7 @@ cdef class RecordReader:
             for index in range(batch.count):
                 look_up(self.lookup_statement, &batch.items[index])
             for index in range(summaries.count):
-                self.summarize(&summaries.items[index])
+                summarize(&self.summaries, &summaries.items[index])
             pthread_mutex_lock(&self.mutex)
             if self.answered.count == 0 and self.summaries_answered.count == 0:
                 write(self.event_fd, &one, sizeof(one))
@@ -283,48 +258,6 @@ cdef class RecordReader:
         free(batch.items)
         free(summaries.items)
 
-    cdef void summarize(self, SummaryAnswer* item) noexcept nogil:
-        cdef sqlite3_stmt* statement = self.summary_statements[item.statement]
-        cdef int code = SQLITE_OK
-        cdef int index, processor, length
-        cdef Py_ssize_t capacity = 0
-        cdef CommittedSeq* seq
-        for index in range(item.parameter_count):
-            if code == SQLITE_OK:
-                code = sqlite3_bind_int64(statement, index + 1, item.parameters[index])
-        while code == SQLITE_OK or code == SQLITE_ROW:
-            code = sqlite3_step(statement)
-            if code != SQLITE_ROW:
-                break
-            if sqlite3_column_type(statement, 0) == SQLITE_NULL:
-                processor = sqlite3_column_int(statement, 1)
-                if not 0 <= processor < PROCESSORS:
-                    code = SQLITE_MISMATCH
-                    break
-                item.count[processor] = sqlite3_column_int64(statement, 2)
-                item.cents_low[processor] = sqlite3_column_int64(statement, 3)
-                item.cents_high[processor] = sqlite3_column_int64(statement, 4)
-                continue
-            length = sqlite3_column_bytes(statement, 0)
-            if length > INSTANCE_NAME_MAX:
-                code = SQLITE_TOOBIG
-                break
-            if grow_array(<void**>&item.committed, &capacity, item.committed_count + 1,
-                          sizeof(CommittedSeq), INITIAL_INSTANCES) != 0:
-                code = SQLITE_NOMEM
-                break
-            seq = &item.committed[item.committed_count]
-            memcpy(seq.instance, sqlite3_column_text(statement, 0), length)
-            seq.instance[length] = 0
-            seq.journal_seq = sqlite3_column_int64(statement, 2)
-            item.committed_count += 1
-        item.error = 0 if code == SQLITE_DONE else code
-        if item.error != 0:
-            free(item.committed)
-            item.committed = NULL
-            item.committed_count = 0
-        sqlite3_reset(statement)
-
     def stop(self) -> None:
         """Ask serve() to answer what was asked and return."""
         with nogil:
@@ -335,6 +268,100 @@ cdef class RecordReader:
         if self.serving:
             raise RuntimeError("the reader still runs: stop() it and wait for serve() to return")
         self._release()
+
+
+cdef int prepare_summaries(sqlite3* db, list sql, SummaryStatements* summaries) except -1:
+    """Prepares each statement of sql on db: 0 or SQLite's result code (those
+    prepared stay in summaries, for finalize_summaries)."""
+    if not sql:
+        return SQLITE_OK
+    summaries.statements = <sqlite3_stmt**>calloc(len(sql), sizeof(sqlite3_stmt*))
+    if summaries.statements == NULL:
+        raise MemoryError("record summaries")
+    cdef bytes encoded
+    cdef int code
+    for text in sql:
+        encoded = text.encode()
+        code = sqlite3_prepare_v3(db, encoded, -1, SQLITE_PREPARE_PERSISTENT,
+                                  &summaries.statements[summaries.count], NULL)
+        if code != SQLITE_OK:
+            return code
+        summaries.count += 1
+    return SQLITE_OK
+
+
+cdef void finalize_summaries(SummaryStatements* summaries) noexcept nogil:
+    while summaries.count > 0:
+        summaries.count -= 1
+        sqlite3_finalize(summaries.statements[summaries.count])
+    free(summaries.statements)
+    summaries.statements = NULL
+
+
+cdef int ask_summary(const SummaryStatements* summaries, int statement, list parameters,
+                     SummaryAnswer* item) except -1:
+    """Fills item with what summarize needs to run statement with parameters,
+    after checking that the statement exists and takes that many."""
+    if parameters is None:
+        raise TypeError("summary parameters: a list of integers")
+    if not 0 <= statement < summaries.count:
+        raise ValueError(f"no summary statement {statement}")
+    cdef int count = len(parameters)
+    cdef int expected = sqlite3_bind_parameter_count(summaries.statements[statement])
+    if count != expected or count > MAX_SUMMARY_PARAMETERS:
+        raise ValueError(f"summary statement {statement} takes {expected} parameters"
+                         f" (at most {MAX_SUMMARY_PARAMETERS}), not {count}")
+    memset(item, 0, sizeof(SummaryAnswer))
+    item.statement = statement
+    item.parameter_count = count
+    cdef int index
+    for index in range(count):
+        item.parameters[index] = parameters[index]
+    return 0
+
+
+cdef void summarize(const SummaryStatements* summaries, SummaryAnswer* item) noexcept nogil:
+    """Runs the statement item asks for with its parameters: sets its answer."""
+    cdef sqlite3_stmt* statement = summaries.statements[item.statement]
+    cdef int code = SQLITE_OK
+    cdef int index, processor, length
+    cdef Py_ssize_t capacity = 0
+    cdef CommittedSeq* seq
+    for index in range(item.parameter_count):
+        if code == SQLITE_OK:
+            code = sqlite3_bind_int64(statement, index + 1, item.parameters[index])
+    while code == SQLITE_OK or code == SQLITE_ROW:
+        code = sqlite3_step(statement)
+        if code != SQLITE_ROW:
+            break
+        if sqlite3_column_type(statement, 0) == SQLITE_NULL:
+            processor = sqlite3_column_int(statement, 1)
+            if not 0 <= processor < PROCESSORS:
+                code = SQLITE_MISMATCH
+                break
+            item.count[processor] = sqlite3_column_int64(statement, 2)
+            item.cents_low[processor] = sqlite3_column_int64(statement, 3)
+            item.cents_high[processor] = sqlite3_column_int64(statement, 4)
+            continue
+        length = sqlite3_column_bytes(statement, 0)
+        if length > INSTANCE_NAME_MAX:
+            code = SQLITE_TOOBIG
+            break
+        if grow_array(<void**>&item.committed, &capacity, item.committed_count + 1,
+                      sizeof(CommittedSeq), INITIAL_INSTANCES) != 0:
+            code = SQLITE_NOMEM
+            break
+        seq = &item.committed[item.committed_count]
+        memcpy(seq.instance, sqlite3_column_text(statement, 0), length)
+        seq.instance[length] = 0
+        seq.journal_seq = sqlite3_column_int64(statement, 2)
+        item.committed_count += 1
+    item.error = 0 if code == SQLITE_DONE else code
+    if item.error != 0:
+        free(item.committed)
+        item.committed = NULL
+        item.committed_count = 0
+    sqlite3_reset(statement)
 
 
 cdef inline int check_correlation_id(bytes correlation_id) except -1:
@@ -383,15 +410,17 @@ cdef void look_up(sqlite3_stmt* statement, LookupAnswer* item) noexcept nogil:
     sqlite3_reset(statement)
 
 
-cdef class InlineLookup:
-    """Lookups in the record at `path` answered at once, on the caller's
-    thread, through a read-only connection of its own. Only for a record in
-    memory (serves(path)): there no read waits for a device. Nor for a lock:
-    where another connection holds one (SQLITE_BUSY), the answer is FAILED at
-    once instead of after a wait, and the caller asks RecordReader instead."""
+cdef class InlineReads:
+    """Lookups and summaries of the record at `path` answered at once, on
+    the caller's thread, through a read-only connection of its own: for
+    reads that wait for no device, as every read of a record in memory
+    (in_memory(path)). Nor do they wait for a lock: where another connection
+    holds one (SQLITE_BUSY), the answer is FAILED (a lookup) or the error (a
+    summary) at once instead of after a wait, and the caller asks
+    RecordReader instead."""
 
     @staticmethod
-    def serves(str path) -> bool:
+    def in_memory(str path) -> bool:
         """The record at path is in memory (its directory is on tmpfs or ramfs)."""
         directory = os.path.dirname(path) or "."
         cdef int fd = open_or_raise(directory, O_RDONLY | O_DIRECTORY, 0)
@@ -400,9 +429,11 @@ cdef class InlineLookup:
         finally:
             close(fd)
 
-    def __init__(self, str path):
+    def __init__(self, str path, list summary_statements not None):
         self.path = path
-        cdef int code = open_for_lookups(path, 0, &self.db, &self.statement)
+        cdef int code = open_for_lookups(path, 0, &self.db, &self.lookup_statement)
+        if code == SQLITE_OK:
+            code = prepare_summaries(self.db, summary_statements, &self.summaries)
         if code != SQLITE_OK:
             error = open_error(path, self.db, code)
             self.close()
@@ -414,22 +445,38 @@ cdef class InlineLookup:
     def lookup(self, list correlation_ids not None) -> list:
         """(correlation_id, status, cents, processor, requested_at_ms, error)
         per id, as RecordReader.answers() gives them."""
-        if self.statement == NULL:
-            raise RuntimeError(f"payments record {self.path}: the inline lookup is closed")
+        self._check_open()
         cdef LookupAnswer item
         cdef bytes correlation_id
         answers = []
         for correlation_id in correlation_ids:
             check_correlation_id(correlation_id)
             memcpy(item.uuid, <const char*>correlation_id, UUID_BYTES)
-            look_up(self.statement, &item)
+            look_up(self.lookup_statement, &item)
             answers.append(lookup_tuple(correlation_id, &item))
         return answers
 
+    def summary(self, int statement, list parameters) -> tuple:
+        """(error, totals, committed) of summary statement number `statement`
+        with these parameters, as RecordReader.answers() gives a summary."""
+        self._check_open()
+        cdef SummaryAnswer item
+        ask_summary(&self.summaries, statement, parameters, &item)
+        summarize(&self.summaries, &item)
+        try:
+            return summary_tuple(&item)
+        finally:
+            free(item.committed)
+
+    def _check_open(self):
+        if self.lookup_statement == NULL:
+            raise RuntimeError(f"payments record {self.path}: the inline reads are closed")
+
     def close(self) -> None:
-        if self.statement != NULL:
-            sqlite3_finalize(self.statement)
-            self.statement = NULL
+        if self.lookup_statement != NULL:
+            sqlite3_finalize(self.lookup_statement)
+            self.lookup_statement = NULL
+        finalize_summaries(&self.summaries)
         if self.db != NULL:
             sqlite3_close_v2(self.db)
             self.db = NULL

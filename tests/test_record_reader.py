@@ -1,6 +1,6 @@
 """The record's reader thread (paycore.core.record_reader): lookups answered in
 the order asked, found or absent as the record holds them, whatever the batch;
-summaries as the statement they run reads them. And its inline lookup, for a
+summaries as the statement they run reads them. And its inline reads, for a
 record in memory: the same answers at once, and a lock never waited for."""
 import os
 import random
@@ -10,13 +10,15 @@ import threading
 
 import pytest
 
-from paycore.core.record_reader import InlineLookup, LookupStatus, RecordReader
+from paycore.core.record_reader import InlineReads, LookupStatus, RecordReader
 from paycore.service.store.embedded import record_sql
 from paycore.service.store.embedded.record import Settlement
 
 # The columns of record_sql's payments table that a lookup reads.
 PAYMENTS_TABLE = ("CREATE TABLE payments (requested_at_ms INTEGER, correlation_id BLOB UNIQUE, "
                   "processor INTEGER, cents INTEGER, generation INTEGER)")
+# A summary statement over that table: totals per processor, no instances.
+PAYMENTS_BY_PROCESSOR = "SELECT NULL, processor, count(*), sum(cents), 0 FROM payments GROUP BY processor"
 
 
 @pytest.fixture(params=["disk", "memory"])
@@ -126,7 +128,7 @@ def test_the_inline_lookup_answers_at_once_as_the_reader_thread_does(record):
     path, connection = record
     seed = random.randrange(2**32)
     held, asked = settle_random(connection, random.Random(seed), 300, 1000)
-    reader, inline = RecordReader(path, []), InlineLookup(path)
+    reader, inline = RecordReader(path, []), InlineReads(path, [])
     thread = served(reader)
     reader.ask(asked)
     from_thread = collect(reader, len(asked))
@@ -140,19 +142,19 @@ def test_the_inline_lookup_answers_at_once_as_the_reader_thread_does(record):
         f"seed {seed}"
 
 
-def test_the_inline_lookup_serves_a_record_in_memory_only(record, tmp_path, memory_path):
+def test_the_inline_reads_serve_a_record_in_memory_only(record, tmp_path, memory_path):
     path, _ = record
-    assert InlineLookup.serves(path) == path.startswith(str(memory_path))
-    assert InlineLookup.serves(str(memory_path / "payments.db"))
-    assert not InlineLookup.serves(str(tmp_path / "payments.db"))
+    assert InlineReads.in_memory(path) == path.startswith(str(memory_path))
+    assert InlineReads.in_memory(str(memory_path / "payments.db"))
+    assert not InlineReads.in_memory(str(tmp_path / "payments.db"))
     with pytest.raises(FileNotFoundError):
-        InlineLookup.serves(str(tmp_path / "gone" / "payments.db"))
+        InlineReads.in_memory(str(tmp_path / "gone" / "payments.db"))
 
 
-def test_the_inline_lookup_never_waits_for_a_lock(tmp_path, memory_path):
+def test_the_inline_reads_never_wait_for_a_lock(tmp_path, memory_path):
     """While another connection holds the record's lock, a lookup fails at
-    once (SQLITE_BUSY) instead of blocking the thread that asked; the next
-    one after the lock is released answers. (A record in WAL mode rarely
+    once (SQLITE_BUSY), and so does a summary, instead of blocking the
+    thread that asked; the next ones after the lock is released answer. (A record in WAL mode rarely
     sees such a lock, during another connection's recovery for one: shown
     here in rollback mode, where an exclusive transaction takes it.)"""
     for directory in (tmp_path, memory_path):
@@ -161,18 +163,22 @@ def test_the_inline_lookup_never_waits_for_a_lock(tmp_path, memory_path):
         holder.execute(PAYMENTS_TABLE)
         correlation_id = os.urandom(16)
         holder.execute("INSERT INTO payments VALUES (7, ?, 1, 1990, 0)", (correlation_id,))
-        inline = InlineLookup(path)
+        inline = InlineReads(path, [PAYMENTS_BY_PROCESSOR])
         holder.execute("BEGIN EXCLUSIVE")
         [(_, status, _, _, _, error)] = inline.lookup([correlation_id])
         assert (status, error) == (LookupStatus.FAILED, sqlite3.SQLITE_BUSY)
+        assert inline.summary(0, []) == (sqlite3.SQLITE_BUSY, None, None)
         holder.execute("COMMIT")
         holder.close()
         assert inline.lookup([correlation_id])[0][1:5] == (LookupStatus.FOUND, 1990, 1, 7)
+        assert inline.summary(0, []) == (0, (0, 0, 1, 1990), {})
         inline.close()
         with pytest.raises(RuntimeError, match="closed"):
             inline.lookup([correlation_id])
+        with pytest.raises(RuntimeError, match="closed"):
+            inline.summary(0, [])
         with pytest.raises(ValueError):
-            InlineLookup(path).lookup([b"short"])
+            InlineReads(path, []).lookup([b"short"])
 
 
 def collect_summaries(reader: RecordReader, count: int) -> list:
@@ -196,9 +202,12 @@ def test_summaries_answer_in_order_exactly_beside_lookups(tmp_path):
     record_sql.commit_settlements(writer, "api1", settlements[:2000], 2000)
     record_sql.commit_settlements(writer, "api2", settlements[2000:], 3000)
     reader = RecordReader(path, record_sql.SUMMARY_STATEMENTS)
+    inline = InlineReads(path, record_sql.SUMMARY_STATEMENTS)
     thread = served(reader)
     ranges = [sorted((rng.randrange(-100, 10_100), rng.randrange(-100, 10_100))) for _ in range(200)]
     ranges += [(None, None), (5, 4), (None, 17), (9_990, None)]
+    at_once = [inline.summary(*record_sql.summary_query(0, from_ms, to_ms)) for from_ms, to_ms in ranges]
+    inline.close()
     lookups = []
     for from_ms, to_ms in ranges:
         reader.ask_summary(*record_sql.summary_query(0, from_ms, to_ms))
@@ -217,6 +226,7 @@ def test_summaries_answer_in_order_exactly_beside_lookups(tmp_path):
     reader.close()
     writer.close()
     assert [answer[0] for answer in answered_lookups] == lookups, f"seed {seed}"
+    assert at_once == answered_summaries, f"seed {seed}"
     for (from_ms, to_ms), (error, totals, committed) in zip(ranges, answered_summaries, strict=True):
         expected = [0, 0, 0, 0]
         for settlement in settlements:
@@ -244,6 +254,13 @@ def test_a_summary_that_fails_says_so_and_the_next_one_answers(record):
     reader.serve()
     failed, answered, same_statement = collect_summaries(reader, 3)
     reader.close()
+    inline = InlineReads(path, [
+        "SELECT NULL, ?1, 1, 2, 3",
+        "SELECT NULL, 1, 4, 5, 6 UNION ALL SELECT instance, NULL, journal_seq, NULL, NULL FROM committed",
+    ])
+    assert [inline.summary(0, [5]), inline.summary(1, []), inline.summary(0, [0])] == [
+        failed, answered, same_statement]
+    inline.close()
     assert failed[0] != 0 and failed[1:] == (None, None)
     assert answered == (0, (0, 0, 4, (6 << 32) + 5), {"api1": 7})
     assert same_statement == (0, (1, (3 << 32) + 2, 0, 0), {})
@@ -252,9 +269,13 @@ def test_a_summary_that_fails_says_so_and_the_next_one_answers(record):
 def test_a_summary_names_a_statement_and_all_its_parameters(record):
     path, _ = record
     reader = RecordReader(path, ["SELECT NULL, 0, ?1, ?2, 0"])
+    inline = InlineReads(path, ["SELECT NULL, 0, ?1, ?2, 0"])
     for statement, parameters in ((1, [1, 2]), (-1, [1, 2]), (0, [1]), (0, [1, 2, 3])):
         with pytest.raises(ValueError):
             reader.ask_summary(statement, parameters)
+        with pytest.raises(ValueError):
+            inline.summary(statement, parameters)
+    inline.close()
     with pytest.raises(OSError, match="payments"):
         RecordReader(path, ["SELECT nothing FROM nowhere"])
     reader.close()

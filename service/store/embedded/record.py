@@ -13,8 +13,10 @@ many rows at once, so a commit takes the GIL back a handful of times,
 whatever its size, and an event loop that holds it for long stretches does
 not starve it. Reads, a lookup before every send and the summaries, are
 answered by a thread that never takes the GIL (paycore.core.record_reader);
-a record in memory (tmpfs) answers the lookups before sends inline instead
-(`holds_now`), as a journal in memory is written by the loop itself.
+reads that wait for no device are made on the loop instead, as a journal
+in memory is written by the loop itself: in a record in memory (tmpfs) the
+lookups before sends (`holds_now`) and every summary; on a disk, the
+summaries of recent ranges (RECENT_SUMMARY_MS).
 
 Before `start`, the synchronous calls serve recovery on the caller's thread,
 on a connection of their own.
@@ -32,11 +34,11 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
-from paycore.core.record_reader import InlineLookup, LookupStatus, RecordReader
+from paycore.core.record_reader import InlineReads, LookupStatus, RecordReader
 
 from ...os_threads import start_named_thread
 from ...payment import Attempt, Payment
-from ..base import Totals
+from ..base import Deferred, Totals
 from . import record_sql
 from .record_ranges import DAY_MS
 from .record_sql import RecordError, Settlement
@@ -52,6 +54,10 @@ RETENTION_CHECK_S = 60.0         # an idle writer looks at the day this often
 RETENTION_SLICE_ROWS = 1000      # per table and level, per retention transaction
 # With sync: commits are made durable together (one fdatasync of the WAL) this often.
 SYNC_INTERVAL_S = 1.0
+# A summary of a range that starts this recently reads pages written since:
+# in the page cache, so read on the loop, without the reader thread's two
+# wake-ups, even from a record on a disk.
+RECENT_SUMMARY_MS = 3_600_000
 
 
 def wall_clock_ms() -> int:
@@ -81,7 +87,7 @@ class PaymentsRecord:
         self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms,
                                wal_path=self.path + "-wal" if self._sync else None)
         self._recovery = record_sql.connect_reader(self.path)
-        self._reads = _Reads(self.path)
+        self._reads = _Reads(self.path, self._clock_ms)
 
     # Before start, on the caller's thread.
 
@@ -134,8 +140,8 @@ class PaymentsRecord:
         return self._running_reads().holds_now(correlation_id)
 
     def summary(self, generation: int, from_ms: int | None,
-                to_ms: int | None) -> asyncio.Future[tuple[Totals, dict[str, int]]]:
-        """A future of the totals of `generation` for requestedAt in
+                to_ms: int | None) -> Deferred[tuple[Totals, dict[str, int]]]:
+        """The totals of `generation` (or a future of them) for requestedAt in
         [from_ms, to_ms] (inclusive, None unbounded), and every instance's
         committed sequence as of the same read: settlements with a higher
         sequence are not in the totals."""
@@ -414,11 +420,14 @@ class _DurableFile:
 
 class _Reads:
     """Lookups and summaries: asked on the loop, answered in order by a
-    thread of paycore.core.record_reader, read when its eventfd is readable."""
+    thread of paycore.core.record_reader, read when its eventfd is readable;
+    or, where no read waits for a device, answered at once on the loop."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock_ms: Callable[[], int]) -> None:
         self._reader = RecordReader(path, record_sql.SUMMARY_STATEMENTS)
-        self._inline = InlineLookup(path) if InlineLookup.serves(path) else None
+        self._inline = InlineReads(path, record_sql.SUMMARY_STATEMENTS)
+        self._in_memory = InlineReads.in_memory(path)
+        self._clock_ms = clock_ms
         self._lookups: deque[tuple[list[bytes], asyncio.Future]] = deque()
         # Answers read, of a lookup not yet answered whole.
         self._lookup_answers: list[tuple[bytes, int, int, int, int, int]] = []
@@ -442,17 +451,23 @@ class _Reads:
         return future
 
     def holds_now(self, correlation_id: bytes) -> bool | None:
-        if self._inline is None:
+        if not self._in_memory:
             return None
         _, status, _, _, _, _ = self._inline.lookup([correlation_id])[0]
         if status == LookupStatus.FAILED:
             return None
         return status == LookupStatus.FOUND
 
-    def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> asyncio.Future:
+    def summary(self, generation: int, from_ms: int | None,
+                to_ms: int | None) -> Deferred[tuple[Totals, dict[str, int]]]:
         assert self._loop is not None
+        query = record_sql.summary_query(generation, from_ms, to_ms)
+        if self._in_memory or (from_ms is not None and from_ms >= self._clock_ms() - RECENT_SUMMARY_MS):
+            error, totals, committed = self._inline.summary(*query)
+            if not error:
+                return totals, committed
         future = self._loop.create_future()
-        self._reader.ask_summary(*record_sql.summary_query(generation, from_ms, to_ms))
+        self._reader.ask_summary(*query)
         self._summaries.append(future)
         return future
 
@@ -464,8 +479,7 @@ class _Reads:
             self._loop.remove_reader(self._reader.event_fd)
             self._answered()
         self._reader.close()
-        if self._inline is not None:
-            self._inline.close()
+        self._inline.close()
 
     def _answered(self) -> None:
         lookup_answers, summary_answers = self._reader.answers()
