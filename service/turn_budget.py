@@ -11,7 +11,8 @@ from collections import deque
 class TurnBudget:
     def __init__(self, per_turn: int) -> None:
         self._per_turn = per_turn
-        self._granted = 0
+        self._granted = 0           # work that goes on in this turn
+        self._granted_waiters = 0   # waiters granted, which go on in the next turn
         self._waiting: deque[asyncio.Future] = deque()
         self._turn_ends: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -35,14 +36,17 @@ class TurnBudget:
         return future
 
     def _next_turn(self) -> None:
-        """A new turn's budget, those waiting first; what they were granted
-        counts against the turn in which they go on."""
+        """A new turn. The waiters granted in the last one go on in this one
+        (woken before this callback runs) and count against it, as does any
+        take later in it; those waiting now are granted the next turn's
+        budget, since a future set now wakes its task in the next turn."""
         self._turn_ends = None
-        self._granted = 0
-        while self._waiting and self._granted < self._per_turn:
+        self._granted = self._granted_waiters
+        self._granted_waiters = 0
+        while self._waiting and self._granted_waiters < self._per_turn:
             future = self._waiting.popleft()
             if not future.done():  # a task cancelled while it waited
                 future.set_result(None)
-                self._granted += 1
-        if self._waiting or self._granted:
+                self._granted_waiters += 1
+        if self._waiting or self._granted_waiters or self._granted:
             self._turn_ends = self._loop.call_soon(self._next_turn)

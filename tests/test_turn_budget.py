@@ -1,7 +1,10 @@
 """The send budget: a lone send goes on in the turn that asks, a burst is
 spread over turns, at most the budget per turn, in the order asked."""
 import asyncio
+import random
 from collections import Counter
+
+import pytest
 
 from service.turn_budget import TurnBudget
 
@@ -61,3 +64,40 @@ def test_a_cancelled_waiter_gives_its_grant_to_the_next():
         await waiting
         return waiting.done()
     assert asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_takes_at_random_turns_go_on_at_most_the_budget_per_turn(seed):
+    """Senders start in random turns, some while others wait: in no turn do
+    more go on than the budget, the waiters woken in it included."""
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, 12) for _ in range(rng.randrange(20, 60))]
+
+    async def scenario():
+        budget = TurnBudget(4)
+        turn, stop = await _turn_counter()
+        went_on: list[int] = []
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        async def send():
+            await budget.take()
+            went_on.append(turn())
+            if len(went_on) == len(starts) and not done.done():
+                done.set_result(None)
+
+        first = turn()
+
+        def start_due():
+            for _ in range(starts.count(turn() - first)):
+                loop.create_task(send())
+            if turn() - first < max(starts):
+                loop.call_soon(start_due)
+
+        start_due()
+        await asyncio.wait_for(done, 10)
+        stop()
+        return went_on
+
+    per_turn = Counter(asyncio.run(scenario()))
+    assert max(per_turn.values()) <= 4, f"seed {seed}: {sorted(per_turn.items())}"
