@@ -3,9 +3,10 @@ often enough to give a percentile, beside the final round's rate of posts.
 
 The production topology (the load balancer and two instances, held where
 cgroups allow to docker-compose.yml's limits, the emulated processors outside
-them), its state on tmpfs. The load generator (perf/loadgen.c) posts fresh
-payments at a constant rate (SUMMARY_RATE, 600/s) on keep-alive connections;
-meanwhile one client (http.client, one keep-alive connection) asks the
+them), its shared state on tmpfs and its data directory (journals, payments
+record) on a disk, as docker-compose.yml has them. The load generator
+(perf/loadgen.c) posts fresh payments at a constant rate (SUMMARY_RATE,
+600/s) on keep-alive connections; meanwhile one client (http.client, one keep-alive connection) asks the
 summary of [now - 15 s, now - 2 s], as the checker does, every
 SUMMARY_INTERVAL_MS (20), each timed from before its write to after its
 whole answer is read. Prints one JSON object: summary and POST latency
@@ -16,7 +17,6 @@ percentiles (ms) and counts.
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
 import json
 import os
@@ -28,14 +28,10 @@ from abuse import production_stack
 from native import build_tools
 from open_loop import OpenLoopLoad
 from report import latency_summary_ms, read_requests, success_latencies_ms
+from scenario import range_query
 
 USERS = 60
-WINDOW_FROM_S, WINDOW_TO_S = 15, 2
-
-
-def _iso(at_s: float) -> str:
-    at = datetime.datetime.fromtimestamp(at_s, datetime.timezone.utc)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+WINDOW_FROM_MS, WINDOW_TO_MS = 15_000, 2_000
 
 
 def time_summaries(port: int, seconds: float, interval_s: float) -> tuple[list[int], list[str]]:
@@ -47,8 +43,8 @@ def time_summaries(port: int, seconds: float, interval_s: float) -> tuple[list[i
     while next_at < deadline:
         time.sleep(max(0.0, next_at - time.monotonic()))
         next_at += interval_s
-        now = time.time()
-        path = f"/payments-summary?from={_iso(now - WINDOW_FROM_S)}&to={_iso(now - WINDOW_TO_S)}"
+        now_ms = time.time_ns() // 1_000_000
+        path = "/payments-summary" + range_query(now_ms - WINDOW_FROM_MS, now_ms - WINDOW_TO_MS)
         started = time.perf_counter_ns()
         connection.request("GET", path)
         response = connection.getresponse()
