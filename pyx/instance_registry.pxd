@@ -34,15 +34,20 @@ cdef inline int register_instance(RegistrySlot* slots, str instance) except -2:
     name; -1 when every slot holds another name. The caller holds the file's
     lock, so two instances never take the same slot."""
     cdef bytes name = instance.encode("ascii")
+    return register_name(slots, name, len(name))
+
+
+cdef inline int register_name(RegistrySlot* slots, const char* name, size_t length) noexcept nogil:
+    """register_instance for a name already checked and encoded (at most
+    INSTANCE_NAME_MAX bytes)."""
     cdef RegistrySlot* entry
     cdef int slot
     for slot in range(REGISTRY_SLOTS):
         entry = &slots[slot]
         if entry.name_length == 0:
-            memcpy(entry.name, <const char*>name, len(name))
-            registry_store_release(&entry.name_length, len(name))
-        elif entry.name_length != <uint64_t>len(name) or memcmp(entry.name, <const char*>name, len(name)) != 0:
+            memcpy(entry.name, name, length)
+            registry_store_release(&entry.name_length, length)
+        elif entry.name_length != <uint64_t>length or memcmp(entry.name, name, length) != 0:
             continue
         return slot
     return -1
-

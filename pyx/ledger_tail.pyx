@@ -6,13 +6,13 @@ from libc.errno cimport EACCES, EAGAIN, ENOENT, errno
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CREAT, O_RDONLY, O_RDWR, SEEK_SET, fcntl, flock
+from posix.fcntl cimport F_UNLCK, F_WRLCK, O_CREAT, O_RDONLY, O_RDWR
 from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, ftruncate
 
 from paycore.core.instance_registry cimport check_instance_name, register_instance
-from paycore.core.posix_files cimport open_or_raise, raise_os_error
+from paycore.core.posix_files cimport lock_file, open_or_raise, raise_os_error
 
 
 cdef extern from *:
@@ -30,12 +30,6 @@ cdef extern from *:
     void store_release "tail_store"(uint64_t* pointer, uint64_t value) nogil
     void raise_to "tail_raise_to"(uint64_t* pointer, uint64_t value) nogil
     void fence_acquire "tail_fence"() nogil
-
-
-cdef extern from "<fcntl.h>" nogil:
-    # Open-file-description locks: held per open file, released when the owner dies.
-    enum: F_OFD_SETLK
-    enum: F_OFD_SETLKW
 
 
 cdef enum:
@@ -68,14 +62,6 @@ cdef int64_t file_size(int fd, str path) except -1:
     if fstat(fd, &status) != 0:
         raise_os_error(path)
     return status.st_size
-
-
-cdef int lock_file(int fd, short lock_type, bint wait) noexcept nogil:
-    cdef flock request
-    memset(&request, 0, sizeof(flock))
-    request.l_type = lock_type
-    request.l_whence = SEEK_SET
-    return fcntl(fd, F_OFD_SETLKW if wait else F_OFD_SETLK, &request)
 
 
 cdef int map_ring(RingView* view, size_t size, bint writable, str path) except -1:

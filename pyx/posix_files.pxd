@@ -1,8 +1,10 @@
-# Opening files, raising OSError the Python way and telling a file system in
-# memory from a device, for the core modules that work on files through POSIX
-# calls (journal, record_reader). Inline: no module of its own.
+# Opening and locking files, raising OSError the Python way, and telling a
+# file system in memory from a device, for the core modules that work on files
+# through POSIX calls (journal, record_reader, the shared-memory files). Inline:
+# no module of its own.
 from cpython.exc cimport PyErr_SetFromErrnoWithFilenameObject
-from posix.fcntl cimport O_CLOEXEC
+from libc.string cimport memset
+from posix.fcntl cimport O_CLOEXEC, SEEK_SET, fcntl, flock
 from posix.fcntl cimport open as open_file
 
 
@@ -47,3 +49,19 @@ cdef inline bint on_memory_filesystem(int fd, str path) except -1:
     if fstatfs(fd, &filesystem) != 0:
         raise_os_error(path)
     return filesystem.f_type == TMPFS_MAGIC or filesystem.f_type == RAMFS_MAGIC
+
+
+cdef extern from "<fcntl.h>" nogil:
+    # Open-file-description locks: held per open file, released when the owner dies.
+    enum: F_OFD_SETLK
+    enum: F_OFD_SETLKW
+
+
+cdef inline int lock_file(int fd, short lock_type, bint wait) noexcept nogil:
+    """Take (F_WRLCK, F_RDLCK) or drop (F_UNLCK) an open-file-description
+    lock on the whole file: 0, or -1 with errno (EAGAIN: held, without wait)."""
+    cdef flock request
+    memset(&request, 0, sizeof(flock))
+    request.l_type = lock_type
+    request.l_whence = SEEK_SET
+    return fcntl(fd, F_OFD_SETLKW if wait else F_OFD_SETLK, &request)
