@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from itertools import chain
 from typing import NamedTuple
 
+from paycore.core.recent_ledger import LEVEL_WIDTHS_MS as RECENT_WIDTHS_MS
+
 from ...payment import Attempt, Payment
 from .record_ranges import LEVEL_WIDTHS_MS, MAX_BUCKET_RUNS, MAX_EDGES, plan_range
 
@@ -158,6 +160,22 @@ def _summary_statement(runs: int, edges: int) -> str:
 SUMMARY_STATEMENTS = [_summary_statement(runs, edges)
                       for runs in range(MAX_BUCKET_RUNS + 1) for edges in range(MAX_EDGES + 1)]
 
+# What paycore.core.recent_ledger rebuilds its rings from, in one read
+# transaction: the generation; every instance's committed sequence; then per
+# ring, ?1 the generation and ?2 the first bucket start it has room for, rows
+# of (start_ms, processor, count, cents_low, cents_high). Its 1 ms ring sums
+# payments rows, the others are the record's buckets of the same widths
+# (levels 0 up, LEVEL_WIDTHS_MS).
+RECENT_REBUILD_STATEMENTS = [
+    "SELECT value FROM meta WHERE key = 'generation'",
+    "SELECT instance, journal_seq FROM committed",
+    f"SELECT requested_at_ms, processor, count(*), sum(cents & {LOW_MASK}), sum(cents >> 32) FROM payments"
+    " WHERE requested_at_ms >= ?2 AND generation = ?1 GROUP BY requested_at_ms, processor",
+    *(f"SELECT start_ms, processor, count, cents_low, cents_high FROM buckets"
+      f" WHERE level = {level} AND start_ms >= ?2 AND generation = ?1"
+      for level in range(len(RECENT_WIDTHS_MS) - 1)),
+]
+
 RETAIN_FROM = "UPDATE meta SET value = max(value, ?1) WHERE key = 'retained_from'"
 DELETE_OLD_PAYMENTS = """
 DELETE FROM payments WHERE (requested_at_ms, correlation_id) IN
@@ -271,16 +289,23 @@ def committed_seq(connection: sqlite3.Connection, instance: str) -> int:
 
 
 def commit_settlements(connection: sqlite3.Connection, instance: str,
-                       settlements: Sequence[Settlement], through_seq: int) -> None:
+                       settlements: Sequence[Settlement], through_seq: int) -> Sequence[Settlement]:
     """One transaction: the settlements whose correlationId is new, their
-    buckets, and `instance`'s committed sequence raised to through_seq."""
+    buckets, and `instance`'s committed sequence raised to through_seq.
+    The settlements it inserted: all of them, unless some id was held
+    already (then the inserted rows, with correlation_id and journal_seq None)."""
     with _write_transaction(connection):
         for rows in _statement_batches(settlements):
             connection.execute(INSERT_PAYMENTS[len(rows)],
                                list(chain.from_iterable(settlement[:5] for settlement in rows)))
+        (inserted,), = connection.execute("SELECT count(*) FROM fresh")
+        if inserted != len(settlements):
+            settlements = [Settlement(None, *row, None) for row in connection.execute(  # type: ignore[arg-type]
+                "SELECT cents, processor, requested_at_ms, generation FROM fresh")]
         connection.execute(ADD_FRESH_TO_BUCKETS)
         connection.execute("DELETE FROM fresh")
         connection.execute(ADVANCE_COMMITTED, (instance, through_seq))
+    return settlements
 
 
 def next_generation(connection: sqlite3.Connection) -> int:
@@ -336,6 +361,15 @@ def summary_query(generation: int, from_ms: int | None, to_ms: int | None) -> Su
     parameters.extend(chain.from_iterable(plan.buckets))
     parameters.extend(chain.from_iterable(plan.edges))
     return SummaryQuery(len(plan.buckets) * (MAX_EDGES + 1) + len(plan.edges), parameters)
+
+
+def edges_query(generation: int, edges: Sequence[tuple[int | None, int | None]]) -> SummaryQuery:
+    """summary_query for at most MAX_EDGES ranges of a few milliseconds,
+    summed from payments rows (inclusive, None unbounded)."""
+    parameters = [generation] if edges else []
+    for from_ms, to_ms in edges:
+        parameters += [-UNBOUNDED_MS if from_ms is None else from_ms, UNBOUNDED_MS if to_ms is None else to_ms]
+    return SummaryQuery(len(edges), parameters)
 
 
 def _statement_batches(items: Sequence) -> Iterable[Sequence]:
