@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sys
 
 from paycore.service.store.embedded.record import PaymentsRecord, Settlement
@@ -30,7 +31,7 @@ def batch(seq: int) -> list[Settlement]:
 
 
 async def main(path: str, instance: str, batches: int) -> None:
-    record = PaymentsRecord(path, instance, sync=False)
+    record = PaymentsRecord(path, instance, os.path.dirname(path), sync=False)
     record.open()
     committed = record.committed_seq()
     advanced = asyncio.Event()

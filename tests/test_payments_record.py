@@ -76,7 +76,7 @@ class Commits:
 
 @contextlib.asynccontextmanager
 async def running(path, instance="1", **options):
-    record = PaymentsRecord(str(path), instance, sync=options.pop("sync", False), **options)
+    record = PaymentsRecord(str(path), instance, str(path.parent), sync=options.pop("sync", False), **options)
     record.open()
     commits = Commits()
     record.start(asyncio.get_running_loop(), commits)
@@ -86,8 +86,15 @@ async def running(path, instance="1", **options):
         await record.close()
 
 
+async def summed(answer) -> tuple[tuple[int, int, int, int], dict[str, int]]:
+    """A summary's reads put together: their totals, and the committed
+    sequences of the last (the record's own, where it was read)."""
+    reads = await resolve(answer)
+    return tuple(map(sum, zip(*(read.totals for read in reads)))), reads[-1].committed
+
+
 def opened(path, instance="1", **options) -> PaymentsRecord:
-    record = PaymentsRecord(str(path), instance, sync=False, **options)
+    record = PaymentsRecord(str(path), instance, str(path.parent), sync=False, **options)
     record.open()
     return record
 
@@ -196,7 +203,7 @@ def test_summaries_equal_brute_force_over_random_payments_and_ranges(tmp_path, s
             for _ in range(300):
                 generation = rng.choice((0, 1))
                 from_ms, to_ms = random_bound(rng, times), random_bound(rng, times)
-                totals, committed = await resolve(record.summary(generation, from_ms, to_ms))
+                totals, committed = await summed(record.summary(generation, from_ms, to_ms))
                 assert totals == model.summary(generation, from_ms, to_ms), (
                     f"seed {seed}: generation {generation} [{from_ms}, {to_ms}]")
                 assert committed == {"1": seq}
@@ -216,7 +223,7 @@ def test_both_bounds_are_inclusive_and_none_is_unbounded(tmp_path):
                     ((at, at), (1, 10)), ((at - 1, at), (2, 11)), ((at, at + 1), (2, 110)),
                     ((None, at), (2, 11)), ((at, None), (2, 110)), ((None, None), (3, 111)),
                     ((at + 2, None), (0, 0)), ((at + 1, at - 1), (0, 0))]:
-                assert (await resolve(record.summary(0, from_ms, to_ms)))[0] == (count, cents, 0, 0), (from_ms, to_ms)
+                assert (await summed(record.summary(0, from_ms, to_ms)))[0] == (count, cents, 0, 0), (from_ms, to_ms)
     asyncio.run(scenario())
 
 
@@ -233,9 +240,9 @@ def test_sums_are_exact_past_int64(tmp_path):
     async def scenario():
         record.start(asyncio.get_running_loop(), lambda seq: None)
         half = count // 2
-        assert (await resolve(record.summary(0, None, None)))[0] == (half, half * MAX_CENTS, half, half * MAX_CENTS)
+        assert (await summed(record.summary(0, None, None)))[0] == (half, half * MAX_CENTS, half, half * MAX_CENTS)
         # Edges and runs at every width: all but the first and last payment.
-        totals, _ = await resolve(record.summary(0, BASE_MS + 4, BASE_MS + 3 + (count - 1) * 7 - 1))
+        totals, _ = await summed(record.summary(0, BASE_MS + 4, BASE_MS + 3 + (count - 1) * 7 - 1))
         assert totals == (half - 1, (half - 1) * MAX_CENTS, half - 1, (half - 1) * MAX_CENTS)
         await record.close()
     asyncio.run(scenario())
@@ -250,15 +257,15 @@ def test_a_purge_starts_summaries_of_a_new_generation_and_never_pays_twice(tmp_p
             record.submit(before, 1)
             await commits.reach(1)
             assert await record.purge() == 1
-            assert (await resolve(record.summary(1, None, None)))[0] == (0, 0, 0, 0)
+            assert (await summed(record.summary(1, None, None)))[0] == (0, 0, 0, 0)
             after = [settlement(rng, BASE_MS + 100 + i, 1, 2) for i in range(20)]
             repeated = [payment._replace(generation=1) for payment in before[:10]]
             record.submit(after + repeated, 2)
             await commits.reach(2)
             model = Model()
             model.add(before + after)
-            assert (await resolve(record.summary(1, None, None)))[0] == model.summary(1, None, None)
-            assert (await resolve(record.summary(0, None, None)))[0] == model.summary(0, None, None)
+            assert (await summed(record.summary(1, None, None)))[0] == model.summary(1, None, None)
+            assert (await summed(record.summary(0, None, None)))[0] == model.summary(0, None, None)
             found = await record.lookup([payment.correlation_id for payment in repeated])
             assert {cid: attempt.payment.cents for cid, attempt in found.items()} == {
                 payment.correlation_id: payment.cents for payment in before[:10]}
@@ -284,7 +291,7 @@ def test_each_instance_has_its_committed_sequence_and_empty_batches_advance_it(t
             a.submit([], 4)  # a lower sequence never moves it back
             a.submit([], 12)
             await a_commits.reach(12)
-            _, committed = await resolve(b.summary(0, None, None))
+            _, committed = await summed(b.summary(0, None, None))
             assert committed == {"a": 12, "b": 9}
             assert a_commits.seqs[-1] == 12 and b_commits.seqs == [9]
     asyncio.run(scenario())
@@ -305,7 +312,7 @@ def test_the_first_instance_to_commit_a_correlation_id_holds_it(tmp_path):
             b.submit([second], 1)
             await b_commits.reach(1)
             for record in (a, b):
-                assert (await resolve(record.summary(0, None, None)))[0] == (1, 100, 0, 0)
+                assert (await summed(record.summary(0, None, None)))[0] == (1, 100, 0, 0)
                 assert await record.lookup([first.correlation_id]) == {
                     first.correlation_id: Attempt(Payment(first.correlation_id, 100), 0, BASE_MS)}
     asyncio.run(scenario())
@@ -332,7 +339,7 @@ def test_close_commits_what_was_submitted_and_a_reopened_record_has_it_all(tmp_p
 
     async def check():
         record.start(asyncio.get_running_loop(), lambda seq: None)
-        assert (await resolve(record.summary(0, None, None)))[0] == model.summary(0, None, None)
+        assert (await summed(record.summary(0, None, None)))[0] == model.summary(0, None, None)
         await record.close()
     asyncio.run(check())
 
@@ -353,7 +360,7 @@ def test_recovered_settlements_commit_at_once_and_count_once(tmp_path):
 
     async def check():
         record.start(asyncio.get_running_loop(), lambda seq: None)
-        assert (await resolve(record.summary(0, None, None)))[0] == model.summary(0, None, None)
+        assert (await summed(record.summary(0, None, None)))[0] == model.summary(0, None, None)
         with pytest.raises(RuntimeError):
             record.record_recovered([], 301)  # only before start
         await record.close()
@@ -433,9 +440,47 @@ def test_summaries_are_read_at_once_where_no_read_waits_for_a_device(tmp_path, m
                 answer = record.summary(0, from_ms, to_ms)
                 at_once = in_memory or (from_ms is not None and from_ms >= now_ms - recent)
                 assert isinstance(answer, asyncio.Future) is not at_once, (in_memory, from_ms, to_ms)
-                assert (await resolve(answer))[0] == model.summary(0, from_ms, to_ms), (in_memory, from_ms, to_ms)
+                assert (await summed(answer))[0] == model.summary(0, from_ms, to_ms), (in_memory, from_ms, to_ms)
     asyncio.run(scenario(memory_path, in_memory=True))
     asyncio.run(scenario(tmp_path, in_memory=False))
+
+
+def test_summaries_of_the_last_hour_are_summed_from_the_recent_ledger(tmp_path, monkeypatch):
+    """Two instances of a host commit to one record on a disk. Each sums the
+    other's commits too from the recent ledger, with no statement; only the
+    milliseconds of a range that lie before its 1 ms ring take one, a small
+    one. Older ranges are the record's, as before. All exact."""
+    rng = random.Random(29)
+    now_ms = BASE_MS + 10 * DAY_MS
+    payments = [settlement(rng, now_ms - rng.randrange(2 * 3_600_000), 0, 1) for _ in range(400)]
+    model = Model()
+    model.add(payments)
+    planned = []
+    for name in ("summary_query", "edges_query"):
+        def counted(*args, plan=getattr(record_sql, name), name=name):
+            planned.append(name)
+            return plan(*args)
+        monkeypatch.setattr(record_sql, name, counted)
+    ranges = {(now_ms - 15_000, now_ms - 2_000): [], (now_ms - 90_000, None): [],
+              (now_ms - 3_600_000 + 3, now_ms - 1_800_000 + 1): ["edges_query"],
+              (now_ms - 3_600_000 - 60_000, now_ms): ["summary_query"], (None, now_ms): ["summary_query"]}
+
+    async def scenario():
+        path = tmp_path / "payments.db"
+        async with running(path, "a", clock_ms=lambda: now_ms) as (a, a_commits), \
+                running(path, "b", clock_ms=lambda: now_ms) as (b, b_commits):
+            a.submit(payments[:200], 1)
+            await a_commits.reach(1)
+            b.submit(payments[200:], 1)
+            await b_commits.reach(1)
+            for (from_ms, to_ms), statements in ranges.items():
+                for record in (a, b):
+                    planned.clear()
+                    totals, committed = await summed(record.summary(0, from_ms, to_ms))
+                    assert totals == model.summary(0, from_ms, to_ms), (from_ms, to_ms)
+                    assert committed == {"a": 1, "b": 1}
+                    assert planned == statements, (from_ms, to_ms)
+    asyncio.run(scenario())
 
 
 def test_retention_deletes_whole_days_and_summaries_stay_exact(tmp_path, monkeypatch):
@@ -460,7 +505,7 @@ def test_retention_deletes_whole_days_and_summaries_stay_exact(tmp_path, monkeyp
                     # cutoff: the summary is exact over what is kept, the
                     # floor moving with the first slice of a cutoff.
                     from_ms = rng.choice((None, BASE_MS + rng.randrange(6 * DAY_MS)))
-                    totals, _ = await resolve(record.summary(0, from_ms, None))
+                    totals, _ = await summed(record.summary(0, from_ms, None))
                     assert totals in (model.summary(0, from_ms, None, floor),
                                       model.summary(0, from_ms, None, cutoff)), (day, from_ms)
                     old = await record.lookup([payment.correlation_id for payment in payments
@@ -478,7 +523,7 @@ def test_retention_deletes_whole_days_and_summaries_stay_exact(tmp_path, monkeyp
                 for _ in range(50):
                     from_ms = rng.choice((None, BASE_MS + rng.randrange(6 * DAY_MS)))
                     to_ms = rng.choice((None, BASE_MS + rng.randrange(6 * DAY_MS)))
-                    assert (await resolve(record.summary(0, from_ms, to_ms)))[0] == model.summary(0, from_ms, to_ms, cutoff)
+                    assert (await summed(record.summary(0, from_ms, to_ms)))[0] == model.summary(0, from_ms, to_ms, cutoff)
                 now[0] += DAY_MS
     asyncio.run(scenario())
     connection = sqlite3.connect(tmp_path / "payments.db")
@@ -572,9 +617,9 @@ def assert_holds_exactly(path, instances: dict[str, int]) -> None:
 
     async def check():
         record.start(asyncio.get_running_loop(), lambda seq: None)
-        assert (await resolve(record.summary(0, None, None)))[0] == model.summary(0, None, None)
+        assert (await summed(record.summary(0, None, None)))[0] == model.summary(0, None, None)
         for from_ms in range(record_writer.BASE_MS, record_writer.BASE_MS + through * 37, 997):
-            assert (await resolve(record.summary(0, from_ms, from_ms + 5003)))[0] == model.summary(0, from_ms, from_ms + 5003)
+            assert (await summed(record.summary(0, from_ms, from_ms + 5003)))[0] == model.summary(0, from_ms, from_ms + 5003)
         await record.close()
     asyncio.run(check())
 

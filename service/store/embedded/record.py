@@ -6,17 +6,23 @@ of the host, each with its own connections.
 A settlement reaches the record once its journal record is durable. The
 instance's writer thread commits what was handed to it in groups (at most
 every COMMIT_INTERVAL_S, sooner when COMMIT_AT_ONCE wait) together with the
-instance's journal sequence they reach, then tells the event loop
-(`on_committed`), which may then delete the journal segments below it. The
-writer holds the GIL only to bind a statement's parameters: statements bind
-many rows at once, so a commit takes the GIL back a handful of times,
-whatever its size, and an event loop that holds it for long stretches does
-not starve it. Reads, a lookup before every send and the summaries, are
-answered by a thread that never takes the GIL (paycore.core.record_reader);
-reads that wait for no device are made on the loop instead, as a journal
-in memory is written by the loop itself: in a record in memory (tmpfs) the
-lookups before sends (`holds_now`) and every summary; on a disk, the
-summaries of recent ranges (RECENT_SUMMARY_MS).
+instance's journal sequence they reach, counts what each commit inserted in
+the host's recent ledger (paycore.core.recent_ledger: the last hour's
+buckets in shared memory), then tells the event loop (`on_committed`), which
+may then delete the journal segments below it and drop the settlements from
+its ledger tail. The writer holds the GIL only to bind a statement's
+parameters: statements bind many rows at once, so a commit takes the GIL back
+a handful of times, whatever its size, and an event loop that holds it for
+long stretches does not starve it.
+
+A summary of a range that starts within the last hour is summed from the
+recent ledger, with no statement but for a few milliseconds at an end older
+than its 1 ms ring. Other reads, a lookup before every send and
+the remaining summaries, are answered by a thread that never takes the GIL
+(paycore.core.record_reader); reads that wait for no device are made on the
+loop instead, as a journal in memory is written by the loop itself: in a
+record in memory (tmpfs) the lookups before sends (`holds_now`) and every
+summary; on a disk, the summaries of recent ranges (RECENT_SUMMARY_MS).
 
 Before `start`, the synchronous calls serve recovery on the caller's thread,
 on a connection of their own.
@@ -34,16 +40,17 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any, NamedTuple
 
+from paycore.core.recent_ledger import RecentLedger
 from paycore.core.record_reader import InlineReads, LookupStatus, RecordReader
 
 from ...os_threads import start_named_thread
 from ...payment import Attempt, Payment
-from ..base import Deferred, Totals
+from ..base import Deferred, Totals, then
 from . import record_sql
 from .record_ranges import DAY_MS
 from .record_sql import RecordError, Settlement
 
-__all__ = ["PaymentsRecord", "RecordError", "Settlement"]
+__all__ = ["PaymentsRecord", "RangeRead", "RecordError", "Settlement"]
 
 log = logging.getLogger("paycore.record")
 
@@ -64,13 +71,25 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class RangeRead(NamedTuple):
+    """The record's totals over some ranges of requestedAt (inclusive, None
+    unbounded), and every instance's committed journal sequence as of the same
+    read: settlements with a higher sequence are not in the totals."""
+    ranges: tuple[tuple[int | None, int | None], ...]
+    totals: Totals
+    committed: dict[str, int]
+
+
 class PaymentsRecord:
-    def __init__(self, path: str, instance: str, *, sync: bool, retention_days: int = 0,
+    def __init__(self, path: str, instance: str, recent_directory: str, *, sync: bool, retention_days: int = 0,
                  clock_ms: Callable[[], int] = wall_clock_ms) -> None:
-        """retention_days 0 keeps every payment; otherwise payments (and their
-        buckets) from before the day that many days back, by clock_ms, are
-        deleted, a slice at a time between commits."""
+        """recent_directory: where the host's instances share the record's
+        recent past (paycore.core.recent_ledger; a tmpfs). retention_days 0
+        keeps every payment; otherwise payments (and their buckets) from
+        before the day that many days back, by clock_ms, are deleted, a slice
+        at a time between commits."""
         self.path = path
+        self.recent_directory = recent_directory
         self.instance = instance
         self._sync = sync
         self._retention_days = retention_days
@@ -78,16 +97,21 @@ class PaymentsRecord:
         self._writer: _Writer | None = None
         self._recovery: sqlite3.Connection | None = None
         self._reads: _Reads | None = None
+        self._recent: RecentLedger | None = None
         self._started = False
 
     def open(self) -> None:
         """Create the file and schema, or check them (RecordError if this
         version cannot use it)."""
         writing = record_sql.connect_writer(self.path)
-        self._writer = _Writer(writing, self.instance, self._retention_days, self._clock_ms,
+        self._recent = RecentLedger(self.recent_directory, self.instance, self.path,
+                                    record_sql.RECENT_REBUILD_STATEMENTS)
+        self._writer = _Writer(writing, self.instance, self._recent, self._retention_days, self._clock_ms,
                                wal_path=self.path + "-wal" if self._sync else None)
         self._recovery = record_sql.connect_reader(self.path)
-        self._reads = _Reads(self.path, self._clock_ms)
+        self._reads = _Reads(self.path, self._recent, self._clock_ms)
+        # Before the ledger tail drops what an earlier run left (recovery).
+        self._recent.stale_unless(self.committed_seq())
 
     # Before start, on the caller's thread.
 
@@ -139,12 +163,10 @@ class PaymentsRecord:
         a device, or a lock another connection holds): then ask lookup()."""
         return self._running_reads().holds_now(correlation_id)
 
-    def summary(self, generation: int, from_ms: int | None,
-                to_ms: int | None) -> Deferred[tuple[Totals, dict[str, int]]]:
+    def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> Deferred[list[RangeRead]]:
         """The totals of `generation` (or a future of them) for requestedAt in
-        [from_ms, to_ms] (inclusive, None unbounded), and every instance's
-        committed sequence as of the same read: settlements with a higher
-        sequence are not in the totals."""
+        [from_ms, to_ms] (inclusive, None unbounded), in reads that together
+        cover the range once."""
         return self._running_reads().summary(generation, from_ms, to_ms)
 
     def purge(self) -> asyncio.Future[int]:
@@ -154,14 +176,16 @@ class PaymentsRecord:
 
     async def close(self) -> None:
         """Commit what was submitted, stop the threads, close the connections."""
-        writer, recovery, reads = self._writer, self._recovery, self._reads
-        self._writer = self._recovery = self._reads = None
+        writer, recovery, reads, recent = self._writer, self._recovery, self._reads, self._recent
+        self._writer = self._recovery = self._reads = self._recent = None
         if reads is not None:
             await reads.close()
         if recovery is not None:
             recovery.close()
         if writer is not None:
             await writer.close()
+        if recent is not None:
+            recent.close()
 
     def _idle_writer(self) -> _Writer:
         if self._writer is None or self._started:
@@ -187,7 +211,7 @@ class PaymentsRecord:
 class _Writer:
     """The instance's one writing connection and the thread that commits on it."""
 
-    def __init__(self, connection: sqlite3.Connection, instance: str, retention_days: int,
+    def __init__(self, connection: sqlite3.Connection, instance: str, recent: RecentLedger, retention_days: int,
                  clock_ms: Callable[[], int], wal_path: str | None) -> None:
         """wal_path: with sync, the WAL to make durable before a commit is
         reported (the journal then deletes what the commit holds); None:
@@ -195,6 +219,7 @@ class _Writer:
         self._connection = connection
         self._wal = _DurableFile(wal_path) if wal_path else None
         self._instance = instance
+        self._recent = recent
         self._retention_days = retention_days
         self._clock_ms = clock_ms
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -223,6 +248,9 @@ class _Writer:
     def commit_now(self, settlements: Sequence[Settlement], through_seq: int) -> None:
         record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
         self._committed_seq = self._through_seq = max(self._through_seq, through_seq)
+        # Not counted here: the writer thread's first commit builds the recent
+        # ledger again (a few tenths of a second), not the restart.
+        self._recent.stale_unless(self._committed_seq)
 
     def start(self, loop: asyncio.AbstractEventLoop, on_committed: Callable[[int], None]) -> None:
         self._loop = loop
@@ -324,7 +352,7 @@ class _Writer:
         self._last_commit = time.monotonic()
         settlements = batches[0] if len(batches) == 1 else list(chain.from_iterable(batches))
         try:
-            record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
+            self._commit_and_count(settlements, through_seq)
         except sqlite3.Error as error:
             if closing:
                 # Nothing is lost: the journal keeps what the record does not hold.
@@ -338,11 +366,20 @@ class _Writer:
             self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
             return
         self._retry_s = RETRY_MIN_S
-        self._committed_seq = through_seq
         if self._wal is not None:
             self._unsynced_seq = through_seq
             return
         self._report(through_seq)
+
+    def _commit_and_count(self, settlements: Sequence[Settlement], through_seq: int) -> None:
+        """Commit, then count what the commit inserted in the recent ledger
+        before the ledger tail may drop it (on_committed)."""
+        inserted = record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
+        committed, self._committed_seq = self._committed_seq, max(self._committed_seq, through_seq)
+        code = self._recent.add(committed, self._committed_seq, inserted, self._clock_ms())
+        if code:
+            log.error("payments record: the recent ledger could not be built (SQLite error %d):"
+                      " summaries read the record until a later commit builds it", code)
 
     def _make_durable(self) -> None:
         """One fdatasync of the WAL for every commit since the last: what the
@@ -365,6 +402,7 @@ class _Writer:
     def _purge(self, future: asyncio.Future) -> None:
         try:
             generation, error = record_sql.next_generation(self._connection), None
+            self._recent.raise_generation(generation)
         except sqlite3.Error as failure:
             generation, error = None, failure
         assert self._loop is not None
@@ -421,12 +459,14 @@ class _DurableFile:
 class _Reads:
     """Lookups and summaries: asked on the loop, answered in order by a
     thread of paycore.core.record_reader, read when its eventfd is readable;
-    or, where no read waits for a device, answered at once on the loop."""
+    or, where no read waits for a device, answered at once on the loop.
+    Summaries of the last hour are summed from the recent ledger first."""
 
-    def __init__(self, path: str, clock_ms: Callable[[], int]) -> None:
+    def __init__(self, path: str, recent: RecentLedger, clock_ms: Callable[[], int]) -> None:
         self._reader = RecordReader(path, record_sql.SUMMARY_STATEMENTS)
         self._inline = InlineReads(path, record_sql.SUMMARY_STATEMENTS)
         self._in_memory = InlineReads.in_memory(path)
+        self._recent = recent
         self._clock_ms = clock_ms
         self._lookups: deque[tuple[list[bytes], asyncio.Future]] = deque()
         # Answers read, of a lookup not yet answered whole.
@@ -458,10 +498,31 @@ class _Reads:
             return None
         return status == LookupStatus.FOUND
 
-    def summary(self, generation: int, from_ms: int | None,
-                to_ms: int | None) -> Deferred[tuple[Totals, dict[str, int]]]:
+    def summary(self, generation: int, from_ms: int | None, to_ms: int | None) -> Deferred[list[RangeRead]]:
+        recent = self._recent.totals(generation, from_ms, to_ms)
+        if recent is None:
+            whole = ((from_ms, to_ms),)
+            return then(self._read(record_sql.summary_query(generation, from_ms, to_ms), from_ms),
+                        lambda read: [RangeRead(whole, *read)])
+        totals, committed, covered_from, covered_to = recent
+        held = RangeRead(((covered_from, covered_to),), totals, committed)
+        # What lies before the recent ledger's 1 ms ring: a few milliseconds at each end.
+        edges: list[tuple[int | None, int | None]] = []
+        if from_ms is not None and covered_from > from_ms:
+            edges.append((from_ms, covered_from - 1))
+        if covered_to is not None and (to_ms is None or covered_to < to_ms):
+            edges.append((covered_to + 1, to_ms))
+        if not edges:
+            return [held]
+        return then(self._read(record_sql.edges_query(generation, edges), edges[0][0]),
+                    lambda read: [held, RangeRead(tuple(edges), *read)])
+
+    def _read(self, query: record_sql.SummaryQuery,
+              from_ms: int | None) -> Deferred[tuple[Totals, dict[str, int]]]:
+        """Run a summary statement: on the loop where it waits for no device
+        (a record in memory, or a range that starts within RECENT_SUMMARY_MS),
+        else on the reader thread."""
         assert self._loop is not None
-        query = record_sql.summary_query(generation, from_ms, to_ms)
         if self._in_memory or (from_ms is not None and from_ms >= self._clock_ms() - RECENT_SUMMARY_MS):
             error, totals, committed = self._inline.summary(*query)
             if not error:

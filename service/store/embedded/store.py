@@ -38,7 +38,7 @@ from ..base import Acceptance, PaymentStatus, PendingWork, Totals, then
 from .health_board import FileHealthBoard
 from .journal import JournalWriter, start_journal_writer
 from .recovery import recover
-from .record import PaymentsRecord, Settlement
+from .record import PaymentsRecord, RangeRead, Settlement
 
 if TYPE_CHECKING:
     from ...metrics import Metrics
@@ -66,7 +66,7 @@ class EmbeddedStore:
                                settings.idempotency_capacity, settings.idempotency_window_s * 1000)
         self.tail = LedgerTail(settings.shared_dir, settings.instance, settings.ledger_tail_capacity)
         self.record = PaymentsRecord(os.path.join(settings.data_dir, RECORD_FILE), settings.instance,
-                                     sync=settings.journal_sync, retention_days=settings.retention_days)
+                                     settings.shared_dir, sync=settings.journal_sync, retention_days=settings.retention_days)
         self.health = FileHealthBoard(settings.shared_dir)
         self.journal: JournalWriter | None = None
         self.promised = 0  # the journal sequence number of the last acceptance
@@ -285,10 +285,13 @@ class EmbeddedStore:
         tail = self.tail.snapshot()
         generation = self.tail.generation
 
-        def add_tail(read: tuple[Totals, dict[str, int]]) -> Totals:
-            committed, committed_seqs = read
-            uncommitted = tail.totals(committed_seqs, generation, from_ms, to_ms)
-            return tuple(a + b for a, b in zip(committed, uncommitted))
+        def add_tail(reads: list[RangeRead]) -> Totals:
+            sums = [0, 0, 0, 0]
+            for read in reads:
+                for part in (read.totals, *(tail.totals(read.committed, generation, first, last)
+                                            for first, last in read.ranges)):
+                    sums = [a + b for a, b in zip(sums, part)]
+            return tuple(sums)
 
         return then(self.record.summary(generation, from_ms, to_ms), add_tail)
 
