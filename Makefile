@@ -10,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads bench-summary
+.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads bench-summary bench-recent
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -82,9 +82,13 @@ bench-loop: build $(BENCH_DEPS)
 bench-threads: build $(BENCH_DEPS)
 	$(PY) perf/thread_costs.py
 
-# GET /payments-summary of the checker's window every 20 ms beside 600 posts/s (SUMMARY_SECONDS, 30).
+# GET /payments-summary of the checker's window and the last hour, every 20 ms in turn, beside 600 posts/s (SUMMARY_SECONDS, 30).
 bench-summary: build $(BENCH_DEPS)
 	$(PY) perf/bench_summary.py --seconds $(or $(SUMMARY_SECONDS),30)
+
+# The recent ledger against the record's statement, in one process, over an hour at RECENT_RATE (600/s).
+bench-recent: build
+	$(PY) perf/bench_recent_ledger.py
 
 # SOAK_PAYMENTS (default 10 M) at the highest rate the stack sustains, then a SIGKILLed instance's recovery.
 soak: build $(BENCH_DEPS)

@@ -1,6 +1,7 @@
 """The recent ledger: the payments record's last hour in shared memory,
 summed without a query, kept by the record's writers and rebuilt from the
 record whenever it cannot be trusted."""
+import contextlib
 import mmap
 import os
 import struct
@@ -17,6 +18,7 @@ NOW_MS = 1_800_000_000_000
 HOUR_MS = 3_600_000
 ONE_MS_REACH = LEVEL_SLOTS[0] - 1   # how far back the 1 ms ring reaches from its newest millisecond
 MAX_CENTS = 99_999_999_999_999
+LAST_MINUTE = (NOW_MS - 60_000, NOW_MS)
 SEQUENCE_OFFSET = 8 + 4 + 4 + 8 * 5 * 2  # RecentHeader.sequence (recent_ledger.pxd)
 
 
@@ -49,6 +51,16 @@ class Record:
 
 def ledger_for(directory, record: Record, instance="a") -> RecentLedger:
     return RecentLedger(str(directory), instance, record.path, record_sql.RECENT_REBUILD_STATEMENTS)
+
+
+@contextlib.contextmanager
+def after_one_commit(tmp_path, memory_path, count):
+    """A record and a recent ledger built from it at its first commit: count
+    payments over the last minute."""
+    record = Record(tmp_path)
+    with ledger_for(memory_path, record) as ledger:
+        ledger.add(*record.commit(settlements(test_random, count, span_ms=60_000)), NOW_MS)
+        yield record, ledger
 
 
 def recent_time(rng, span_ms=2 * HOUR_MS) -> int:
@@ -122,24 +134,20 @@ def test_a_commit_it_did_not_count_makes_it_stale_until_the_next_add_rebuilds_it
     """An instance killed between a commit and its add: at its next start,
     the file does not hold its commits, so it is marked stale before the
     ledger tail drops what that run left; the next add builds it again."""
-    record = Record(tmp_path)
-    window = (NOW_MS - 60_000, NOW_MS)
-    with ledger_for(memory_path, record) as ledger:
-        ledger.add(*record.commit(settlements(test_random, 50, span_ms=60_000)), NOW_MS)
+    with after_one_commit(tmp_path, memory_path, 50) as (record, ledger):
         record.commit(settlements(test_random, 50, span_ms=60_000))  # counted by nobody
         ledger.stale_unless(record.seq - 1)
-        assert ledger.totals(0, *window) is not None  # it holds the record through the sequence it was told
+        assert ledger.totals(0, *LAST_MINUTE) is not None  # it holds the record through the sequence it was told
     with ledger_for(memory_path, record) as ledger:
         ledger.stale_unless(record.seq)
-        assert ledger.totals(0, *window) is None
+        assert ledger.totals(0, *LAST_MINUTE) is None
         assert ledger.add(*record.commit(settlements(test_random, 50, span_ms=60_000)), NOW_MS) == 0
-        totals, committed, *covered = ledger.totals(0, *window)
-        assert totals == record.totals(*window) and committed == {"a": record.seq} and covered == list(window)
+        totals, committed, *covered = ledger.totals(0, *LAST_MINUTE)
+        assert totals == record.totals(*LAST_MINUTE) and committed == {"a": record.seq} and covered == list(LAST_MINUTE)
 
 
 def test_an_add_that_does_not_follow_on_rebuilds_and_one_already_held_changes_nothing(tmp_path, memory_path):
     a, b = Record(tmp_path, "a"), Record(tmp_path, "b")
-    window = (NOW_MS - 60_000, NOW_MS)
     with ledger_for(memory_path, a, "a") as ledger_a, ledger_for(memory_path, b, "b") as ledger_b:
         ledger_a.add(*a.commit(settlements(test_random, 20, span_ms=60_000)), NOW_MS)
         b_commit = b.commit(settlements(test_random, 20, span_ms=60_000))
@@ -147,50 +155,41 @@ def test_an_add_that_does_not_follow_on_rebuilds_and_one_already_held_changes_no
         skipped = a.commit(settlements(test_random, 20, span_ms=60_000))
         ledger_a.add(skipped[0] - 1, skipped[1], skipped[2], NOW_MS)
         ledger_b.add(*b_commit, NOW_MS)  # held already: counted once
-        totals, committed, *_ = ledger_a.totals(0, *window)
+        totals, committed, *_ = ledger_a.totals(0, *LAST_MINUTE)
         assert committed == {"a": a.seq, "b": b.seq}
-        assert totals == tuple(x + y for x, y in zip(a.totals(*window), b.totals(*window)))
+        assert totals == tuple(x + y for x, y in zip(a.totals(*LAST_MINUTE), b.totals(*LAST_MINUTE)))
 
 
 def test_a_writer_that_died_midway_leaves_it_unread_until_rebuilt(tmp_path, memory_path):
-    record = Record(tmp_path)
-    window = (NOW_MS - 60_000, NOW_MS)
-    with ledger_for(memory_path, record) as ledger:
-        ledger.add(*record.commit(settlements(test_random, 50, span_ms=60_000)), NOW_MS)
+    with after_one_commit(tmp_path, memory_path, 50) as (record, ledger):
         with open(memory_path / FILE_NAME, "r+b") as file, mmap.mmap(file.fileno(), 4096) as header:
             sequence, = struct.unpack_from("<Q", header, SEQUENCE_OFFSET)
             assert sequence % 2 == 0
             struct.pack_into("<Q", header, SEQUENCE_OFFSET, sequence + 1)  # as a writer leaves it midway
-            assert ledger.totals(0, *window) is None
+            assert ledger.totals(0, *LAST_MINUTE) is None
             ledger.add(*record.commit(settlements(test_random, 50, span_ms=60_000)), NOW_MS)
             assert struct.unpack_from("<Q", header, SEQUENCE_OFFSET)[0] % 2 == 0
-        assert ledger.totals(0, *window)[0] == record.totals(*window)
+        assert ledger.totals(0, *LAST_MINUTE)[0] == record.totals(*LAST_MINUTE)
 
 
 def test_a_purge_counts_from_zero_and_what_was_settled_before_it_is_left_out(tmp_path, memory_path):
-    record = Record(tmp_path)
-    window = (NOW_MS - 60_000, NOW_MS)
-    with ledger_for(memory_path, record) as ledger:
-        ledger.add(*record.commit(settlements(test_random, 30, span_ms=60_000)), NOW_MS)
+    with after_one_commit(tmp_path, memory_path, 30) as (record, ledger):
         generation = record_sql.next_generation(record.connection)
         ledger.raise_generation(generation)
-        assert ledger.totals(0, *window) is None  # the file counts another generation now
-        assert ledger.totals(generation, *window)[0] == (0, 0, 0, 0)
+        assert ledger.totals(0, *LAST_MINUTE) is None  # the file counts another generation now
+        assert ledger.totals(generation, *LAST_MINUTE)[0] == (0, 0, 0, 0)
         late = settlements(test_random, 10, generation=0, span_ms=60_000)  # settled before the purge
         fresh = settlements(test_random, 10, generation=generation, span_ms=60_000)
         ledger.add(*record.commit(late + fresh), NOW_MS)
-        assert ledger.totals(generation, *window)[0] == record.totals(*window, generation=generation) != (0, 0, 0, 0)
+        assert ledger.totals(generation, *LAST_MINUTE)[0] == record.totals(*LAST_MINUTE, generation=generation) != (0, 0, 0, 0)
 
 
 def test_a_newer_generation_in_a_commit_counts_from_zero_before_its_purge_is_added(tmp_path, memory_path):
-    record = Record(tmp_path)
-    window = (NOW_MS - 60_000, NOW_MS)
-    with ledger_for(memory_path, record) as ledger:
-        ledger.add(*record.commit(settlements(test_random, 30, span_ms=60_000)), NOW_MS)
+    with after_one_commit(tmp_path, memory_path, 30) as (record, ledger):
         generation = record_sql.next_generation(record.connection)
         ledger.add(*record.commit(settlements(test_random, 10, generation=generation, span_ms=60_000)), NOW_MS)
         ledger.raise_generation(generation)  # the purge's own add, later: nothing more to clear
-        assert ledger.totals(generation, *window)[0] == record.totals(*window, generation=generation)
+        assert ledger.totals(generation, *LAST_MINUTE)[0] == record.totals(*LAST_MINUTE, generation=generation)
 
 
 def test_sums_that_no_longer_fit_a_bucket_are_left_to_the_record(tmp_path, memory_path):
@@ -226,17 +225,13 @@ def test_time_moving_on_empties_what_the_rings_drop(tmp_path, memory_path):
 
 
 def test_a_range_after_everything_held_is_zero_and_needs_nothing_else(tmp_path, memory_path):
-    record = Record(tmp_path)
-    with ledger_for(memory_path, record) as ledger:
-        ledger.add(*record.commit(settlements(test_random, 10, span_ms=60_000)), NOW_MS)
+    with after_one_commit(tmp_path, memory_path, 10) as (record, ledger):
         assert ledger.totals(0, NOW_MS + 1, NOW_MS + 5_000) == ((0, 0, 0, 0), {"a": 1}, NOW_MS + 1, NOW_MS + 5_000)
         assert ledger.totals(0, NOW_MS + 5, NOW_MS + 1) == ((0, 0, 0, 0), {"a": 1}, NOW_MS + 5, NOW_MS + 1)
 
 
 def test_a_bad_processor_is_refused_before_anything_changes(tmp_path, memory_path):
-    record = Record(tmp_path)
-    with ledger_for(memory_path, record) as ledger:
-        ledger.add(*record.commit(settlements(test_random, 10, span_ms=60_000)), NOW_MS)
+    with after_one_commit(tmp_path, memory_path, 10) as (record, ledger):
         before = ledger.totals(0, NOW_MS - 60_000, NOW_MS)
         with pytest.raises(ValueError, match="processor"):
             ledger.add(record.seq, record.seq + 1, [Settlement(None, 5, 2, NOW_MS, 0, None)], NOW_MS)
