@@ -66,7 +66,8 @@ class EmbeddedStore:
                                settings.idempotency_capacity, settings.idempotency_window_s * 1000)
         self.tail = LedgerTail(settings.shared_dir, settings.instance, settings.ledger_tail_capacity)
         self.record = PaymentsRecord(os.path.join(settings.data_dir, RECORD_FILE), settings.instance,
-                                     settings.shared_dir, sync=settings.journal_sync, retention_days=settings.retention_days)
+                                     settings.shared_dir, sync=settings.journal_sync,
+                                     retention_days=settings.retention_days)
         self.health = FileHealthBoard(settings.shared_dir)
         self.journal: JournalWriter | None = None
         self.promised = 0  # the journal sequence number of the last acceptance
