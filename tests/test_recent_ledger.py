@@ -3,6 +3,7 @@ summed without a query, kept by the record's writers and rebuilt from the
 record whenever it cannot be trusted."""
 import contextlib
 import mmap
+import multiprocessing
 import os
 import struct
 
@@ -171,6 +172,53 @@ def test_a_writer_that_died_midway_leaves_it_unread_until_rebuilt(tmp_path, memo
             ledger.add(*record.commit(settlements(test_random, 50, span_ms=60_000)), NOW_MS)
             assert struct.unpack_from("<Q", header, SEQUENCE_OFFSET)[0] % 2 == 0
         assert ledger.totals(0, *LAST_MINUTE)[0] == record.totals(*LAST_MINUTE)
+
+
+WRITER_BATCHES = 20_000
+
+
+def batch_of(seq: int) -> list[Settlement]:
+    """The payments a writer process adds with sequence seq: known to the reader."""
+    return [Settlement(os.urandom(16), seq * 10 + index, (seq + index) % 2, NOW_MS - (seq * 7 + index) % 60_000, 0,
+                       None) for index in range(3)]
+
+
+def add_batches(tmp_path, memory_path, built) -> None:
+    record = Record(tmp_path, "writer")
+    with ledger_for(memory_path, record, "writer") as ledger:
+        ledger.add(*record.commit(batch_of(1)), NOW_MS)
+        built.set()
+        for seq in range(2, WRITER_BATCHES + 1):
+            ledger.add(seq - 1, seq, batch_of(seq), NOW_MS)
+
+
+def test_a_reader_in_another_process_never_sees_half_of_an_add(tmp_path, memory_path):
+    """One process adds batches as fast as it can while this one reads: every
+    read is the totals of exactly the batches through the sequence it gives."""
+    through = [(0, 0, 0, 0)]
+    for seq in range(1, WRITER_BATCHES + 1):
+        sums = list(through[-1])
+        for row in batch_of(seq):
+            sums[2 * row.processor] += 1
+            sums[2 * row.processor + 1] += row.cents
+        through.append(tuple(sums))
+    context = multiprocessing.get_context("fork")
+    built = context.Event()
+    writer = context.Process(target=add_batches, args=(tmp_path, memory_path, built))
+    writer.start()
+    assert built.wait(30)
+    unused_record = str(tmp_path / "not-read.db")  # a reader never rebuilds
+    with RecentLedger(str(memory_path), "reader", unused_record, record_sql.RECENT_REBUILD_STATEMENTS) as reader:
+        seqs = set()
+        while writer.is_alive() or not seqs:
+            answer = reader.totals(0, *LAST_MINUTE)
+            if answer is None:
+                continue  # a writer at work four reads in a row: a summary reads the record then
+            totals, committed, *_ = answer
+            assert totals == through[committed["writer"]], committed
+            seqs.add(committed["writer"])
+    writer.join()
+    assert writer.exitcode == 0 and len(seqs) > 10, len(seqs)
 
 
 def test_a_purge_counts_from_zero_and_what_was_settled_before_it_is_left_out(tmp_path, memory_path):
