@@ -67,6 +67,16 @@ def figure_after(lines: list[str], prefix: str, marker: str) -> float:
     return float(line.split(marker, 1)[1].split()[0].rstrip("x"))
 
 
+def test_the_recent_ledger_benchmark_reads_both_ways_and_rebuilds() -> None:
+    """Its answers through the recent ledger and through the record's
+    statement are checked equal before they are timed."""
+    report = json.loads(run_benchmark("bench_recent_ledger.py", RECENT_RATE="10", RECENT_QUERIES="30")[-1])
+    assert report["payments"] == 36_000 and report["rebuild_s"] > 0
+    for name in ("checker_recent_us", "checker_record_us", "hour_recent_us", "hour_record_us",
+                 "hour_recent_beside_commits_us"):
+        assert 0 < report[name]["p50"] <= report[name]["p99"], (name, report[name])
+
+
 def test_the_parser_benchmark_times_the_compiled_parser_beside_orjson() -> None:
     lines = run_benchmark("bench_parser.py", PARSER_ROUNDS="2000")
     assert figure_after(lines, "cython parser:", "median") > 0
