@@ -51,3 +51,8 @@ cdef inline int register_name(RegistrySlot* slots, const char* name, size_t leng
             continue
         return slot
     return -1
+
+
+cdef inline str slot_name(const RegistrySlot* slot):
+    """The name a taken slot holds."""
+    return slot.name[:slot.name_length].decode("ascii")

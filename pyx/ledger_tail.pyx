@@ -11,8 +11,9 @@ from posix.mman cimport MAP_FAILED, MAP_POPULATE, MAP_SHARED, PROT_READ, PROT_WR
 from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, ftruncate
 
-from paycore.core.instance_registry cimport check_instance_name, register_instance
+from paycore.core.instance_registry cimport check_instance_name, register_instance, slot_name
 from paycore.core.posix_files cimport lock_file, open_or_raise, raise_os_error
+from paycore.core.processor_sums cimport ProcessorSums, add_payments, sums_tuple
 
 
 cdef extern from *:
@@ -42,7 +43,6 @@ cdef uint64_t CONTROL_MAGIC = 0x43544e43594150ULL   # "PAYCNTC"
 
 CONTROL_FILE = "ledger-tail-control.shm"
 DEFAULT_CAPACITY = 65536
-_LOW_BITS = 0xFFFFFFFF
 
 
 cdef inline TailHeader* ring_header(const RingView* view) noexcept nogil:
@@ -163,27 +163,20 @@ cdef class TailSnapshot:
         instance (committed_seqs: instance name -> sequence number)."""
         cdef int64_t first = INT64_MIN if from_ms is None else from_ms
         cdef int64_t last = INT64_MAX if to_ms is None else to_ms
-        cdef uint64_t counts[2]
-        cdef uint64_t cents_low[2]
-        cdef uint64_t cents_high[2]
+        cdef ProcessorSums sums
         cdef uint64_t committed
         cdef const TailEntry* entry
         cdef Py_ssize_t i
         cdef int ring
-        memset(counts, 0, sizeof(counts))
-        memset(cents_low, 0, sizeof(cents_low))
-        memset(cents_high, 0, sizeof(cents_high))
+        memset(&sums, 0, sizeof(sums))
         for ring in range(self.ring_count):
             committed = committed_seqs.get(self.names[ring], 0)
             for i in range(self.rings[ring].count):
                 entry = &self.rings[ring].entries[i]
                 if (entry.seq > committed and entry.generation == generation
                         and first <= entry.requested_at_ms <= last):
-                    counts[entry.processor] += 1
-                    cents_low[entry.processor] += <uint64_t>entry.cents & _LOW_BITS
-                    cents_high[entry.processor] += <uint64_t>entry.cents >> 32
-        return (counts[0], (<object>cents_high[0] << 32) + cents_low[0],
-                counts[1], (<object>cents_high[1] << 32) + cents_low[1])
+                    add_payments(&sums, entry.processor, 1, <uint64_t>entry.cents)
+        return sums_tuple(&sums)
 
 
 cdef class LedgerTail:
@@ -241,8 +234,7 @@ cdef class LedgerTail:
         return os.path.join(self.directory, f"ledger-tail-{instance}.shm")
 
     def _slot_name(self, int slot) -> str:
-        cdef RegistrySlot* entry = &self.control.slots[slot]
-        return entry.name[:entry.name_length].decode("ascii")
+        return slot_name(&self.control.slots[slot])
 
     def _open_own_ring(self):
         path = self._ring_path(self.instance)

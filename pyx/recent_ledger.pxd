@@ -22,6 +22,7 @@
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from paycore.core.instance_registry cimport REGISTRY_SLOTS, RegistrySlot
+from paycore.core.processor_sums cimport ProcessorSums
 
 
 cdef extern from "sqlite3.h" nogil:
@@ -66,12 +67,6 @@ cdef enum Coverage:
     UNKNOWN = 3                # not built, or another generation
 
 
-cdef struct Sums:
-    uint64_t count[RECENT_PROCESSORS]
-    uint64_t cents_low[RECENT_PROCESSORS]
-    uint64_t cents_high[RECENT_PROCESSORS]
-
-
 # A settlement to count, copied out of its Python record before the lock is taken.
 cdef struct RecentRow:
     int64_t requested_at_ms
@@ -108,7 +103,7 @@ cdef class RecentLedger:
     cdef int _prepare(self, sqlite3* db, int index, sqlite3_stmt** statement) noexcept nogil
     cdef void _add_bucket(self, int level, int64_t bucket, int64_t processor, int64_t count, uint64_t cents,
                           bint fits) noexcept nogil
-    cdef Coverage _sum(self, uint64_t generation, int64_t first, int64_t last, Sums* sums,
+    cdef Coverage _sum(self, uint64_t generation, int64_t first, int64_t last, ProcessorSums* sums,
                        int64_t* covered) noexcept nogil
-    cdef Coverage _sum_run(self, int level, int64_t first_start, int64_t last_start, Sums* sums) noexcept nogil
+    cdef Coverage _sum_run(self, int level, int64_t first_start, int64_t last_start, ProcessorSums* sums) noexcept nogil
     cdef void _release(self) noexcept nogil

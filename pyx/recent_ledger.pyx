@@ -12,8 +12,9 @@ from posix.stat cimport fstat, struct_stat
 from posix.unistd cimport close, ftruncate
 
 from paycore.core.instance_registry cimport (INSTANCE_NAME_MAX, check_instance_name, register_instance,
-                                             register_name)
+                                             register_name, slot_name)
 from paycore.core.posix_files cimport lock_file, open_or_raise, raise_os_error
+from paycore.core.processor_sums cimport add_payments, sums_tuple
 
 
 cdef extern from *:
@@ -453,7 +454,7 @@ cdef class RecentLedger:
         cdef int64_t first = from_ms
         cdef int64_t last = FARTHEST_MS if to_ms is None else max(min(to_ms, FARTHEST_MS), -FARTHEST_MS)
         cdef int64_t covered[2]
-        cdef Sums sums
+        cdef ProcessorSums sums
         cdef uint64_t committed[REGISTRY_SLOTS]
         cdef uint64_t sequence
         cdef Coverage coverage = UNKNOWN
@@ -470,18 +471,14 @@ cdef class RecentLedger:
             coverage = UNKNOWN
         if coverage != COVERED:
             return None
-        cdef RegistrySlot* entry
         cdef int slot
         seqs = {}
         for slot in range(REGISTRY_SLOTS):
-            entry = &self.header.names[slot]
-            if load_acquire(&entry.name_length):
-                seqs[entry.name[:entry.name_length].decode("ascii")] = committed[slot]
-        totals = (sums.count[0], (<object>sums.cents_high[0] << 32) + sums.cents_low[0],
-                  sums.count[1], (<object>sums.cents_high[1] << 32) + sums.cents_low[1])
-        return totals, seqs, covered[0], to_ms if covered[1] == last else covered[1]
+            if load_acquire(&self.header.names[slot].name_length):
+                seqs[slot_name(&self.header.names[slot])] = committed[slot]
+        return sums_tuple(&sums), seqs, covered[0], to_ms if covered[1] == last else covered[1]
 
-    cdef Coverage _sum(self, uint64_t generation, int64_t first, int64_t last, Sums* sums,
+    cdef Coverage _sum(self, uint64_t generation, int64_t first, int64_t last, ProcessorSums* sums,
                        int64_t* covered) noexcept nogil:
         """Sum [first, last] as record_ranges.plan_range splits a range, over
         the rings' widths: the coarsest whole buckets, then finer ones on
@@ -491,7 +488,7 @@ cdef class RecentLedger:
         cdef int64_t begin, end, left, right, width, start, stop
         cdef int level, finer
         cdef Coverage coverage
-        memset(sums, 0, sizeof(Sums))
+        memset(sums, 0, sizeof(ProcessorSums))
         covered[0], covered[1] = first, last
         if not header.built or header.generation != generation:
             return UNKNOWN
@@ -526,7 +523,7 @@ cdef class RecentLedger:
                 right = stop
         return COVERED
 
-    cdef Coverage _sum_run(self, int level, int64_t first_start, int64_t last_start, Sums* sums) noexcept nogil:
+    cdef Coverage _sum_run(self, int level, int64_t first_start, int64_t last_start, ProcessorSums* sums) noexcept nogil:
         cdef const Bucket* bucket
         cdef int64_t index, first = floor_div(first_start, WIDTHS[level])
         cdef int64_t last = min(floor_div(last_start, WIDTHS[level]), floor_div(self.header.newest_ms, WIDTHS[level]))
@@ -538,9 +535,7 @@ cdef class RecentLedger:
             for processor in range(RECENT_PROCESSORS):
                 if bucket.count[processor] == UINT32_MAX:
                     return INEXACT
-                sums.count[processor] += bucket.count[processor]
-                sums.cents_low[processor] += bucket.cents[processor] & LOW_BITS
-                sums.cents_high[processor] += bucket.cents[processor] >> 32
+                add_payments(sums, processor, bucket.count[processor], bucket.cents[processor])
         return COVERED
 
     def close(self) -> None:
