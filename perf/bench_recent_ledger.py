@@ -28,12 +28,12 @@ import threading
 import time
 from pathlib import Path
 
+from bench_record import synthetic
 from report import percentile
 
 from paycore.core.recent_ledger import RecentLedger
 from paycore.core.record_reader import InlineReads
 from paycore.service.store.embedded import record_sql
-from paycore.service.store.embedded.record_sql import Settlement
 
 HOUR_MS = 3_600_000
 BATCH = 20_000
@@ -50,10 +50,9 @@ def fill(connection, rng: random.Random, now_ms: int, rate: float) -> int:
     seq = 0
     for first in range(0, total, BATCH):
         seq += 1
-        rows = [Settlement(rng.randbytes(16), rng.randint(1, 10**7), rng.randint(0, 1),
-                           now_ms - HOUR_MS + (first + index) * HOUR_MS // total, 0, seq)
-                for index in range(min(BATCH, total - first))]
-        record_sql.commit_settlements(connection, "bench", rows, seq)
+        count = min(BATCH, total - first)
+        record_sql.commit_settlements(connection, "bench", synthetic(
+            rng, count, now_ms - HOUR_MS + first * HOUR_MS // total, count * HOUR_MS // total, seq), seq)
     return seq
 
 
@@ -75,8 +74,8 @@ def commit_while(path: str, rate: float, seq: int, stop: threading.Event) -> Non
     while not stop.wait(COMMIT_INTERVAL_S):
         seq += 1
         now_ms = time.time_ns() // 1_000_000
-        rows = [Settlement(rng.randbytes(16), rng.randint(1, 10**7), rng.randint(0, 1), now_ms - rng.randrange(100), 0,
-                           seq) for _ in range(int(rate * COMMIT_INTERVAL_S))]
+        rows = synthetic(rng, int(rate * COMMIT_INTERVAL_S), now_ms - int(COMMIT_INTERVAL_S * 1000),
+                         int(COMMIT_INTERVAL_S * 1000), seq)
         record_sql.commit_settlements(connection, "writer", rows, seq)
     connection.close()
 
