@@ -34,7 +34,7 @@ from paycore.core.ring_queue import RingQueue
 
 from ...config import Settings
 from ...payment import Attempt, Payment
-from ..base import Acceptance, PaymentStatus, PendingWork, Totals, then
+from ..base import Acceptance, Deferred, PaymentStatus, PendingWork, Totals, then
 from .health_board import FileHealthBoard
 from .journal import JournalWriter, start_journal_writer
 from .recovery import recover
@@ -174,20 +174,28 @@ class EmbeddedStore:
 
     # --- sending and settling -------------------------------------------------------------
 
-    def sending(self, attempt: Attempt) -> asyncio.Future:
+    def sending(self, attempt: Attempt) -> Deferred[bool]:
         self.journal.sending(attempt)
         journaled = self.journal.durable()
+        held = self.record.holds_now(attempt.payment.correlation_id)
+        if held is None:
+            return self._sending_once_checked(attempt, journaled)
+        if held:
+            self._paid_before(attempt.payment)
+            return False
+        # The journal's future itself: written by the time the send's task
+        # first runs, it lets the send go on in that turn.
+        return journaled
+
+    def _sending_once_checked(self, attempt: Attempt, journaled: asyncio.Future) -> asyncio.Future:
+        """Ours to send once the journal holds the send and the payments
+        record, asked off the loop, does not hold the payment."""
         correlation_id = attempt.payment.correlation_id
-        held = self.record.holds_now(correlation_id)
-        if held is not None:
-            checked = self._loop.create_future()
-            checked.set_result(held)
-        else:
-            if not self._checks:
-                self._loop.call_soon(self._check_paid_before)
-            checked = self._checks.get(correlation_id)
-            if checked is None:
-                checked = self._checks[correlation_id] = self._loop.create_future()
+        if not self._checks:
+            self._loop.call_soon(self._check_paid_before)
+        checked = self._checks.get(correlation_id)
+        if checked is None:
+            checked = self._checks[correlation_id] = self._loop.create_future()
         ours = self._loop.create_future()
 
         def decide(_: asyncio.Future) -> None:
@@ -197,16 +205,18 @@ class EmbeddedStore:
             if error is not None:
                 ours.set_exception(error)
             elif checked.result():
-                log.info("payment %s was paid before: not sent again", attempt.payment.correlation_id.hex())
-                self.journal.discarded(attempt.payment)
+                self._paid_before(attempt.payment)
                 ours.set_result(False)
             else:
                 ours.set_result(True)
 
         journaled.add_done_callback(decide)
-        if not checked.done():  # told at once: decide needs only the journal
-            checked.add_done_callback(decide)
+        checked.add_done_callback(decide)
         return ours
+
+    def _paid_before(self, payment: Payment) -> None:
+        log.info("payment %s was paid before: not sent again", payment.correlation_id.hex())
+        self.journal.discarded(payment)
 
     def _check_paid_before(self) -> None:
         """One lookup in the payments record for every send of this turn: a
