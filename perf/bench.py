@@ -58,6 +58,7 @@ from report import (  # noqa: E402
 )
 from scenario import FULL_RUN_S, Processors, Scenario, now_ms  # noqa: E402
 from service_events import MetricsSampler  # noqa: E402
+from stop_signals import stop_on_first_signal  # noqa: E402
 from usage import process_usage  # noqa: E402
 
 from paycore.stack import Stack, StackSettings  # noqa: E402
@@ -151,6 +152,7 @@ def start_flamegraphs(stack: Stack, seconds: float) -> list[subprocess.Popen]:
 
 
 def main() -> int:
+    stop_on_first_signal()
     seconds = float(os.environ.get("BENCH_SECONDS", FULL_RUN_S))
     low_latency_host = os.environ.get("BENCH_LOW_LATENCY_HOST") == "1"
     with LowLatencyHost() if low_latency_host else contextlib.nullcontext():

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from cgroups import CgroupJail, compose_jail  # noqa: E402
 from native import build_tools  # noqa: E402
 from open_loop import OpenLoopLoad, refusals  # noqa: E402
 from report import latencies_by_connection_ms, read_requests, success_latencies_ms  # noqa: E402
+from stop_signals import stop_on_first_signal  # noqa: E402
 from topology import FastTopology  # noqa: E402
 from usage import process_usage  # noqa: E402
 
@@ -270,18 +270,6 @@ def draw_chart(path: Path, steps: list[dict], best: dict | None, limits: StepLim
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def stop_on_first_signal() -> None:
-    """Ctrl-C and SIGTERM (make's) stop a run alike: the first raises KeyboardInterrupt,
-    and later ones are ignored, so that stopping what the run started is not cut short."""
-    def interrupt(signum, frame) -> None:
-        for stop_signal in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop_signal, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, interrupt)
 
 
 def commit() -> str:

@@ -41,7 +41,7 @@ def compose_limits(compose_file: Path) -> list[Limits]:
 
 
 class CgroupJail:
-    """cgroups named paycore-bench/<service>; removed again by close()."""
+    """cgroups named paycore-bench/<service>, made fresh; removed again by close()."""
 
     def __init__(self, limits: list[Limits], prefix: str = "paycore-bench") -> None:
         self.limits = limits
@@ -51,7 +51,7 @@ class CgroupJail:
             cpu = CPU_ROOT / prefix / limit.service
             memory = MEMORY_ROOT / prefix / limit.service
             for directory in (cpu, memory):
-                directory.mkdir(parents=True, exist_ok=True)
+                _make_fresh(directory)
             (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
             (cpu / "cpu.cfs_quota_us").write_text(str(int(limit.cpus * PERIOD_US)))
             (memory / "memory.limit_in_bytes").write_text(str(limit.memory_bytes))
@@ -96,6 +96,22 @@ class CgroupJail:
                 os.rmdir(root / self._prefix)
             except OSError:
                 pass
+
+
+def _make_fresh(directory: Path) -> None:
+    """A cgroup of its own for this run. One left by a run that died still
+    holds the charges of what that run left on tmpfs, which would count
+    against this run's memory limit (its first instance killed before it
+    listens): removed first, it keeps them, and the new one starts at zero.
+    One that still holds processes belongs to a run still going."""
+    try:
+        directory.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise RuntimeError(f"{directory} is in use ({error.strerror}): is another run with the same"
+                           " cgroup prefix still going?") from None
+    directory.mkdir(parents=True)
 
 
 def compose_jail(compose_file: Path, prefix: str) -> CgroupJail | None:

@@ -35,10 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from capacity import PRE_ALLOCATED_VUS, StepLimits, commit, knee, stop_on_first_signal, sweep  # noqa: E402
+from capacity import PRE_ALLOCATED_VUS, StepLimits, commit, knee, sweep  # noqa: E402
 from cgroups import CgroupJail, compose_jail  # noqa: E402
 from native import build_tools  # noqa: E402
 from open_loop import OpenLoopLoad, refusals  # noqa: E402
+from stop_signals import stop_on_first_signal  # noqa: E402
 from topology import FastTopology  # noqa: E402
 from unix_http import UnixHTTPConnection  # noqa: E402
 from usage import directory_bytes, resident_bytes  # noqa: E402
