@@ -23,13 +23,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 from paycore.core.instance_registry cimport REGISTRY_SLOTS, RegistrySlot
 from paycore.core.processor_sums cimport ProcessorSums
-
-
-cdef extern from "sqlite3.h" nogil:
-    ctypedef struct sqlite3:
-        pass
-    ctypedef struct sqlite3_stmt:
-        pass
+from paycore.core.sqlite3_api cimport sqlite3, sqlite3_stmt
 
 
 cdef enum:

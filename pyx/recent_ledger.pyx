@@ -15,6 +15,11 @@ from paycore.core.instance_registry cimport (INSTANCE_NAME_MAX, check_instance_n
                                              register_name, slot_name)
 from paycore.core.posix_files cimport lock_file, open_or_raise, raise_os_error
 from paycore.core.processor_sums cimport add_payments, sums_tuple
+from paycore.core.sqlite3_api cimport (
+    SQLITE_DONE, SQLITE_FULL, SQLITE_OK, SQLITE_OPEN_NOMUTEX, SQLITE_OPEN_READONLY, SQLITE_ROW,
+    sqlite3_bind_int64, sqlite3_busy_timeout, sqlite3_close_v2, sqlite3_column_bytes, sqlite3_column_int64,
+    sqlite3_column_text, sqlite3_exec, sqlite3_finalize, sqlite3_open_v2, sqlite3_prepare_v2, sqlite3_step,
+)
 
 
 cdef extern from *:
@@ -35,27 +40,6 @@ cdef extern from *:
     void store_release "recent_store"(uint64_t* pointer, uint64_t value) nogil
     void store_then_fence "recent_begin"(uint64_t* pointer, uint64_t value) nogil
     void fence_acquire "recent_fence"() nogil
-
-
-cdef extern from "sqlite3.h" nogil:
-    enum:
-        SQLITE_OK
-        SQLITE_ROW
-        SQLITE_DONE
-        SQLITE_FULL
-        SQLITE_OPEN_READONLY
-        SQLITE_OPEN_NOMUTEX
-    int sqlite3_open_v2(const char* filename, sqlite3** db, int flags, const char* vfs)
-    int sqlite3_close_v2(sqlite3* db)
-    int sqlite3_busy_timeout(sqlite3* db, int milliseconds)
-    int sqlite3_exec(sqlite3* db, const char* sql, void* callback, void* argument, char** error)
-    int sqlite3_prepare_v2(sqlite3* db, const char* sql, int bytes, sqlite3_stmt** statement, const char** tail)
-    int sqlite3_bind_int64(sqlite3_stmt* statement, int index, long long value)
-    int sqlite3_step(sqlite3_stmt* statement)
-    int sqlite3_finalize(sqlite3_stmt* statement)
-    long long sqlite3_column_int64(sqlite3_stmt* statement, int column)
-    const unsigned char* sqlite3_column_text(sqlite3_stmt* statement, int column)
-    int sqlite3_column_bytes(sqlite3_stmt* statement, int column)
 
 
 cdef enum:

@@ -11,13 +11,7 @@ from libc.stdint cimport int64_t
 from paycore.core.correlation_id cimport UUID_BYTES
 from paycore.core.instance_registry cimport INSTANCE_NAME_MAX
 from paycore.core.loop_threads cimport pthread_cond_t, pthread_mutex_t
-
-
-cdef extern from "sqlite3.h" nogil:
-    ctypedef struct sqlite3:
-        pass
-    ctypedef struct sqlite3_stmt:
-        pass
+from paycore.core.sqlite3_api cimport sqlite3, sqlite3_stmt
 
 
 cpdef enum LookupStatus:

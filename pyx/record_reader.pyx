@@ -27,45 +27,16 @@ from paycore.core.loop_threads cimport (
     pthread_mutex_unlock, raise_and_wake, unlock_and_wake,
 )
 from paycore.core.posix_files cimport on_memory_filesystem, open_or_raise, raise_os_error
+from paycore.core.sqlite3_api cimport (
+    SQLITE_DONE, SQLITE_MISMATCH, SQLITE_NOMEM, SQLITE_NULL, SQLITE_OK, SQLITE_OPEN_NOMUTEX,
+    SQLITE_OPEN_READWRITE, SQLITE_PREPARE_PERSISTENT, SQLITE_ROW, SQLITE_STATIC, SQLITE_TOOBIG,
+    sqlite3_bind_blob, sqlite3_bind_int64, sqlite3_bind_parameter_count, sqlite3_busy_timeout,
+    sqlite3_close_v2, sqlite3_column_bytes, sqlite3_column_int, sqlite3_column_int64, sqlite3_column_text,
+    sqlite3_column_type, sqlite3_errmsg, sqlite3_errstr, sqlite3_exec, sqlite3_finalize, sqlite3_open_v2,
+    sqlite3_prepare_v3, sqlite3_reset, sqlite3_step,
+)
 
 import os
-
-
-cdef extern from "sqlite3.h" nogil:
-    enum:
-        SQLITE_OK
-        SQLITE_ROW
-        SQLITE_DONE
-        SQLITE_OPEN_READWRITE
-        SQLITE_OPEN_NOMUTEX
-    ctypedef void (*sqlite3_destructor_type)(void*)
-    sqlite3_destructor_type SQLITE_STATIC
-    int sqlite3_open_v2(const char* filename, sqlite3** db, int flags, const char* vfs)
-    int sqlite3_close_v2(sqlite3* db)
-    int sqlite3_busy_timeout(sqlite3* db, int milliseconds)
-    int sqlite3_exec(sqlite3* db, const char* sql, void* callback, void* argument, char** error)
-    int sqlite3_prepare_v3(sqlite3* db, const char* sql, int bytes, unsigned int flags,
-                           sqlite3_stmt** statement, const char** tail)
-    int sqlite3_bind_blob(sqlite3_stmt* statement, int index, const void* value, int bytes,
-                          sqlite3_destructor_type destructor)
-    int sqlite3_bind_int64(sqlite3_stmt* statement, int index, long long value)
-    int sqlite3_bind_parameter_count(sqlite3_stmt* statement)
-    int sqlite3_step(sqlite3_stmt* statement)
-    int sqlite3_reset(sqlite3_stmt* statement)
-    int sqlite3_finalize(sqlite3_stmt* statement)
-    int sqlite3_column_int(sqlite3_stmt* statement, int column)
-    long long sqlite3_column_int64(sqlite3_stmt* statement, int column)
-    int sqlite3_column_type(sqlite3_stmt* statement, int column)
-    const unsigned char* sqlite3_column_text(sqlite3_stmt* statement, int column)
-    int sqlite3_column_bytes(sqlite3_stmt* statement, int column)
-    const char* sqlite3_errmsg(sqlite3* db)
-    const char* sqlite3_errstr(int code)
-    enum:
-        SQLITE_PREPARE_PERSISTENT
-        SQLITE_NULL
-        SQLITE_NOMEM
-        SQLITE_MISMATCH
-        SQLITE_TOOBIG
 
 
 # The record's schema is record_sql.py's: payments_by_id makes a lookup one probe.
