@@ -23,9 +23,9 @@ def cython_include_dir() -> str:
 # (make build, pip install, the Dockerfile's wheel, the install tests) waits for it.
 JOBS = os.cpu_count() or 1
 
-# The record's reader and writer and the recent ledger's rebuild call SQLite's
-# C API: the library Python's sqlite3 module loads.
-LIBRARIES = {name: ["sqlite3"] for name in ("record_reader", "record_writer", "recent_ledger")}
+# The record's reader and the recent ledger's rebuild call SQLite's C API: the
+# library Python's sqlite3 module loads.
+LIBRARIES = {"record_reader": ["sqlite3"], "recent_ledger": ["sqlite3"]}
 
 extensions = [
     Extension(

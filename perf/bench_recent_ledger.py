@@ -33,7 +33,6 @@ from report import percentile
 
 from paycore.core.recent_ledger import RecentLedger
 from paycore.core.record_reader import InlineReads
-from paycore.core.record_writer import RecordWriter
 from paycore.service.store.embedded import record_sql
 
 HOUR_MS = 3_600_000
@@ -45,14 +44,14 @@ RANGES = {"checker": (15_000, 2_000), "hour": (HOUR_MS - 7, 2_000)}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fill(committer: RecordWriter, rng: random.Random, now_ms: int, rate: float) -> int:
+def fill(connection, rng: random.Random, now_ms: int, rate: float) -> int:
     """An hour of payments up to now_ms, committed in batches; the last sequence."""
     total = int(rate * HOUR_MS / 1000)
     seq = 0
     for first in range(0, total, BATCH):
         seq += 1
         count = min(BATCH, total - first)
-        record_sql.commit_settlements(committer, "bench", synthetic(
+        record_sql.commit_settlements(connection, "bench", synthetic(
             rng, count, now_ms - HOUR_MS + first * HOUR_MS // total, count * HOUR_MS // total, seq), seq)
     return seq
 
@@ -70,15 +69,15 @@ def timed_us(read, repeats: int, gap_s: float = 0.0) -> list[float]:
 
 def commit_while(path: str, rate: float, seq: int, stop: threading.Event) -> None:
     """Commit rate payments/s at the current time, in groups every COMMIT_INTERVAL_S, until stop."""
-    committer = record_sql.open_committer(path)
+    connection = record_sql.connect_writer(path)
     rng = random.Random(2)
     while not stop.wait(COMMIT_INTERVAL_S):
         seq += 1
         now_ms = time.time_ns() // 1_000_000
         rows = synthetic(rng, int(rate * COMMIT_INTERVAL_S), now_ms - int(COMMIT_INTERVAL_S * 1000),
                          int(COMMIT_INTERVAL_S * 1000), seq)
-        record_sql.commit_settlements(committer, "writer", rows, seq)
-    committer.close()
+        record_sql.commit_settlements(connection, "writer", rows, seq)
+    connection.close()
 
 
 def quantiles(samples: list[float]) -> dict[str, float]:
@@ -92,10 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=REPO) as scratch, tempfile.TemporaryDirectory(dir="/dev/shm") as shared:
         path = os.path.join(scratch, "payments.db")
         connection = record_sql.connect_writer(path)
-        committer = record_sql.open_committer(path)
         now_ms = time.time_ns() // 1_000_000
-        seq = fill(committer, rng, now_ms, rate)
-        committer.close()
+        seq = fill(connection, rng, now_ms, rate)
         inline = InlineReads(path, record_sql.SUMMARY_STATEMENTS)
         with RecentLedger(shared, "bench", path, record_sql.RECENT_REBUILD_STATEMENTS) as recent:
             rebuild_s = []

@@ -11,11 +11,9 @@ the disk a payment takes. Medians of REPEATS runs where a figure is a rate.
    bench` has them; root), checked against a plain sum over the rows,
    one-day ranges, lookups.
 2. The writer: settlements/s it commits with the loop idle, process CPU and
-   bytes written per settlement, into a new record and into the big one; and
-   a busy uvloop loop running small work items back to back, their p99
-   without the writer, while the writer commits 5,000 settlements/s handed
-   from that loop, and while it makes the same commits through Python's
-   sqlite3 (taking the GIL back after every statement) instead.
+   bytes written per settlement, into a new record and into the big one; and a busy uvloop loop running small work items back to back,
+   their p99 without the writer, and while the writer commits 5,000
+   settlements/s handed from that loop.
 3. Retention: deleting a day of a two-day record, slice by slice.
 4. Why WAL: a group commit's cost in WAL and rollback-journal modes.
 
@@ -35,7 +33,6 @@ import statistics
 import tempfile
 import threading
 import time
-from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,7 +54,6 @@ WRITER_SETTLEMENTS = 100_000
 TARGET_RATE = 5_000          # settlements/s handed to the writer under the busy loop
 BUSY_SECONDS = 4.0
 WORK_ITEM_LOOPS = 150        # one work item: ~5 µs of Python
-PYTHON_ROWS_PER_STATEMENT = 256
 RETENTION_ROWS = 2_000_000
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,16 +71,14 @@ def build(path: str, rows: int) -> float:
     """The big record, one day of payments; seconds it took."""
     started = time.perf_counter()
     connection = record_sql.connect_writer(path)
-    committer = record_sql.open_committer(path)
     rng = random.Random(1)
     span_per_row = DAY_MS / rows
     for batch, first in enumerate(range(0, rows, BUILD_BATCH)):
         count = min(BUILD_BATCH, rows - first)
         settlements = synthetic(rng, count, START_MS + int(first * span_per_row), int(count * span_per_row), batch)
-        record_sql.commit_settlements(committer, "bench", settlements, batch + 1)
+        record_sql.commit_settlements(connection, "bench", settlements, batch + 1)
         if batch % 100 == 99:
             print(f"  built {first + count:,} rows in {time.perf_counter() - started:.0f} s", flush=True)
-    committer.close()
     connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     connection.close()
     return time.perf_counter() - started
@@ -301,44 +295,20 @@ def busy_beside_writer(scratch: str) -> BusyLoop:
     try:
         return uvloop.run(busy_loop(path))
     finally:
-        python_commits.close()
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.remove(path + suffix)
 
 
-class PythonCommits:
-    """For comparison, the record's commit made through Python's sqlite3 on a
-    connection of its own, as the writer made it before it ran a commit in C:
-    rows bound PYTHON_ROWS_PER_STATEMENT at a time, and the GIL taken back
-    after each statement. Stands in for record_sql.commit_settlements."""
-
-    def __init__(self) -> None:
-        self.connection: sqlite3.Connection | None = None
-
-    def __call__(self, committer, instance: str, settlements, through_seq: int):
-        if self.connection is None:
-            self.connection = sqlite3.connect(committer.path, isolation_level=None, check_same_thread=False)
-            self.connection.executescript(record_sql.COMMITTER_SETUP)
-        connection = self.connection
-        connection.execute("BEGIN IMMEDIATE")
-        for start in range(0, len(settlements), PYTHON_ROWS_PER_STATEMENT):
-            rows = settlements[start:start + PYTHON_ROWS_PER_STATEMENT]
-            connection.execute(record_sql.insert_payments(len(rows)),
-                               list(chain.from_iterable(settlement[:5] for settlement in rows)))
-        connection.execute(record_sql.ADD_FRESH_TO_BUCKETS)
-        connection.execute(record_sql.FORGET_FRESH)
-        connection.execute(record_sql.ADVANCE_COMMITTED, (instance, through_seq))
-        connection.execute("COMMIT")
-        return settlements
-
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
-python_commits = PythonCommits()
+def commit_row_by_row(connection: sqlite3.Connection, instance: str, settlements, through_seq: int) -> None:
+    """The commit as executemany would do it, for comparison: the same
+    transaction, but the writer takes the GIL back for every row."""
+    connection.execute("BEGIN IMMEDIATE")
+    connection.executemany(record_sql.INSERT_PAYMENTS[1], (settlement[:5] for settlement in settlements))
+    connection.execute(record_sql.ADD_FRESH_TO_BUCKETS)
+    connection.execute("DELETE FROM fresh")
+    connection.execute(record_sql.ADVANCE_COMMITTED, (instance, through_seq))
+    connection.execute("COMMIT")
 
 
 def retention_cost(directory: str) -> tuple[float, float]:
@@ -346,15 +316,12 @@ def retention_cost(directory: str) -> tuple[float, float]:
     as the writer does, a slice at a time: median ms per slice, payments
     deleted per second."""
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        path = os.path.join(scratch, "payments.db")
-        connection = record_sql.connect_writer(path)
-        committer = record_sql.open_committer(path)
+        connection = record_sql.connect_writer(os.path.join(scratch, "payments.db"))
         rng = random.Random(6)
         per_batch = RETENTION_ROWS // 40
         for batch in range(40):
             settlements = synthetic(rng, per_batch, START_MS + batch * DAY_MS // 20, DAY_MS // 20, batch)
-            record_sql.commit_settlements(committer, "1", settlements, batch + 1)
-        committer.close()
+            record_sql.commit_settlements(connection, "1", settlements, batch + 1)
         slices = []
         started = time.perf_counter()
         finished = False
@@ -373,16 +340,15 @@ def commit_cost(directory: str, journal_mode: str, synchronous: str) -> float:
         path = os.path.join(scratch, "payments.db")
         connection = record_sql.connect_writer(path)
         connection.execute(f"PRAGMA journal_mode = {journal_mode}")
-        committer = record_sql.open_committer(path, f"PRAGMA synchronous = {synchronous};")
+        connection.execute(f"PRAGMA synchronous = {synchronous}")
         rng = random.Random(5)
-        record_sql.commit_settlements(committer, "1", synthetic(rng, 100_000, START_MS, HOUR_MS, 1), 1)
+        record_sql.commit_settlements(connection, "1", synthetic(rng, 100_000, START_MS, HOUR_MS, 1), 1)
         samples = []
         for seq in range(2, 202):
             settlements = synthetic(rng, 100, START_MS + HOUR_MS + seq * 20, 20, seq)
             started = time.perf_counter_ns()
-            record_sql.commit_settlements(committer, "1", settlements, seq)
+            record_sql.commit_settlements(connection, "1", settlements, seq)
             samples.append((time.perf_counter_ns() - started) / 1000)
-        committer.close()
         connection.close()
         return statistics.median(samples)
 
@@ -411,23 +377,22 @@ def main() -> None:
 
         alone = [uvloop.run(busy_loop(None)) for _ in range(REPEATS)]
         beside = [busy_beside_writer(scratch) for _ in range(REPEATS)]
-        in_c = record_sql.commit_settlements
-        record_sql.commit_settlements = python_commits
+        multi_row = record_sql.commit_settlements
+        record_sql.commit_settlements = commit_row_by_row
         try:
-            through_python = [busy_beside_writer(scratch) for _ in range(REPEATS)]
+            row_by_row = [busy_beside_writer(scratch) for _ in range(REPEATS)]
         finally:
-            record_sql.commit_settlements = in_c
+            record_sql.commit_settlements = multi_row
 
         def field(runs: list[BusyLoop], name: str) -> float:
             return statistics.median(getattr(run, name) for run in runs)
 
         for name, runs in (("alone", alone), (f"writer committing {TARGET_RATE:,}/s", beside),
-                           ("the same commits through Python's sqlite3", through_python)):
+                           ("the same, inserting with executemany", row_by_row)):
             print(f"busy loop, work items (µs), {name}: p50 {field(runs, 'item_p50_us'):.1f} "
                   f"p99 {field(runs, 'item_p99_us'):.1f} p99.9 {field(runs, 'item_p999_us'):.1f} "
                   f"max {field(runs, 'item_max_us'):.0f}")
-        for name, runs in (("the writer beside it", beside),
-                           ("the same commits through Python's sqlite3", through_python)):
+        for name, runs in (("the writer beside it", beside), ("the same, inserting with executemany", row_by_row)):
             print(f"  {name}: committed {field(runs, 'committed_per_s'):,.0f} settlements/s, "
                   f"submit to on_committed p50 {field(runs, 'commit_p50_ms'):.1f} ms "
                   f"p99 {field(runs, 'commit_p99_ms'):.1f} ms")

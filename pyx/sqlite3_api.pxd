@@ -24,15 +24,12 @@ cdef extern from "sqlite3.h" nogil:
     int sqlite3_close_v2(sqlite3* db)
     int sqlite3_busy_timeout(sqlite3* db, int milliseconds)
     int sqlite3_exec(sqlite3* db, const char* sql, void* callback, void* argument, char** error)
-    int sqlite3_get_autocommit(sqlite3* db)
     int sqlite3_prepare_v2(sqlite3* db, const char* sql, int bytes, sqlite3_stmt** statement, const char** tail)
     int sqlite3_prepare_v3(sqlite3* db, const char* sql, int bytes, unsigned int flags,
                            sqlite3_stmt** statement, const char** tail)
     int sqlite3_bind_blob(sqlite3_stmt* statement, int index, const void* value, int bytes,
                           sqlite3_destructor_type destructor)
     int sqlite3_bind_int64(sqlite3_stmt* statement, int index, long long value)
-    int sqlite3_bind_text(sqlite3_stmt* statement, int index, const char* value, int bytes,
-                          sqlite3_destructor_type destructor)
     int sqlite3_bind_parameter_count(sqlite3_stmt* statement)
     int sqlite3_step(sqlite3_stmt* statement)
     int sqlite3_reset(sqlite3_stmt* statement)

@@ -30,7 +30,6 @@ class Record:
     def __init__(self, directory, instance="a"):
         self.path = str(directory / "payments.db")
         self.connection = record_sql.connect_writer(self.path)
-        self.committer = record_sql.open_committer(self.path)
         self.instance = instance
         self.seq = 0
         self.rows: list[Settlement] = []
@@ -38,7 +37,7 @@ class Record:
     def commit(self, settlements) -> tuple[int, int, list]:
         """Commit; (from_seq, through_seq, inserted) to hand to RecentLedger.add."""
         self.seq += 1
-        inserted = record_sql.commit_settlements(self.committer, self.instance, settlements, self.seq)
+        inserted = record_sql.commit_settlements(self.connection, self.instance, settlements, self.seq)
         self.rows += inserted
         return self.seq - 1, self.seq, inserted
 

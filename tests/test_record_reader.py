@@ -197,11 +197,10 @@ def test_summaries_answer_in_order_exactly_beside_lookups(tmp_path):
     rng = random.Random(seed)
     path = str(tmp_path / "payments.db")
     writer = record_sql.connect_writer(path)
-    committer = record_sql.open_committer(path)
     settlements = [Settlement(rng.randbytes(16), rng.choice((1, rng.randrange(10**16))), rng.randrange(2),
                               rng.randrange(10_000), 0, index + 1) for index in range(3000)]
-    record_sql.commit_settlements(committer, "api1", settlements[:2000], 2000)
-    record_sql.commit_settlements(committer, "api2", settlements[2000:], 3000)
+    record_sql.commit_settlements(writer, "api1", settlements[:2000], 2000)
+    record_sql.commit_settlements(writer, "api2", settlements[2000:], 3000)
     reader = RecordReader(path, record_sql.SUMMARY_STATEMENTS)
     inline = InlineReads(path, record_sql.SUMMARY_STATEMENTS)
     thread = served(reader)
@@ -225,7 +224,6 @@ def test_summaries_answer_in_order_exactly_beside_lookups(tmp_path):
     reader.stop()
     thread.join()
     reader.close()
-    committer.close()
     writer.close()
     assert [answer[0] for answer in answered_lookups] == lookups, f"seed {seed}"
     assert at_once == answered_summaries, f"seed {seed}"

@@ -10,10 +10,10 @@ instance's journal sequence they reach, counts what each commit inserted in
 the host's recent ledger (paycore.core.recent_ledger: the last hour's
 buckets in shared memory), then tells the event loop (`on_committed`), which
 may then delete the journal segments below it and drop the settlements from
-its ledger tail. A commit runs whole without the GIL
-(paycore.core.record_writer): the writer takes the GIL back once per commit,
-not once per statement, so an event loop that wakes while it commits seldom
-waits for it, and one that holds it for long stretches does not starve it.
+its ledger tail. The writer holds the GIL only to bind a statement's
+parameters: statements bind many rows at once, so a commit takes the GIL back
+a handful of times, whatever its size, and an event loop that holds it for
+long stretches does not starve it.
 
 A summary of a range that starts within the last hour is summed from the
 recent ledger, with no statement but for a few milliseconds at an end older
@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 
 from paycore.core.recent_ledger import RecentLedger
 from paycore.core.record_reader import InlineReads, LookupStatus, RecordReader
-from paycore.core.record_writer import RecordWriter
 
 from ...os_threads import start_named_thread
 from ...payment import Attempt, Payment
@@ -107,8 +106,7 @@ class PaymentsRecord:
         writing = record_sql.connect_writer(self.path)
         self._recent = RecentLedger(self.recent_directory, self.instance, self.path,
                                     record_sql.RECENT_REBUILD_STATEMENTS)
-        self._writer = _Writer(writing, record_sql.open_committer(self.path), self.instance, self._recent,
-                               self._retention_days, self._clock_ms,
+        self._writer = _Writer(writing, self.instance, self._recent, self._retention_days, self._clock_ms,
                                wal_path=self.path + "-wal" if self._sync else None)
         self._recovery = record_sql.connect_reader(self.path)
         self._reads = _Reads(self.path, self._recent, self._clock_ms)
@@ -211,18 +209,14 @@ class PaymentsRecord:
 
 
 class _Writer:
-    """The instance's writing connections (settlements are committed on
-    `committer`, purges and retention on `connection`) and the thread that
-    writes on them."""
+    """The instance's one writing connection and the thread that commits on it."""
 
-    def __init__(self, connection: sqlite3.Connection, committer: RecordWriter, instance: str,
-                 recent: RecentLedger, retention_days: int, clock_ms: Callable[[], int],
-                 wal_path: str | None) -> None:
+    def __init__(self, connection: sqlite3.Connection, instance: str, recent: RecentLedger, retention_days: int,
+                 clock_ms: Callable[[], int], wal_path: str | None) -> None:
         """wal_path: with sync, the WAL to make durable before a commit is
         reported (the journal then deletes what the commit holds); None:
         reported at once."""
         self._connection = connection
-        self._committer = committer
         self._wal = _DurableFile(wal_path) if wal_path else None
         self._instance = instance
         self._recent = recent
@@ -252,7 +246,7 @@ class _Writer:
         self._trim_retry_at = 0.0
 
     def commit_now(self, settlements: Sequence[Settlement], through_seq: int) -> None:
-        record_sql.commit_settlements(self._committer, self._instance, settlements, through_seq)
+        record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
         self._committed_seq = self._through_seq = max(self._through_seq, through_seq)
         # Not counted here: the writer thread's first commit builds the recent
         # ledger again (a few tenths of a second), not the restart.
@@ -290,7 +284,6 @@ class _Writer:
             assert self._closed is not None
             await self._closed
             self._thread.join()
-        self._committer.close()
         self._connection.close()
         if self._wal is not None:
             self._wal.close()
@@ -381,7 +374,7 @@ class _Writer:
     def _commit_and_count(self, settlements: Sequence[Settlement], through_seq: int) -> None:
         """Commit, then count what the commit inserted in the recent ledger
         before the ledger tail may drop it (on_committed)."""
-        inserted = record_sql.commit_settlements(self._committer, self._instance, settlements, through_seq)
+        inserted = record_sql.commit_settlements(self._connection, self._instance, settlements, through_seq)
         committed, self._committed_seq = self._committed_seq, max(self._committed_seq, through_seq)
         code = self._recent.add(committed, self._committed_seq, inserted, self._clock_ms())
         if code:

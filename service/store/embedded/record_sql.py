@@ -1,7 +1,6 @@
-"""The payments record's database (SQLite in WAL mode): its schema and what
-the record does on one connection, Python's sqlite3 or, for commits,
-paycore.core.record_writer's own. record.py decides on which thread and when;
-nothing here keeps state beyond the connection.
+"""The payments record's database (Python's sqlite3, WAL mode): its schema and
+what the record does on one connection. record.py decides on which thread and
+when; nothing here keeps state beyond the connection.
 
 Tables:
 - payments: one row per settled correlationId, keyed by (requested_at_ms,
@@ -16,7 +15,7 @@ Tables:
   (what retention deleted lies below it; summaries never look below it).
 
 Only inserts that happen count: an AFTER INSERT trigger (a TEMP one, on the
-committing connection) copies each new row into an in-memory table, which is
+writing connection) copies each new row into an in-memory table, which is
 added to the buckets once per commit, grouped; a duplicate correlationId is
 skipped by ON CONFLICT DO NOTHING, so it fires nothing and counts nothing.
 """
@@ -30,7 +29,6 @@ from itertools import chain
 from typing import NamedTuple
 
 from paycore.core.recent_ledger import LEVEL_WIDTHS_MS as RECENT_WIDTHS_MS
-from paycore.core.record_writer import RecordWriter
 
 from ...payment import Attempt, Payment
 from .record_ranges import LEVEL_WIDTHS_MS, MAX_BUCKET_RUNS, MAX_EDGES, plan_range
@@ -40,10 +38,10 @@ BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another instance's transact
 WRITER_CACHE_KIB = 8192  # the id index's hot pages; the OS page cache holds the rest
 LOW_MASK = (1 << 32) - 1
 UNBOUNDED_MS = 1 << 62  # a missing summary bound, and the farthest one: past any requestedAt
-# Lookups bind this many ids at once; a batch uses the largest as often as it
-# fits, then the smallest one that holds the rest, padded with a repeat of its
-# last id (a repeated id changes nothing). A few fixed sizes keep every
-# statement prepared once.
+# Statements bind this many rows (or ids) at once; a batch uses the largest as
+# often as it fits, then the smallest one that holds the rest, padded with a
+# repeat of its last item (a repeated row or id changes nothing). A few fixed
+# sizes keep every statement prepared once.
 ROWS_PER_STATEMENT = (1, 4, 16, 64, 256)
 
 
@@ -100,16 +98,7 @@ SELECT lower(substr(hex(correlation_id), 1, 8) || '-' || substr(hex(correlation_
 FROM payments;
 """
 
-# Every writing connection: SQLite syncs the WAL before each checkpoint and
-# the database after it (connect_writer says why that is enough).
-WRITER_PRAGMAS = """
-PRAGMA synchronous = NORMAL;
-PRAGMA temp_store = MEMORY;
-"""
-
-# The committing connection (paycore.core.record_writer), once.
-COMMITTER_SETUP = WRITER_PRAGMAS + f"""
-PRAGMA cache_size = {-WRITER_CACHE_KIB};
+WRITER_SETUP = """
 CREATE TEMP TABLE fresh (requested_at_ms INTEGER, processor INTEGER, cents INTEGER, generation INTEGER);
 CREATE TEMP TRIGGER fresh_payment AFTER INSERT ON main.payments BEGIN
     INSERT INTO fresh VALUES (NEW.requested_at_ms, NEW.processor, NEW.cents, NEW.generation);
@@ -132,17 +121,11 @@ ON CONFLICT DO UPDATE SET
     cents_high = cents_high + excluded.cents_high + ((cents_low + excluded.cents_low) >> 32)
 """
 
-
-def insert_payments(rows: int) -> str:
-    """An INSERT of that many payments, each bound as correlation_id, cents,
-    processor, requested_at_ms, generation; an id held already is skipped."""
-    return ("INSERT INTO payments (correlation_id, cents, processor, requested_at_ms, generation) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?)"] * rows) + " ON CONFLICT DO NOTHING")
-
-
-# A commit inserts its payments this many to a statement (one step of it), the
-# rest one at a time: a step opens the table and its index afresh.
-INSERT_ROWS = 64
+INSERT_PAYMENTS = {
+    rows: "INSERT INTO payments (correlation_id, cents, processor, requested_at_ms, generation) VALUES "
+          + ", ".join(["(?, ?, ?, ?, ?)"] * rows) + " ON CONFLICT DO NOTHING"
+    for rows in ROWS_PER_STATEMENT
+}
 SETTLED_AMONG = {
     ids: "SELECT correlation_id, cents, processor, requested_at_ms FROM payments WHERE correlation_id IN ("
          + ", ".join(["?"] * ids) + ")"
@@ -152,13 +135,6 @@ ADVANCE_COMMITTED = """
 INSERT INTO committed VALUES (?1, ?2)
 ON CONFLICT DO UPDATE SET journal_seq = max(journal_seq, excluded.journal_seq)
 """
-COUNT_FRESH = "SELECT count(*) FROM fresh"
-FRESH_ROWS = "SELECT cents, processor, requested_at_ms, generation FROM fresh"
-FORGET_FRESH = "DELETE FROM fresh"
-# What a commit runs between BEGIN IMMEDIATE and COMMIT, in order (the
-# statement steps of paycore.core.record_writer).
-COMMIT_STATEMENTS = (insert_payments(1), insert_payments(INSERT_ROWS), COUNT_FRESH, FRESH_ROWS, ADD_FRESH_TO_BUCKETS,
-                     FORGET_FRESH, ADVANCE_COMMITTED)
 
 # Nothing below retained_from counts: retention deletes rows and buckets there
 # in slices, a whole day at a time, so every bucket lies wholly on one side.
@@ -216,10 +192,9 @@ class RecordError(Exception):
 
 
 def connect_writer(path: str) -> sqlite3.Connection:
-    """The connection that writes all but settlements (purges, retention):
-    WAL mode (readers go on while one writer commits; two instances' writers
-    take turns within BUSY_TIMEOUT_S), and the schema created or checked.
-    Settlements are committed on open_committer's. synchronous=NORMAL: SQLite syncs the WAL
+    """The connection that writes: WAL mode (readers go on while one writer
+    commits; two instances' writers take turns within BUSY_TIMEOUT_S), and
+    the schema created or checked. synchronous=NORMAL: SQLite syncs the WAL
     before each checkpoint and the database after it, and the writer (with
     sync) makes a group of commits durable with one fdatasync of the WAL
     before it tells the journal, which deletes what they hold: the record
@@ -230,19 +205,15 @@ def connect_writer(path: str) -> sqlite3.Connection:
         mode = _set_wal_mode(connection)
         if mode != "wal":
             raise RecordError(f"payments record {path}: WAL mode unavailable (journal_mode is {mode})")
-        connection.executescript(WRITER_PRAGMAS)
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("PRAGMA temp_store = MEMORY")
+        connection.execute(f"PRAGMA cache_size = {-WRITER_CACHE_KIB}")
         _ensure_schema(connection, path)
+        connection.executescript(WRITER_SETUP)
     except BaseException:
         connection.close()
         raise
     return connection
-
-
-def open_committer(path: str, pragmas: str = "") -> RecordWriter:
-    """The connection that commits settlements (commit_settlements), once
-    connect_writer made the file: paycore.core.record_writer's, which runs a
-    whole commit without the GIL. pragmas: a benchmark's, after ours."""
-    return RecordWriter(path, COMMITTER_SETUP + pragmas, COMMIT_STATEMENTS, int(BUSY_TIMEOUT_S * 1000))
 
 
 def _set_wal_mode(connection: sqlite3.Connection) -> str:
@@ -317,18 +288,24 @@ def committed_seq(connection: sqlite3.Connection, instance: str) -> int:
     return 0 if row is None else row[0]
 
 
-def commit_settlements(committer: RecordWriter, instance: str,
+def commit_settlements(connection: sqlite3.Connection, instance: str,
                        settlements: Sequence[Settlement], through_seq: int) -> Sequence[Settlement]:
-    """One transaction on open_committer's connection: the settlements whose
-    correlationId is new, their buckets, and `instance`'s committed sequence
-    raised to through_seq. The settlements it inserted: all of them, unless
-    some id was held already (then the inserted rows, with correlation_id and
-    journal_seq None). sqlite3.OperationalError if it failed: nothing of it
-    is in the record."""
-    inserted = committer.commit(instance, settlements, through_seq)
-    if inserted is None:
-        return settlements
-    return [Settlement(None, *row, None) for row in inserted]  # type: ignore[arg-type]
+    """One transaction: the settlements whose correlationId is new, their
+    buckets, and `instance`'s committed sequence raised to through_seq.
+    The settlements it inserted: all of them, unless some id was held
+    already (then the inserted rows, with correlation_id and journal_seq None)."""
+    with _write_transaction(connection):
+        for rows in _statement_batches(settlements):
+            connection.execute(INSERT_PAYMENTS[len(rows)],
+                               list(chain.from_iterable(settlement[:5] for settlement in rows)))
+        (inserted,), = connection.execute("SELECT count(*) FROM fresh")
+        if inserted != len(settlements):
+            settlements = [Settlement(None, *row, None) for row in connection.execute(  # type: ignore[arg-type]
+                "SELECT cents, processor, requested_at_ms, generation FROM fresh")]
+        connection.execute(ADD_FRESH_TO_BUCKETS)
+        connection.execute("DELETE FROM fresh")
+        connection.execute(ADVANCE_COMMITTED, (instance, through_seq))
+    return settlements
 
 
 def next_generation(connection: sqlite3.Connection) -> int:
