@@ -97,6 +97,8 @@ cdef class Journal:
     cdef RecordBuffer submitted
     cdef int closing                # stop() was called (read by the writer with atomics)
     cdef bint serving
+    cdef bint served                # serve() began: it runs once, even after a stop()
+    cdef bint closed                # close() released the files
     cdef int deletion_due           # committed_seq moved: segments may go (raise_and_wake)
     cdef bint recovered
     # Written on the caller's thread (open_here), no writer thread: the loop's own.

@@ -510,11 +510,11 @@ cdef class Journal:
             raise RuntimeError("recover() what the journal holds before serve()")
         with nogil:
             pthread_mutex_lock(&self.mutex)
-            if self.serving or self.closing or self.here:
+            if self.served or self.here or self.closed:
                 pthread_mutex_unlock(&self.mutex)
                 with gil:
-                    raise RuntimeError("the journal is already served, written here, or stopped")
-            self.serving = True
+                    raise RuntimeError("the journal is already served, written here, or closed")
+            self.served = self.serving = True
             pthread_mutex_unlock(&self.mutex)
             self.serve_raw()
 
@@ -716,7 +716,7 @@ cdef class Journal:
         cdef int result
         if not self.recovered:
             raise RuntimeError("recover() what the journal holds before open_here()")
-        if self.serving or self.here or self.closing:
+        if self.served or self.here or self.closed:
             raise RuntimeError("the journal is already served, written here, or closed")
         with nogil:
             result = self.start_segment()
@@ -885,7 +885,9 @@ cdef class Journal:
         return self.serving
 
     def stop(self) -> None:
-        """Ask the writer to write what was submitted and return from serve()."""
+        """Ask the writer to write what was submitted and return from serve().
+        Before serve() begins (its thread not yet running), serve() will then
+        write what was submitted and return at once."""
         with nogil:
             raise_and_wake(&self.mutex, &self.work_ready, &self.closing)
 
@@ -894,6 +896,6 @@ cdef class Journal:
         records not submitted are dropped."""
         if self.serving:
             raise RuntimeError("the writer still runs: stop() it and wait for serve() to return")
-        self.closing = True
+        self.closing = self.closed = True
         self._release_descriptors()
         self.open_batch.count = 0

@@ -237,6 +237,26 @@ def test_serving_needs_a_recovery_first(tmp_path):
     journal.close()
 
 
+def test_a_stop_before_the_writer_begins_still_writes_what_was_submitted(tmp_path):
+    """A service stopped while its writer thread is starting: serve() then
+    writes what was submitted and returns, where it raised before."""
+    journal, _ = recovered(tmp_path)
+    payment = new_id()
+    journal.accepted(payment, 100)
+    journal.submit()
+    journal.stop()
+    journal.serve()
+    assert journal.durable_seq == 1
+    with pytest.raises(RuntimeError, match="already served"):
+        journal.serve()
+    journal.close()
+    with pytest.raises(RuntimeError, match="already served"):
+        journal.serve()
+    journal, _ = recovered(tmp_path)
+    assert journal.outstanding() == [(payment, 100, NEVER_SENT, 0)]
+    journal.close()
+
+
 @pytest.mark.parametrize("call", [
     lambda journal: journal.accepted(b"short", 100),
     lambda journal: journal.sending(new_id(), 2, 0),
