@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
+import logging
 import random
 import selectors
 import signal
@@ -53,6 +55,12 @@ class Model:
                 totals[2 * payment.processor] += 1
                 totals[2 * payment.processor + 1] += payment.cents
         return tuple(totals)
+
+
+def model_of(settlements) -> Model:
+    model = Model()
+    model.add(settlements)
+    return model
 
 
 class Commits:
@@ -683,3 +691,109 @@ def test_with_sync_a_commit_is_reported_once_the_wal_holding_it_is_synced(tmp_pa
             events.append(("reported", commits.seqs[-1]))
     asyncio.run(scenario())
     assert events == [("synced", "payments.db-wal"), ("reported", 3), ("synced", "payments.db-wal"), ("reported", 7)]
+
+
+class LoggedErrors(logging.Handler):
+    """The record's error logs, awaitable from the loop: the writer thread logs them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+        self._loop = loop
+        self._logged = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self._loop.call_soon_threadsafe(self._logged.set)
+
+    async def reach(self, count: int) -> None:
+        async def wait() -> None:
+            while len(self.messages) < count:
+                self._logged.clear()
+                await self._logged.wait()
+        await asyncio.wait_for(wait(), WAIT_S)
+
+
+@contextlib.contextmanager
+def logged_errors(loop: asyncio.AbstractEventLoop):
+    handler = LoggedErrors(loop)
+    logger = logging.getLogger("paycore.record")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_commit_that_fails_is_retried_reported_only_once_it_lands_and_counts_once(tmp_path, monkeypatch):
+    """Another connection holds the write lock past the writer's busy timeout,
+    as a stuck writer on the same file would: each commit fails, nothing
+    is reported (the journal keeps its segments), and once the lock goes the
+    batches held back land together, each payment once."""
+    monkeypatch.setattr(record_sql, "BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(record_module, "RETRY_MIN_S", 0.01)
+    path = tmp_path / "payments.db"
+    rng = random.Random(17)
+    model = Model()
+    first = [settlement(rng, BASE_MS + i, 0, 1) for i in range(50)]
+    # Five of them settled again (by another instance, say): held once, as first settled.
+    again = [payment._replace(cents=payment.cents + 1, journal_seq=2) for payment in first[:5]]
+    held_back = [settlement(rng, BASE_MS + 100 + i, 0, 2) for i in range(50)] + again
+    later = [settlement(rng, BASE_MS + 200 + i, 0, 3) for i in range(50)]
+
+    async def scenario():
+        async with running(path) as (record, commits):
+            with logged_errors(asyncio.get_running_loop()) as errors:
+                record.submit(first, 1)
+                model.add(first)
+                await commits.reach(1)
+                blocker = sqlite3.connect(path, isolation_level=None)
+                blocker.execute("BEGIN IMMEDIATE")
+                record.submit(held_back, 2)
+                model.add(held_back)
+                await errors.reach(2)
+                record.submit(later, 3)
+                model.add(later)
+                await errors.reach(3)
+                assert commits.seqs == [1]
+                assert (await summed(record.summary(0, None, None))) == (model_of(first).summary(0, None, None),
+                                                                        {"1": 1})
+                blocker.execute("ROLLBACK")
+                blocker.close()
+                await commits.reach(3)
+                assert all("commit failed, retrying" in message for message in errors.messages)
+            assert (await summed(record.summary(0, None, None))) == (model.summary(0, None, None), {"1": 3})
+            held = await record.lookup(list(model.payments))
+            assert {correlation_id: attempt.payment.cents for correlation_id, attempt in held.items()} == {
+                correlation_id: payment.cents for correlation_id, payment in model.payments.items()}
+    asyncio.run(scenario())
+
+
+def test_a_wal_sync_that_fails_is_tried_again_and_nothing_is_reported_before(tmp_path, monkeypatch):
+    """With sync, a commit is reported once an fdatasync of the WAL holds it:
+    a sync that fails (an I/O error of the device) reports nothing, and the
+    next sync, a SYNC_INTERVAL_S later, reports it."""
+    monkeypatch.setattr(record_module, "SYNC_INTERVAL_S", 0.05)
+    path = tmp_path / "payments.db"
+    rng = random.Random(19)
+    events = []
+    real_fdatasync = record_module.os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if not any(event == "failed" for event in events):
+            events.append("failed")
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+        events.append("synced")
+
+    monkeypatch.setattr(record_module.os, "fdatasync", fdatasync)
+
+    async def scenario():
+        async with running(path, sync=True) as (record, commits):
+            with logged_errors(asyncio.get_running_loop()) as errors:
+                record.submit([settlement(rng, BASE_MS)], 4)
+                await commits.reach(4)
+                events.append(("reported", commits.seqs[-1]))
+            assert ["syncing the WAL failed" in message for message in errors.messages] == [True]
+    asyncio.run(scenario())
+    assert events == ["failed", "synced", ("reported", 4)]
