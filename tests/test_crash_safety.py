@@ -5,12 +5,14 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import sqlite3
 import threading
 import time
 
 import pytest
 
 from conftest import RunningStack, UnixHTTPConnection, call, quick_stack, random_uuid, test_random
+from paycore.service.store.embedded.store import RECORD_FILE
 from test_service import assert_ledgers_catch_up, payment
 from test_unknown_outcomes import held_by
 
@@ -176,6 +178,30 @@ def test_the_summary_and_accepted_ids_survive_losing_the_shared_directory():
         status, body = call(live.instance(2), "POST", "/payments", payment(ids[0]))
         assert status == 200 and body == {"message": "payment already accepted"}
         assert_exactly_once(live, ids)
+
+
+def test_a_payments_record_that_cannot_be_written_holds_sends_to_what_the_ledger_tail_counts():
+    """Another process holds the payments record's write lock (a stuck
+    writer, an operator's long transaction): the instance's writer waits,
+    its settlements stay in its ledger tail, and the dispatcher sends no
+    more payments than the tail has room for, so every payment a processor
+    holds stays counted. Once the lock goes, the rest are sent and
+    everything is committed, each payment once."""
+    tail_capacity = 64
+    with quick_stack(PAYCORE_LEDGER_TAIL_CAPACITY=str(tail_capacity)) as live:
+        holder = sqlite3.connect(live.stack.instance_data_dir(1) / RECORD_FILE, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        ids = [str(random_uuid()) for _ in range(3 * tail_capacity)]
+        direct = live.instance(1)
+        for correlation_id in ids:
+            assert call(direct, "POST", "/payments", payment(correlation_id))[0] == 202
+        processed = live.wait_until_processed(tail_capacity)
+        assert processed["default"]["totalRequests"] + processed["fallback"]["totalRequests"] == tail_capacity
+        assert_ledgers_catch_up(live)
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert_exactly_once(live, ids)
+        assert "ledger tail full" not in live.stack.log_path("api1").read_text()
 
 
 def test_sigterm_drains_what_it_can_and_exits_0(crashy):
