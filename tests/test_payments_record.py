@@ -75,11 +75,16 @@ class Commits:
         self._changed.set()
 
     async def reach(self, seq: int) -> None:
-        async def wait() -> None:
-            while not self.seqs or self.seqs[-1] < seq:
-                self._changed.clear()
-                await self._changed.wait()
-        await asyncio.wait_for(wait(), WAIT_S)
+        await until_set(self._changed, lambda: bool(self.seqs) and self.seqs[-1] >= seq)
+
+
+async def until_set(changed: asyncio.Event, condition) -> None:
+    """Until condition() holds, asked again each time `changed` is set."""
+    async def wait() -> None:
+        while not condition():
+            changed.clear()
+            await changed.wait()
+    await asyncio.wait_for(wait(), WAIT_S)
 
 
 @contextlib.asynccontextmanager
@@ -707,11 +712,7 @@ class LoggedErrors(logging.Handler):
         self._loop.call_soon_threadsafe(self._logged.set)
 
     async def reach(self, count: int) -> None:
-        async def wait() -> None:
-            while len(self.messages) < count:
-                self._logged.clear()
-                await self._logged.wait()
-        await asyncio.wait_for(wait(), WAIT_S)
+        await until_set(self._logged, lambda: len(self.messages) >= count)
 
 
 @contextlib.contextmanager
