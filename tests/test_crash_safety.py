@@ -2,8 +2,11 @@
 restarted lose nothing and pay nothing twice; SIGTERM drains, then exits 0."""
 from __future__ import annotations
 
+import errno
 import http.client
 import os
+import resource
+import select
 import signal
 import sqlite3
 import threading
@@ -13,6 +16,7 @@ import pytest
 
 from conftest import RunningStack, UnixHTTPConnection, call, quick_stack, random_uuid, test_random
 from paycore.service.store.embedded.store import RECORD_FILE
+from test_metrics import scrape, value
 from test_service import assert_ledgers_catch_up, payment
 from test_unknown_outcomes import held_by
 
@@ -202,6 +206,34 @@ def test_a_payments_record_that_cannot_be_written_holds_sends_to_what_the_ledger
         holder.close()
         assert_exactly_once(live, ids)
         assert "ledger tail full" not in live.stack.log_path("api1").read_text()
+
+
+def test_a_journal_that_cannot_be_written_holds_its_answer_and_loses_nothing():
+    """The running instance's writes fail, as on a full disk (a file size
+    limit set on the process: EFBIG): a payment posted meanwhile gets no
+    answer, since no 2xx is given before its journal record is written,
+    while summaries are still served. Once writes succeed again it gets its
+    202, and each payment is paid exactly once."""
+    with quick_stack() as live:
+        pid = live.stack.instances[1].pid
+        first, held = str(random_uuid()), str(random_uuid())
+        assert call(live.instance(1), "POST", "/payments", payment(first))[0] == 202
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, hard))
+        try:
+            waiting = live.instance(1)
+            waiting.request("POST", "/payments", body=payment(held))
+            deadline = time.monotonic() + 10
+            while value(scrape(live, 1), "paycore_journal_write_errno") != errno.EFBIG:
+                assert time.monotonic() < deadline, "the journal's write did not fail"
+                time.sleep(0.05)
+            assert select.select([waiting.sock], [], [], 0)[0] == []
+            assert call(live.instance(1), "GET", "/payments-summary")[0] == 200
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        assert waiting.getresponse().status == 202
+        assert value(scrape(live, 1), "paycore_journal_write_errno") == 0
+        assert_exactly_once(live, [first, held])
 
 
 def test_sigterm_drains_what_it_can_and_exits_0(crashy):
