@@ -10,7 +10,7 @@ CORE_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd) setup.py
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: run run-clean test build build-deps system-deps clean bench bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads bench-summary bench-recent
+.PHONY: run run-clean test build build-deps system-deps clean bench bench-compare bench-calibrate flamegraph bench-capacity soak bench-loop bench-threads bench-summary bench-recent
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ $(BENCH_DEPS): $(DEPS)
 # The final round of SPEC §4 (BENCH_SECONDS=300 by default) under the compose file's limits.
 bench: build system-deps $(BENCH_DEPS)
 	$(PY) perf/bench.py
+
+# Full rounds alternating with another commit's (COMPARE_REF, COMPARE_PAIRS rounds each), and their ratios.
+bench-compare: build system-deps $(BENCH_DEPS)
+	$(PY) perf/compare.py
 
 # The load generator against a constant-response server: its own latency floor.
 bench-calibrate: $(BENCH_DEPS)
