@@ -896,6 +896,6 @@ cdef class Journal:
         records not submitted are dropped."""
         if self.serving:
             raise RuntimeError("the writer still runs: stop() it and wait for serve() to return")
-        self.closing = self.closed = True
+        self.closed = True
         self._release_descriptors()
         self.open_batch.count = 0
