@@ -122,7 +122,7 @@ def worktree(ref: str, repo: Path = REPO, directory: Path | None = None) -> Path
 
 def run_round(command: list[str], cwd: Path, log: Path) -> Round:
     """One round; its output goes to log, its figures are read from the files it names."""
-    env = {**os.environ, **{name: os.environ.get(name, value) for name, value in ROUND_ENV.items()}}
+    env = {**ROUND_ENV, **os.environ}
     with log.open("w") as output:
         subprocess.run(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, check=False)
     found = RESULTS_LINE.search(log.read_text())
