@@ -81,6 +81,14 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
+def wait_until(condition, timeout_s: float = 5.0) -> None:
+    """Until condition() holds: an assertion fails once timeout_s has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def call(connection: http.client.HTTPConnection, method: str, path: str,
          body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     connection.request(method, path, body=body, headers=headers or {})

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from conftest import wait_until
 from paycore.core.socket_handoff import accept_connection, receive_sockets, send_socket
 from paycore.ready import start_listening
 from paycore.service.balancer import Balancer
@@ -116,13 +117,6 @@ class Instances:
     def close(self) -> None:
         for name in list(self.running):
             self.stop(name)
-
-
-def wait_until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.fixture
